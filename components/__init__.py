@@ -1,0 +1,1 @@
+"""Pipeline steps (one module each, with `run(...)` and `main(argv)`) and their shared helpers."""
