@@ -1,0 +1,159 @@
+"""split step: train/val/test CSVs and a report on class balance and lesion leakage.
+
+Modes:
+
+- `grouped` (default): stratified by class and grouped by `lesion_id`, so no lesion is in
+  two splits; an image without a lesion id is its own group. Built from scikit-learn's
+  StratifiedGroupKFold: the data is cut into equal folds (20 for 15% steps) and whole folds
+  go to test, val and train.
+- `paper`: image-level stratified 70/15/15 as Ozdemir & Pacal did. Images of one lesion can
+  land in train and test; the report's `test_lesion_leakage` says how often (about 58% of
+  test images on ISIC 2019).
+
+Outputs: OUT/train.csv, OUT/val.csv, OUT/test.csv (image,label[,lesion_id], integer labels in
+CLASSES order, sorted by image) and OUT/split_report.json. `split_hash` is the sha256 of the
+three CSVs' bytes, train then val then test: equal hashes mean identical splits.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+from components import atomic
+from components.labels import CLASSES, read_labels
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MODES = ("grouped", "paper")
+
+
+def _fold_plan(val_frac: float, test_frac: float) -> tuple[int, int, int]:
+    """(folds, val folds, test folds): the fewest equal folds that express both fractions.
+
+    0.15/0.15 needs 20 folds (5% each); fractions are rounded to whole percents.
+    """
+    fracs = [Fraction(round(f * 100), 100) for f in (val_frac, test_frac)]
+    folds = int(np.lcm.reduce([f.denominator for f in fracs]))
+    val, test = (int(f * folds) for f in fracs)
+    return folds, val, test
+
+
+def grouped_split(labels: np.ndarray, groups: np.ndarray, val_frac: float, test_frac: float,
+                  seed: int) -> np.ndarray:
+    """Split index per image (0 train, 1 val, 2 test), whole groups only, stratified by label."""
+    folds, val, test = _fold_plan(val_frac, test_frac)
+    fold_of = np.empty(len(labels), dtype=int)
+    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, members) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
+        fold_of[members] = k
+    return np.where(fold_of < test, 2, np.where(fold_of < test + val, 1, 0))
+
+
+def paper_split(labels: np.ndarray, val_frac: float, test_frac: float, seed: int) -> np.ndarray:
+    """Split index per image, image-level stratified: test first, then val from the rest."""
+    index = np.arange(len(labels))
+    # Whole image counts, so that 0.15 of 400 is 60 and not 61 through float rounding.
+    n_val, n_test = round(val_frac * len(labels)), round(test_frac * len(labels))
+    rest, test = train_test_split(index, test_size=n_test, stratify=labels, random_state=seed)
+    _, val = train_test_split(rest, test_size=n_val, stratify=labels[rest], random_state=seed)
+    split = np.zeros(len(labels), dtype=int)
+    split[val], split[test] = 1, 2
+    return split
+
+
+def _report(table: pd.DataFrame, split: np.ndarray) -> dict:
+    """Counts per class and split, class-share deviations, shared lesions and test leakage."""
+    overall = np.bincount(table["label"], minlength=len(CLASSES)) / len(table)
+    counts, max_dev, missing = {}, 0.0, {}
+    for s, name in enumerate(SPLITS):
+        per_class = np.bincount(table["label"][split == s], minlength=len(CLASSES))
+        counts[name] = dict(zip(CLASSES, per_class.tolist()))
+        if per_class.sum():
+            max_dev = max(max_dev, float(np.abs(per_class / per_class.sum() - overall).max()))
+        missing[name] = [c for c, n in zip(CLASSES, per_class) if n == 0]
+    report = {"sizes": {name: int((split == s).sum()) for s, name in enumerate(SPLITS)},
+              "counts": counts,
+              "max_class_share_deviation_pp": round(100 * max_dev, 3),
+              "classes_missing": missing}
+    if "lesion_id" in table.columns:
+        lesions = {name: set(table["lesion_id"][split == s].dropna()) for s, name in enumerate(SPLITS)}
+        report["lesions_shared"] = {
+            "train_val": len(lesions["train"] & lesions["val"]),
+            "train_test": len(lesions["train"] & lesions["test"]),
+            "val_test": len(lesions["val"] & lesions["test"]),
+        }
+        test_lesions = table["lesion_id"][split == 2]
+        leaked = test_lesions.isin(list(lesions["train"])) & test_lesions.notna()
+        report["test_lesion_leakage"] = round(float(leaked.mean()), 4) if len(test_lesions) else 0.0
+    return report
+
+
+def run(labels: str | os.PathLike, out: str | os.PathLike, metadata: str | os.PathLike | None = None,
+        mode: str = "grouped", seed: int = 0, val_frac: float = 0.15, test_frac: float = 0.15) -> dict:
+    """Write train/val/test CSVs and split_report.json into `out`; return the report."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"need 0 < val_frac, test_frac and val_frac + test_frac < 1, got {val_frac}, {test_frac}")
+    table = read_labels(labels, metadata=metadata)
+    y = table["label"].to_numpy()
+    if mode == "grouped":
+        if "lesion_id" not in table.columns:
+            log.warning("no lesion_id (give --metadata): grouping by image, as in paper mode but fold-based")
+        groups = table["lesion_id"].fillna(table["image"]) if "lesion_id" in table.columns else table["image"]
+        split = grouped_split(y, groups.to_numpy(dtype=str), val_frac, test_frac, seed)
+    else:
+        split = paper_split(y, val_frac, test_frac, seed)
+
+    columns = ["image", "label"] + (["lesion_id"] if "lesion_id" in table.columns else [])
+    out = Path(out)
+    digest = hashlib.sha256()
+    for s, name in enumerate(SPLITS):
+        buffer = io.StringIO()
+        table.loc[split == s, columns].sort_values("image").to_csv(buffer, index=False, lineterminator="\n")
+        data = buffer.getvalue().encode("utf-8")
+        digest.update(data)
+        atomic.write_bytes(out / f"{name}.csv", data)
+
+    report = {"mode": mode, "seed": seed, "val_frac": val_frac, "test_frac": test_frac,
+              "labels": str(labels), "metadata": str(metadata) if metadata else None,
+              **_report(table, split), "split_hash": digest.hexdigest()}
+    for name, classes in report["classes_missing"].items():
+        if classes:
+            log.warning("%s split has no image of %s", name, ", ".join(classes))
+    atomic.write_json(out / "split_report.json", report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.split", description=__doc__.splitlines()[0])
+    parser.add_argument("--labels", required=True, help="labels CSV (any accepted format)")
+    parser.add_argument("--metadata", help="metadata CSV with image and lesion_id columns")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--mode", choices=MODES, default="grouped")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-frac", type=float, default=0.15)
+    parser.add_argument("--test-frac", type=float, default=0.15)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    report = run(args.labels, args.out, metadata=args.metadata, mode=args.mode, seed=args.seed,
+                 val_frac=args.val_frac, test_frac=args.test_frac)
+    print(json.dumps({k: report[k] for k in ("sizes", "max_class_share_deviation_pp", "split_hash")}
+                     | {k: report[k] for k in ("lesions_shared", "test_lesion_leakage") if k in report}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

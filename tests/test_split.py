@@ -1,0 +1,105 @@
+"""split: lesion-grouped and paper (image-level) splits, their report, determinism, real ISIC 2019 checks."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pandas as pd
+import pytest
+
+from components import split, synth
+from components.labels import CLASSES
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synth.run(out, n=400, seed=0)
+    return out
+
+
+def read_splits(out):
+    return {name: pd.read_csv(out / f"{name}.csv", dtype={"lesion_id": str}) for name in split.SPLITS}
+
+
+def test_grouped_split_keeps_lesions_together_and_every_class_everywhere(synthetic, tmp_path):
+    report = split.run(synthetic / "labels.csv", tmp_path, metadata=synthetic / "metadata.csv")
+    parts = read_splits(tmp_path)
+    assert all(list(df.columns) == ["image", "label", "lesion_id"] for df in parts.values())
+    lesions = {name: set(df["lesion_id"]) for name, df in parts.items()}
+    assert not lesions["train"] & lesions["val"] and not lesions["train"] & lesions["test"]
+    assert not lesions["val"] & lesions["test"]
+    assert report["lesions_shared"] == {"train_val": 0, "train_test": 0, "val_test": 0}
+    assert report["test_lesion_leakage"] == 0.0
+    assert all(set(df["label"]) == set(range(len(CLASSES))) for df in parts.values())
+    assert report["classes_missing"] == {"train": [], "val": [], "test": []}
+    assert sum(report["sizes"].values()) == 400
+    assert report["sizes"]["test"] == pytest.approx(60, abs=12)
+    assert report["counts"]["train"]["NV"] == (parts["train"]["label"] == CLASSES.index("NV")).sum()
+
+    data = b"".join((tmp_path / f"{name}.csv").read_bytes() for name in split.SPLITS)
+    assert report["split_hash"] == hashlib.sha256(data).hexdigest()
+    assert json.loads((tmp_path / "split_report.json").read_text())["split_hash"] == report["split_hash"]
+
+
+def test_deterministic_for_a_seed(synthetic, tmp_path):
+    kwargs = dict(metadata=synthetic / "metadata.csv")
+    first = split.run(synthetic / "labels.csv", tmp_path / "a", seed=1, **kwargs)["split_hash"]
+    again = split.run(synthetic / "labels.csv", tmp_path / "b", seed=1, **kwargs)["split_hash"]
+    other = split.run(synthetic / "labels.csv", tmp_path / "c", seed=2, **kwargs)["split_hash"]
+    assert first == again != other
+
+
+def test_paper_mode_is_image_level_70_15_15(synthetic, tmp_path):
+    report = split.run(synthetic / "labels.csv", tmp_path, metadata=synthetic / "metadata.csv", mode="paper")
+    assert report["sizes"] == {"train": 280, "val": 60, "test": 60}
+    assert report["test_lesion_leakage"] > 0  # several images per lesion: some leak, as in the paper
+
+
+def test_without_metadata_there_is_no_lesion_column(synthetic, tmp_path):
+    report = split.run(synthetic / "labels.csv", tmp_path)
+    assert list(pd.read_csv(tmp_path / "train.csv").columns) == ["image", "label"]
+    assert "lesions_shared" not in report
+
+
+@pytest.mark.parametrize("kwargs", [dict(mode="random"), dict(val_frac=0.5, test_frac=0.5), dict(test_frac=0)])
+def test_bad_options(synthetic, tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        split.run(synthetic / "labels.csv", tmp_path, **kwargs)
+
+
+def test_fold_plan():
+    assert split._fold_plan(0.15, 0.15) == (20, 3, 3)
+    assert split._fold_plan(0.1, 0.2) == (10, 1, 2)
+
+
+def test_cli(synthetic, tmp_path, capsys):
+    assert split.main(["--labels", str(synthetic / "labels.csv"), "--metadata", str(synthetic / "metadata.csv"),
+                       "--out", str(tmp_path), "--mode", "paper", "--seed", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["sizes"]["train"] == 280
+
+
+@pytest.fixture(scope="module")
+def isic(shared_data):
+    meta = shared_data / "isic2019-meta"
+    return meta / "ISIC_2019_Training_GroundTruth.csv", meta / "ISIC_2019_Training_Metadata.csv"
+
+
+def test_shared_isic_grouped(isic, tmp_path):
+    labels, metadata = isic
+    report = split.run(labels, tmp_path, metadata=metadata)
+    assert report["lesions_shared"] == {"train_val": 0, "train_test": 0, "val_test": 0}
+    assert report["max_class_share_deviation_pp"] <= 1.5
+    overall = pd.read_csv(labels).iloc[:, 1:9].mean()
+    for name, df in read_splits(tmp_path).items():
+        share = df["label"].value_counts(normalize=True).reindex(range(8), fill_value=0).to_numpy()
+        assert abs(share - overall.to_numpy()).max() <= 0.015, name
+
+
+def test_shared_isic_paper(isic, tmp_path):
+    labels, metadata = isic
+    report = split.run(labels, tmp_path, metadata=metadata, mode="paper")
+    for name, expected in zip(split.SPLITS, (17731, 3799, 3801)):
+        assert abs(report["sizes"][name] - expected) <= 2, name
+    assert 0.50 <= report["test_lesion_leakage"] <= 0.66
+    assert report["lesions_shared"]["train_test"] > 1000
