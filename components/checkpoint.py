@@ -1,0 +1,114 @@
+"""Training checkpoints: written atomically, read back only with `torch.load(weights_only=True)`.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (nothing a
+weights-only load would refuse):
+
+    format        "skinlesion-checkpoint/1"
+    model_config  HybridConvNeXtV2 constructor kwargs (`model.config`)
+    classes       class names, in output order
+    img_size, mean, std    the input the model expects
+    model, ema    state dicts of the raw and the EMA weights
+    optimizer, scheduler, scaler    their state dicts (training checkpoints only)
+    rng           torch / cuda / numpy / python generator states
+    sampler       {"seed": int}: samplers are reseeded from (seed, epoch)
+    epoch, step   completed epochs and optimizer steps
+    best          {"epoch", "metric", "value"} of the best validation so far (or None)
+    history       per-epoch metric dicts
+    mlflow_run_id the run a resume continues (or None)
+    train_config  the training settings, for the record
+
+`ema_weights.pt` (the shipped model) has the same layout without the training state.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model import HybridConvNeXtV2
+
+from . import atomic
+
+FORMAT = "skinlesion-checkpoint/1"
+WEIGHT_KEYS = ("model", "ema")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not hold what is asked of it."""
+
+
+def save(path: str | os.PathLike, state: dict) -> None:
+    """Write `state` to `path` in one rename: a crash leaves the previous file intact."""
+    with atomic.atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by `save`; a truncated or foreign file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged zip / pickle
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable (truncated or corrupt?): {err}") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} file")
+    return state
+
+
+def load_model(path: str | os.PathLike, which: str = "ema",
+               map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the HybridConvNeXtV2 stored in a checkpoint, in eval mode.
+
+    Args:
+        path: a training checkpoint or `ema_weights.pt`.
+        which: "ema" (the averaged weights, the shipped model) or "model" (the raw weights).
+
+    Returns:
+        (model, meta) where meta holds model_config, classes, img_size, mean, std, epoch and
+        step (the last two None for a file without them).
+    """
+    if which not in WEIGHT_KEYS:
+        raise ValueError(f"which must be one of {WEIGHT_KEYS}, got {which!r}")
+    state = load(path, map_location)
+    if which not in state:
+        raise CheckpointError(f"{path} holds no {which!r} weights (it has {sorted(state)})")
+    # pretrained=False: the stored weights replace any initialisation anyway.
+    model = HybridConvNeXtV2(**{**state["model_config"], "pretrained": False})
+    model.load_state_dict(state[which])
+    meta = {key: state.get(key) for key in
+            ("model_config", "classes", "img_size", "mean", "std", "epoch", "step")}
+    return model.eval(), meta
+
+
+def rng_state() -> dict:
+    """Every global generator training draws from (weights-only loadable types)."""
+    bit_gen, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"bit_generator": bit_gen, "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    random.setstate(_as_tuples(state["python"]))
+
+
+def _as_tuples(value):
+    # random.setstate wants the exact nested tuples getstate gave.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

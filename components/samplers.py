@@ -1,0 +1,81 @@
+"""Training samplers: inverse-frequency weighted or plain shuffling, one process or DDP.
+
+Every sampler here is replayable: `set_epoch(epoch)` fixes its draw from (seed, epoch), so a
+resumed run draws exactly what an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch.utils.data import DistributedSampler, Sampler, WeightedRandomSampler
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One seed per (run seed, epoch) for every per-epoch generator."""
+    return seed * 100_003 + epoch
+
+
+class EpochWeightedRandomSampler(WeightedRandomSampler):
+    """torch's WeightedRandomSampler with a generator reseeded by `set_epoch`."""
+
+    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int = 0):
+        super().__init__(weights, num_samples, replacement=True, generator=torch.Generator())
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+
+
+class DistributedWeightedSampler(Sampler[int]):
+    """Weighted sampling with replacement, split across DDP ranks.
+
+    torch has no distributed weighted sampler (WeightedRandomSampler is single-process,
+    DistributedSampler cannot weight), hence this one: every rank draws the same global
+    sequence from (seed, epoch), padded to a multiple of the world size, and keeps every
+    `num_replicas`-th index starting at its rank, so the shards are disjoint and together
+    follow the weights.
+    """
+
+    def __init__(self, weights: torch.Tensor, num_samples: int, num_replicas: int, rank: int,
+                 seed: int = 0):
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.num_samples = math.ceil(num_samples / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        indices = torch.multinomial(self.weights, self.total_size, replacement=True,
+                                    generator=generator)
+        return iter(indices[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def sample_weights(targets: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """Per-image sampling weight: its class's weight (inverse frequency balances the classes)."""
+    return class_weights.double()[targets]
+
+
+def make_sampler(targets: torch.Tensor, class_weights: torch.Tensor | None, *, seed: int,
+                 num_replicas: int = 1, rank: int = 0) -> Sampler[int]:
+    """Weighted sampler when `class_weights` is given, else a seeded shuffle; sharded for DDP.
+
+    An epoch draws as many images as the split holds (per rank: its share).
+    """
+    n = len(targets)
+    if class_weights is None:
+        # DistributedSampler with one replica is a plain seeded shuffle with set_epoch.
+        return DistributedSampler(range(n), num_replicas=num_replicas, rank=rank, shuffle=True,
+                                  seed=seed)
+    weights = sample_weights(targets, class_weights)
+    if num_replicas == 1:
+        return EpochWeightedRandomSampler(weights, n, seed=seed)
+    return DistributedWeightedSampler(weights, n, num_replicas, rank, seed=seed)

@@ -1,0 +1,181 @@
+"""MLflow glue for training: where the tracking store is, whether it answers, the run, its
+params, tags, datasets and the logged model.
+
+The tracking URI comes from MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the current
+folder (the project). A server that does not answer fails within seconds, naming the URI
+(with any password in it masked), rather than after MLflow's minutes of retries.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import mlflow
+import numpy as np
+import pandas as pd
+import yaml
+
+DEFAULT_EXPERIMENT = "skin-lesion"
+REACH_TIMEOUT_S = 5.0
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server did not answer."""
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, or a SQLite file in the current folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def redact(uri: str) -> str:
+    """The URI with any user:password removed, fit for logs and messages."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Raise TrackingUnreachable unless an http(s) server answers /health, or a local store's
+    folder exists."""
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as reply:
+                if reply.status == 200:
+                    return
+                problem = f"/health answered HTTP {reply.status}"
+        except (urllib.error.URLError, OSError) as err:
+            problem = str(getattr(err, "reason", err))
+        raise TrackingUnreachable(
+            f"MLflow tracking server {redact(uri)} is unreachable ({problem}); start it, point "
+            f"MLFLOW_TRACKING_URI elsewhere, or pass --no-mlflow")
+    if scheme == "sqlite":
+        folder = Path(urlsplit(uri).path).parent
+        if not folder.is_dir():
+            raise TrackingUnreachable(f"MLflow store {uri}: folder {folder} does not exist")
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"a.b": "value"} with values as MLflow-sized strings."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+def git_commit(cwd: str | os.PathLike = ".") -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_hash(img_dir: str | os.PathLike, split_csvs: list[str | os.PathLike]) -> str:
+    """An md5 naming the data: `data/raw.dvc`'s (the DVC-tracked raw data), else the
+    preprocess manifest's next to the images, else one over the split CSVs themselves."""
+    dvc_file = Path("data/raw.dvc")
+    if dvc_file.is_file():
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+        if outs[0].get("md5"):
+            return str(outs[0]["md5"]).removesuffix(".dir")
+    manifest = Path(img_dir).parent / "manifest.csv"
+    sources = [manifest] if manifest.is_file() else [Path(p) for p in split_csvs]
+    digest = hashlib.md5()
+    for path in sources:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def start_run(uri: str, run_id: str | None, experiment: str, tags: dict | None = None):
+    """Start (or, given run_id, resume) a run; returns MLflow's active-run context."""
+    mlflow.set_tracking_uri(uri)
+    if run_id is not None:
+        return mlflow.start_run(run_id=run_id, tags=tags)
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment)
+    return mlflow.start_run(tags=tags)
+
+
+def log_datasets(frames: dict[str, tuple[pd.DataFrame, str]], digest: str) -> None:
+    """Log each split (context -> (frame, csv path)) as an MLflow dataset input."""
+    for context, (frame, source) in frames.items():
+        with warnings.catch_warnings():
+            # MLflow registers two equivalent local-file sources and warns about the tie, and
+            # hints about integer columns in the schema it infers: neither matters here.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=str(Path(source).resolve()),
+                                              targets="label", name=Path(source).stem,
+                                              digest=digest)
+            mlflow.log_input(dataset, context=context)
+
+
+def log_model(model, img_size: int, num_classes: int, name: str = "model"):
+    """Log the model with a tensor signature (N x 3 x H x W float32 -> N x classes logits).
+
+    Saved as "pt2" (torch.export), MLflow 3's default: loading it runs no pickle.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, img_size, img_size))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+    )
+    # Batch of 2: torch.export would fix a batch dimension of 1 as a constant.
+    example = np.zeros((2, 3, img_size, img_size), dtype=np.float32)
+    return mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=example,
+                                    serialization_format="pt2", pip_requirements=_requirements())
+
+
+def _requirements() -> list[str]:
+    # Pinned explicitly: MLflow's own inference imports the model in a subprocess (slow).
+    import timm
+    import torch
+    return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}",
+            f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
+
+
+class Run:
+    """The training's MLflow run, or a stand-in that logs nothing (--no-mlflow, DDP rank > 0)."""
+
+    def __init__(self, active: mlflow.ActiveRun | None = None):
+        self.active = active
+
+    @property
+    def run_id(self) -> str | None:
+        return self.active.info.run_id if self.active else None
+
+    def log_params(self, params: dict) -> None:
+        if self.active:
+            mlflow.log_params(flatten(params))
+
+    def set_tags(self, tags: dict) -> None:
+        if self.active:
+            mlflow.set_tags(tags)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if self.active:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_datasets(self, frames: dict[str, tuple[pd.DataFrame, str]], digest: str) -> None:
+        if self.active:
+            log_datasets(frames, digest)
+
+    def log_model(self, model, img_size: int, num_classes: int) -> str | None:
+        """Log the model; returns its models:/ URI (None without a run)."""
+        return log_model(model, img_size, num_classes).model_uri if self.active else None

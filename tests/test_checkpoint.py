@@ -1,0 +1,76 @@
+"""Checkpoints: exact resume, truncated files, the layout evaluation relies on."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components import checkpoint, train
+from tiny_data import TINY, make_splits
+
+COMMON = [*TINY, "--batch_size", "8", "--warmup_epochs", "1", "--num_workers", "0",
+          "--no-mlflow", "--epochs", "4"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_splits(tmp_path_factory.mktemp("tiny"))
+
+
+def _train(data, out, *extra) -> int:
+    return train.main(["--train_csv", str(data["train"]), "--val_csv", str(data["val"]),
+                       "--img_dir", str(data["img_dir"]), "--out_dir", str(out), *COMMON, *extra])
+
+
+@pytest.mark.parametrize("input_path", ["off", "on"], ids=["dataloader", "resident"])
+def test_two_epochs_plus_resume_equals_four_straight(data, tmp_path, input_path):
+    # The full recipe (augmentation, mixup, weighted sampler, EMA) so every RNG is exercised.
+    path = ["--gpu_resident", input_path]
+    assert _train(data, tmp_path / "straight", *path) == 0
+    assert _train(data, tmp_path / "split", *path, "--stop_after_epoch", "2") == 0
+    halfway = checkpoint.load(tmp_path / "split" / "checkpoint_last.pt")
+    assert halfway["epoch"] == 2 and halfway["step"] == 8
+    assert _train(data, tmp_path / "split", *path, "--resume",
+                  str(tmp_path / "split" / "checkpoint_last.pt")) == 0
+
+    a = checkpoint.load(tmp_path / "straight" / "checkpoint_last.pt")
+    b = checkpoint.load(tmp_path / "split" / "checkpoint_last.pt")
+    assert a["epoch"] == b["epoch"] == 4 and a["step"] == b["step"]
+    for which in ("model", "ema"):
+        for key, value in a[which].items():
+            torch.testing.assert_close(b[which][key], value, atol=1e-6, rtol=0, msg=key)
+    assert [h["train_loss"] for h in a["history"]] == pytest.approx(
+        [h["train_loss"] for h in b["history"]], abs=1e-6)
+
+
+def test_resume_from_a_truncated_checkpoint_refuses_naming_the_file(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _train(data, out, "--stop_after_epoch", "1") == 0
+    ckpt = out / "checkpoint_last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    assert _train(data, out, "--resume", str(ckpt)) == 1
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "truncated" in err
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint_last.pt"):
+        checkpoint.load_model(ckpt)
+
+
+def test_load_model_rejects_unknown_weights_and_foreign_files(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"not": "ours"}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="not a"):
+        checkpoint.load(path)
+    with pytest.raises(ValueError, match="which"):
+        checkpoint.load_model(path, which="best")
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+    state = checkpoint.rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    checkpoint.save(tmp_path / "rng.pt", {"rng": state})
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng.pt")["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2]

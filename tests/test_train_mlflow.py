@@ -1,0 +1,102 @@
+"""Training against a real MLflow server: one run with params, per-epoch metrics, tags,
+datasets and the EMA model; resume continues the run; an unreachable server fails fast."""
+from __future__ import annotations
+
+import json
+import time
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from components import tracking, train
+from mlflow_server import free_port, mlflow_server  # noqa: F401  (fixture)
+from tiny_data import TINY, make_splits
+
+FAST = [*TINY, "--batch_size", "8", "--warmup_epochs", "1", "--num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_splits(tmp_path_factory.mktemp("tiny"))
+
+
+def _args(data, out, *extra):
+    return ["--train_csv", str(data["train"]), "--val_csv", str(data["val"]),
+            "--img_dir", str(data["img_dir"]), "--out_dir", str(out), *FAST, *extra]
+
+
+def test_one_run_with_params_metrics_tags_datasets_and_model(data, tmp_path, mlflow_server,
+                                                             monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    out = tmp_path / "out"
+    assert train.main(_args(data, out, "--epochs", "2", "--test_csv", str(data["test"]),
+                            "--experiment", "train-test")) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+
+    params = run.data.params
+    assert params["train.peak_lr"] == "0.01" and params["train.dims"] == "(16, 32, 48, 64)"
+    assert params["train_csv"] == str(data["train"])
+    tags = run.data.tags
+    assert {"git_commit", "data_hash", "device"} <= set(tags)
+    for name in ("train_loss", "lr", "epoch_seconds", "train_img_per_s", "val_accuracy",
+                 "val_balanced_accuracy", "val_macro_f1", "val_ema_accuracy",
+                 "val_ema_balanced_accuracy", "val_ema_macro_f1"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2], name
+    assert "test_ema_balanced_accuracy" in run.data.metrics
+
+    inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    assert {d.digest for d in inputs.values()} == {tags["data_hash"]}
+
+    model_uri = summary["paths"]["mlflow_model_uri"]
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         output_format="list")
+    assert [m.name for m in models if m.source_run_id == run.info.run_id] == ["model"]
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(model_uri)
+    logits = model.predict(np.zeros((3, 3, 32, 32), dtype=np.float32))
+    assert logits.shape == (3, 8)
+
+
+def test_resume_continues_the_same_run(data, tmp_path, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    out = tmp_path / "out"
+    assert train.main(_args(data, out, "--epochs", "2", "--stop_after_epoch", "1")) == 0
+    first = json.loads((out / "training_summary.json").read_text())["mlflow_run_id"]
+    assert train.main(_args(data, out, "--epochs", "2", "--resume",
+                            str(out / "checkpoint_last.pt"))) == 0
+    second = json.loads((out / "training_summary.json").read_text())["mlflow_run_id"]
+    assert first == second
+    history = MlflowClient(mlflow_server).get_metric_history(first, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2]
+
+
+def test_unreachable_server_fails_within_seconds_naming_it(data, tmp_path, monkeypatch, capsys):
+    uri = f"http://user:s3cret@127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    assert train.main(_args(data, tmp_path / "out", "--epochs", "1")) == 1
+    assert time.monotonic() - start < 15
+    err = capsys.readouterr().err
+    assert "127.0.0.1" in err and "unreachable" in err and "s3cret" not in err
+    # --no-mlflow trains regardless
+    assert train.main(_args(data, tmp_path / "out2", "--epochs", "1", "--no-mlflow")) == 0
+
+
+def test_default_tracking_uri_is_sqlite_in_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.check_reachable(tracking.tracking_uri())
+
+
+def test_flatten_and_redact():
+    assert tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {
+        "a.b": "1", "a.c": "[1, 2]", "d": "None"}
+    assert tracking.redact("https://u:p@host:5000/x") == "https://***@host:5000/x"
+    assert tracking.redact("http://host") == "http://host"
