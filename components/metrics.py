@@ -1,0 +1,267 @@
+"""Classification metrics for the evaluate step: headline scores, per-class table, calibration,
+bootstrap intervals, and the shapes a KFP Metrics / ClassificationMetrics artifact takes.
+
+scikit-learn computes every score it has. Written here by hand only what it lacks: expected
+calibration error and reliability bins for a multi-class model (sklearn's `calibration_curve`
+is binary only), and a bootstrap that resamples lesions rather than images.
+
+Averages ("macro") run over the classes present in the test set, as balanced accuracy does in
+scikit-learn and in the ISIC challenge; a class with no test images stays in the per-class
+table with its recall and AUC left undefined (NaN) and is listed under `absent_classes`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import sklearn
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+    top_k_accuracy_score,
+)
+
+# Metrics that carry a bootstrap interval in metrics.json.
+HEADLINE = (
+    "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
+    "precision_weighted", "recall_weighted", "f1_weighted", "roc_auc_macro", "top2_accuracy",
+    "ece",
+)
+PROB_SUM_ATOL = 1e-3
+ECE_BINS = 15
+
+
+def metrics_from_confusion(cm) -> dict:
+    """Accuracy, balanced accuracy and macro / weighted precision, recall, F1 of a confusion
+    matrix (rows true, columns predicted), plus the per-class arrays behind them."""
+    cm = np.asarray(cm)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or (cm < 0).any() or cm.sum() == 0:
+        raise ValueError(f"confusion matrix must be square, non-negative and non-empty, got "
+                         f"shape {cm.shape}")
+    k = cm.shape[0]
+    # One weighted sample per cell lets scikit-learn score the matrix without expanding it.
+    y_true, y_pred = np.divmod(np.arange(k * k), k)
+    weight = cm.ravel()
+    support = cm.sum(axis=1)
+    present = np.flatnonzero(support)
+    p, r, f, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=np.arange(k), sample_weight=weight, zero_division=0.0)
+    r = np.where(support > 0, r, np.nan)
+    out = {"accuracy": float(np.trace(cm) / cm.sum())}
+    for avg in ("macro", "weighted"):
+        pa, ra, fa, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=present, sample_weight=weight, average=avg, zero_division=0.0)
+        out.update({f"precision_{avg}": float(pa), f"recall_{avg}": float(ra),
+                    f"f1_{avg}": float(fa)})
+    with warnings.catch_warnings():  # it warns about predicted classes absent from y_true
+        warnings.simplefilter("ignore", UserWarning)
+        out["balanced_accuracy"] = float(balanced_accuracy_score(y_true, y_pred,
+                                                                 sample_weight=weight))
+    out["per_class"] = {"precision": p, "recall": r, "f1": f, "support": support}
+    return out
+
+
+def check_probabilities(probs, n_classes: int, source: str = "probabilities") -> np.ndarray:
+    """Return `probs` as an (n, n_classes) float array; raise naming the first bad row."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != n_classes:
+        raise ValueError(f"{source}: expected shape (n, {n_classes}), got {probs.shape}")
+    bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | \
+        (np.abs(probs.sum(axis=1) - 1.0) > PROB_SUM_ATOL)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{source}: row {row} is not a probability vector (non-negative, "
+                         f"summing to 1 within {PROB_SUM_ATOL}): {probs[row].tolist()}")
+    return probs
+
+
+def check_labels(y_true, n_classes: int, source: str = "labels") -> np.ndarray:
+    y_true = np.asarray(y_true)
+    if y_true.ndim != 1 or not np.issubdtype(y_true.dtype, np.integer):
+        raise ValueError(f"{source}: expected a 1-d array of integer class indices")
+    bad = (y_true < 0) | (y_true >= n_classes)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{source}: row {row} has class index {y_true[row]}, "
+                         f"outside 0..{n_classes - 1}")
+    return y_true
+
+
+def reliability_bins(y_true, probs, n_bins: int = ECE_BINS) -> dict:
+    """Top-label reliability: per equal-width confidence bin, the mean confidence, the
+    accuracy and the image count (empty bins have NaN means)."""
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(np.float64)
+    # Bin i holds confidences in (i/n, (i+1)/n]; a confidence of exactly 0 joins bin 0.
+    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, conf, minlength=n_bins) / count
+        acc = np.bincount(idx, correct, minlength=n_bins) / count
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return {"lower": edges[:-1], "upper": edges[1:], "confidence": mean_conf,
+            "accuracy": acc, "count": count}
+
+
+def expected_calibration_error(y_true, probs, n_bins: int = ECE_BINS) -> float:
+    """Top-label ECE: the count-weighted mean gap between confidence and accuracy per bin."""
+    b = reliability_bins(y_true, probs, n_bins)
+    filled = b["count"] > 0
+    gaps = np.abs(b["accuracy"][filled] - b["confidence"][filled])
+    return float(np.sum(b["count"][filled] * gaps) / len(y_true))
+
+
+def roc_auc_per_class(y_true, probs) -> np.ndarray:
+    """One-vs-rest ROC-AUC per class; NaN where the test set has no positives or no negatives.
+    (sklearn's multi-class `roc_auc_score` refuses a class absent from y_true, so the binary
+    scores are taken one by one; their mean is its `ovr` macro.)"""
+    out = np.full(probs.shape[1], np.nan)
+    for c in range(probs.shape[1]):
+        pos = y_true == c
+        if 0 < pos.sum() < len(y_true):
+            out[c] = roc_auc_score(pos, probs[:, c])
+    return out
+
+
+def _scores(y_true: np.ndarray, probs: np.ndarray) -> dict:
+    """Every scalar metric, plus the per-class arrays (no input checks: bootstrap's hot path)."""
+    k = probs.shape[1]
+    cm = np.bincount(y_true * k + probs.argmax(axis=1), minlength=k * k).reshape(k, k)
+    out = metrics_from_confusion(cm)
+    auc = roc_auc_per_class(y_true, probs)
+    out["roc_auc_macro"] = float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
+    out["top2_accuracy"] = float(top_k_accuracy_score(y_true, probs, k=min(2, k),
+                                                      labels=np.arange(k)))
+    out["ece"] = expected_calibration_error(y_true, probs)
+    out["per_class"]["auc"] = auc
+    out["confusion_matrix"] = cm
+    return out
+
+
+def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
+    """Headline metrics, per-class table and confusion matrix of predicted probabilities.
+
+    Returns a JSON-able dict: n_images, the HEADLINE scalars, roc_auc_per_class,
+    absent_classes, classes, confusion_matrix (rows true, columns predicted) and per_class
+    ({class: {precision, recall, f1, auc, support}}). Undefined values are None.
+    """
+    classes = list(classes)
+    probs = check_probabilities(probs, len(classes))
+    y_true = check_labels(y_true, len(classes))
+    if len(y_true) != len(probs):
+        raise ValueError(f"{len(y_true)} labels but {len(probs)} probability rows")
+    s = _scores(y_true, probs)
+    pc = s["per_class"]
+    out = {"n_images": int(len(y_true))}
+    out.update({name: _num(s[name]) for name in HEADLINE})
+    out["roc_auc_per_class"] = {c: _num(a) for c, a in zip(classes, pc["auc"])}
+    out["absent_classes"] = [c for c, n in zip(classes, pc["support"]) if n == 0]
+    out["classes"] = classes
+    out["confusion_matrix"] = s["confusion_matrix"].tolist()
+    out["per_class"] = {
+        c: {key: _num(pc[key][i]) for key in ("precision", "recall", "f1", "auc", "support")}
+        for i, c in enumerate(classes)
+    }
+    return out
+
+
+def bootstrap_intervals(y_true, probs, groups=None, n: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict:
+    """Percentile bootstrap interval of every HEADLINE metric: {metric: {"low", "high"}}.
+
+    With `groups` (lesion ids; None/NaN entries count as their own group) whole groups are
+    resampled, so images of one lesion stay together and the interval is not too narrow.
+    scikit-learn has no grouped bootstrap (`sklearn.utils.resample` draws single rows).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true)
+    members = _group_members(groups, len(y_true))
+    rng = np.random.default_rng(seed)
+    draws = {name: np.empty(n) for name in HEADLINE}
+    # Inputs were checked once; skipping scikit-learn's per-call validation halves the time.
+    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        for b in range(n):
+            units = rng.integers(0, len(members), len(members))
+            idx = np.concatenate([members[g] for g in units])
+            s = _scores(y_true[idx], probs[idx])
+            for name in HEADLINE:
+                draws[name][b] = s[name]
+    tail = 100 * (1 - level) / 2
+    out = {}
+    for name, v in draws.items():
+        v = v[np.isfinite(v)]  # e.g. AUC of a resample that drew no image of a class
+        low, high = np.percentile(v, [tail, 100 - tail]) if len(v) else (np.nan, np.nan)
+        out[name] = {"low": _num(low), "high": _num(high)}
+    return out
+
+
+def _group_members(groups, n_rows: int) -> list[np.ndarray]:
+    """Row indices of each resampling unit: one per group, or one per row without groups."""
+    if groups is None:
+        return [np.array([i]) for i in range(n_rows)]
+    groups = np.asarray(groups, dtype=object)
+    if len(groups) != n_rows:
+        raise ValueError(f"{len(groups)} group ids for {n_rows} rows")
+    units: dict = {}
+    for i, g in enumerate(groups):
+        missing = pd.isna(g) or (isinstance(g, str) and not g.strip())
+        units.setdefault(("row", i) if missing else ("group", g), []).append(i)
+    return [np.array(v) for v in units.values()]
+
+
+def roc_points(y_true, probs, classes: Sequence[str], grid: int = 101) -> dict:
+    """ROC curves of every class sampled on a common false-positive-rate grid (for one DVC
+    plot with a line per class): {"fpr": grid, class: tpr or NaNs when undefined}."""
+    fpr_grid = np.linspace(0.0, 1.0, grid)
+    out = {"fpr": fpr_grid}
+    for c, name in enumerate(classes):
+        pos = y_true == c
+        if 0 < pos.sum() < len(y_true):
+            fpr, tpr, _ = roc_curve(pos, probs[:, c])
+            out[name] = np.interp(fpr_grid, fpr, tpr)
+        else:
+            out[name] = np.full(grid, np.nan)
+    return out
+
+
+def kfp_metrics(metrics: dict, y_true=None, probs=None, max_points: int = 200) -> dict:
+    """What KFP's Metrics and ClassificationMetrics artifacts take, from a metrics dict
+    (metrics.json) and optionally the predictions behind it.
+
+    Returns {"scalars": [(name, value), ...] for Metrics.log_metric,
+             "confusion_matrix": {"categories": [...], "matrix": [[...], ...]}
+                 for ClassificationMetrics.log_confusion_matrix,
+             "roc": {"fpr": [...], "tpr": [...], "threshold": [...]} or None
+                 for ClassificationMetrics.log_roc_curve (micro-average over classes: KFP
+                 holds one curve; at most `max_points` points; thresholds clipped to [0, 1])}.
+    """
+    scalars = [(name, float(metrics[name])) for name in ("n_images", *HEADLINE)
+               if metrics.get(name) is not None]
+    scalars += [(f"{name}_ci_{end}", float(ci[end])) for name, ci in
+                metrics.get("ci95", {}).items() for end in ("low", "high") if ci[end] is not None]
+    scalars += [(f"roc_auc_{c}", float(v)) for c, v in
+                metrics.get("roc_auc_per_class", {}).items() if v is not None]
+    out = {"scalars": scalars,
+           "confusion_matrix": {"categories": list(metrics["classes"]),
+                                "matrix": [list(map(int, r)) for r in metrics["confusion_matrix"]]},
+           "roc": None}
+    if y_true is not None and probs is not None:
+        k = len(metrics["classes"])
+        onehot = np.eye(k, dtype=bool)[np.asarray(y_true)]
+        fpr, tpr, thr = roc_curve(onehot.ravel(), np.asarray(probs, dtype=np.float64).ravel())
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(max_points, len(fpr))).astype(int))
+        out["roc"] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(),
+                      "threshold": np.clip(thr[keep], 0.0, 1.0).tolist()}
+    return out
+
+
+def _num(x):
+    """A JSON-friendly number: int for counts, float otherwise, None for NaN."""
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    x = float(x)
+    return None if np.isnan(x) else x
