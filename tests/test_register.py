@@ -1,0 +1,229 @@
+"""register step on a local SQLite MLflow store: a version with tags, card and alias, idempotent,
+and a pyfunc model that loads and predicts. Training is stood in for by a tiny model saved the
+way training saves it (ema_weights.pt + training_summary.json + an MLflow run)."""
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from components import atomic, checkpoint, register
+from components.labels import CLASSES
+from components.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from model import HybridConvNeXtV2
+
+TINY = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1))
+IMG = 32
+EXPERIMENT = "skin-lesion"
+
+
+def make_store(root: Path) -> str:
+    """A SQLite tracking URI whose experiment keeps artifacts under `root` (not ./mlruns)."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    if client.get_experiment_by_name(EXPERIMENT) is None:
+        client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    return uri
+
+
+def fake_training(root: Path, uri: str, seed: int = 0, run_name: str | None = None,
+                  epochs: int = 1) -> tuple[Path, str]:
+    """What components.train leaves behind: out_dir with ema_weights.pt and
+    training_summary.json, and a run with train.* params and git/data tags."""
+    torch.manual_seed(seed)
+    model = HybridConvNeXtV2(num_classes=len(CLASSES), preset="paper", **TINY)
+    out = root / f"train-{seed}-{run_name or 'x'}"
+    checkpoint.save(out / "ema_weights.pt", {
+        "model_config": model.config, "classes": list(CLASSES), "img_size": IMG,
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "ema": model.state_dict(), "epoch": epochs, "step": 10})
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    run = client.create_run(exp, run_name=run_name, tags={"git_commit": "abc123", "data_hash": "d" * 32})
+    for key, value in {"train.preset": "paper", "train.epochs": epochs, "train.seed": seed,
+                       "train.img_size": IMG, "train.batch_size": 8, "train.peak_lr": 0.01}.items():
+        client.log_param(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    atomic.write_json(out / "training_summary.json", {
+        "completed": True, "mlflow_run_id": run.info.run_id,
+        "paths": {"ema_weights": str(out / "ema_weights.pt")}})
+    return out, run.info.run_id
+
+
+def metrics_json(value: float = 0.5, **extra) -> dict:
+    return {"weights": "ema", "n_images": 20, "balanced_accuracy": value, "accuracy": value + 0.1,
+            "f1_macro": value - 0.1, "ece": 0.1,
+            "ci95": {"balanced_accuracy": {"low": value - 0.05, "high": value + 0.05}},
+            "bootstrap": {"resamples": 100, "unit": "lesion"}, **extra}
+
+
+def split_report(split_hash: str = "s" * 64, mode: str = "grouped") -> dict:
+    return {"mode": mode, "split_hash": split_hash, "sizes": {"train": 70, "val": 15, "test": 20}}
+
+
+def write_images(folder: Path, n: int = 2, size=(48, 40)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i}.{'jpg' if i % 2 == 0 else 'png'}"
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    return root, make_store(root)
+
+
+@pytest.fixture(scope="module")
+def registered(store):
+    root, uri = store
+    out, run_id = fake_training(root, uri, seed=1, run_name="paper-grouped-e1-s1")
+    result = register.run(out, metrics_json(0.5), split_report(), model_name="m-reg", tracking_uri=uri)
+    return out, run_id, result
+
+
+def test_register_creates_version_with_tags_card_and_alias(store, registered):
+    _, uri = store
+    out, run_id, result = registered
+    assert result == {"name": "m-reg", "version": "1", "alias": "challenger", "run_id": run_id,
+                      "created": True, "model_uri": "models:/m-reg/1", "aliases": ["challenger"]}
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    version = client.get_model_version_by_alias("m-reg", "challenger")
+    tags = version.tags
+    assert version.run_id == run_id
+    assert tags["source_run_id"] == run_id and tags["git_commit"] == "abc123"
+    assert tags["data_hash"] == "d" * 32 and tags["split_hash"] == "s" * 64
+    assert tags["split_mode"] == "grouped" and len(tags["params_hash"]) == 16
+    assert float(tags["test_balanced_accuracy"]) == pytest.approx(0.5)
+    assert float(tags["test_balanced_accuracy_ci_low"]) == pytest.approx(0.45)
+    assert "not a medical device" in version.description
+    assert "lesion-grouped" in version.description and "0.4500 - 0.5500" in version.description
+    # the training run learns its split and its registered version
+    run_tags = client.get_run(run_id).data.tags
+    assert run_tags["split_hash"] == "s" * 64 and run_tags["registered_model"] == "m-reg/1"
+
+
+def test_register_same_run_twice_is_one_version(store, registered):
+    _, uri = store
+    out, run_id, _ = registered
+    again = register.run(out, metrics_json(0.5), split_report(), model_name="m-reg", tracking_uri=uri)
+    assert again["version"] == "1" and again["created"] is False
+    # and from the run id alone (no weights needed: it is found before they are read)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    assert len(client.search_model_versions("name = 'm-reg'")) == 1
+
+
+def test_registered_pyfunc_matches_evaluation_preprocessing(store, registered, tmp_path):
+    """The registered model loads with mlflow.pyfunc (no pickle: models from code + safetensors)
+    and gives the probabilities the checkpoint gives through evaluate's transform."""
+    _, uri = store
+    out, _, _ = registered
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/m-reg@challenger")
+    images = write_images(tmp_path / "img", 2, size=(IMG + 5, IMG + 3))
+    got = model.predict(pd.DataFrame({"image": [str(p) for p in images]}))
+    assert list(got.columns) == [*CLASSES, "predicted", "error"]
+    net, meta = checkpoint.load_model(out / "ema_weights.pt")
+    tf = eval_transform(IMG)
+    # pyfunc first resizes the short side to prepare_size, as the preprocess step did to
+    # the images evaluate reads: the same two stages here
+    from components.preprocess import prepare_image
+    info = model.unwrap_python_model().info
+    batch = torch.stack([tf(prepare_image(p.read_bytes(), info["prepare_size"])[0]) for p in images])
+    with torch.inference_mode():
+        want = torch.softmax(net(batch), 1).numpy()
+    np.testing.assert_allclose(got[list(CLASSES)].to_numpy(), want, rtol=1e-4, atol=1e-6)
+    assert (got["predicted"] == [CLASSES[i] for i in want.argmax(1)]).all()
+    assert (got["error"] == "").all()
+
+
+def test_second_run_moves_challenger(store, registered):
+    root, uri = store
+    out2, run2 = fake_training(root, uri, seed=2, run_name="paper-grouped-e1-s2")
+    result = register.run(out2, metrics_json(0.6), split_report(), model_name="m-reg", tracking_uri=uri)
+    assert result["version"] == "2" and result["created"] and result["run_id"] == run2
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    assert str(client.get_model_version_by_alias("m-reg", "challenger").version) == "2"
+
+
+def test_gate_skips_registration(store):
+    root, uri = store
+    out, _ = fake_training(root, uri, seed=3)
+    result = register.run(out, metrics_json(0.2), split_report(), model_name="m-gate",
+                          tracking_uri=uri, gate_metric="balanced_accuracy", gate_threshold=0.3)
+    assert result["version"] is None and "below the gate" in result["skipped"]
+
+
+def test_unreachable_server_fails_naming_the_uri(store):
+    root, _ = store
+    out, _ = fake_training(root, make_store(root), seed=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://user:hunter2@127.0.0.1:{port}"
+    with pytest.raises(register.RegistryUnavailable) as err:
+        register.run(out, metrics_json(), split_report(), tracking_uri=uri, retries=1, backoff_s=0.01)
+    assert f"127.0.0.1:{port}" in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_retries_then_succeeds(monkeypatch):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("Connection refused")
+        return "ok"
+
+    assert register.with_retries(flaky, "http://x", retries=3, backoff_s=0.001) == "ok"
+    assert len(calls) == 3
+    with pytest.raises(ValueError):  # not a connection problem: no retry
+        register.with_retries(lambda: (_ for _ in ()).throw(ValueError("bad")), "http://x", 3, 0.001)
+
+
+def test_tags_carry_no_secrets():
+    tags = register.clean_tags({"data_source": "s3://key:secretvalue@bucket/x", "aws_secret_access_key": "x",
+                                "MLFLOW_TRACKING_PASSWORD": "p", "data_rev": "v1"})
+    assert tags == {"data_source": "s3://***@bucket/x", "data_rev": "v1"}
+
+
+def test_cli_main_reads_params(store, tmp_path, capsys):
+    root, uri = store
+    out, run_id = fake_training(root, uri, seed=5)
+    (tmp_path / "params.yaml").write_text("register:\n  model_name: m-cli\n  gate_metric: balanced_accuracy\n"
+                                          "  gate_threshold: 0.0\npreprocess:\n  size: 40\n")
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics_json(0.4)))
+    (tmp_path / "split.json").write_text(json.dumps(split_report()))
+    rc = register.main(["--train_dir", str(out), "--metrics", str(tmp_path / "metrics.json"),
+                        "--split_report", str(tmp_path / "split.json"), "--params",
+                        str(tmp_path / "params.yaml"), "--tracking_uri", uri,
+                        "--out", str(tmp_path / "registration.json")])
+    assert rc == 0
+    result = json.loads((tmp_path / "registration.json").read_text())
+    assert result["name"] == "m-cli" and result["run_id"] == run_id
+    mlflow.set_tracking_uri(uri)
+    info = mlflow.pyfunc.load_model("models:/m-cli@challenger").unwrap_python_model().info
+    assert info["prepare_size"] == 40 and info["img_size"] == IMG and info["classes"] == list(CLASSES)
+
+
+def test_run_id_source(store, registered):
+    """A run id finds its existing version without any weights; a run without an
+    ema_weights.pt artifact and no version is a clear error."""
+    root, uri = store
+    _, run_id, _ = registered
+    again = register.run(run_id, metrics_json(0.5), split_report(), model_name="m-reg", tracking_uri=uri)
+    assert again["version"] == "1" and again["created"] is False
+    _, other = fake_training(root, uri, seed=6)
+    with pytest.raises(FileNotFoundError, match="ema_weights.pt artifact"):
+        register.run(other, metrics_json(0.5), split_report(), model_name="m-reg", tracking_uri=uri)
