@@ -1,0 +1,137 @@
+"""The pipeline's input: the DVC-versioned raw dataset (`data/raw`: images/, labels.csv,
+metadata.csv), materialised into a KFP artifact folder, and its content hash.
+
+Two sources, one result:
+
+* cluster: `dvc.api.DVCFileSystem(repo_url, rev=..., remote=...)` reads `data/raw` of that
+  git revision from the DVC remote (S3/MinIO; credentials from the usual AWS_* variables,
+  endpoint from `endpoint_url`);
+* run-local / tests: a local folder, copied.
+
+The hash is DVC's own directory hash (`<md5>.dir`, what `dvc add data/raw` writes into
+`data/raw.dvc`), computed from the files actually materialised, so a run-local hash and a
+cluster hash of the same data are the same string. Every artifact the pipeline writes carries
+it in `.metadata["data_hash"]` (see `provenance`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+# metadata keys that travel from the raw dataset into every later artifact
+PROVENANCE_KEYS = ("data_hash", "data_source", "data_rev")
+
+
+def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_md5(root: str | Path) -> str:
+    """DVC 3's directory hash: md5 of the sorted JSON list of {md5, relpath}, plus '.dir'."""
+    root = Path(root)
+    entries = [
+        {"md5": file_md5(p), "relpath": p.relative_to(root).as_posix()}
+        for p in root.rglob("*")
+        if p.is_file()
+    ]
+    entries.sort(key=lambda e: e["relpath"])
+    blob = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(blob).hexdigest() + ".dir"
+
+
+def _dvc_file_md5(text: str) -> str | None:
+    """The md5 recorded in a `.dvc` file's first out, if any."""
+    import yaml
+
+    outs = (yaml.safe_load(text) or {}).get("outs") or []
+    return outs[0].get("md5") if outs else None
+
+
+def materialise(
+    out: str | Path,
+    *,
+    local_path: str = "",
+    repo_url: str = "",
+    rev: str = "",
+    remote: str = "",
+    path: str = "data/raw",
+    endpoint_url: str = "",
+) -> dict:
+    """Put the raw dataset at `out` and return its provenance.
+
+    `local_path` wins when given (run-local, tests); otherwise `path` is read from the DVC
+    repository `repo_url` at git revision `rev` (empty: the default branch) through the DVC
+    remote `remote` (empty: the repository's default remote).
+    """
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recorded = None
+    if local_path:
+        src = Path(local_path)
+        if not src.is_dir():
+            raise FileNotFoundError(f"local dataset folder {src} does not exist")
+        shutil.copytree(src, out)
+        source, rev_used = str(src.resolve()), ""
+        dvc_file = src.with_name(src.name + ".dvc")
+        if dvc_file.is_file():
+            recorded = _dvc_file_md5(dvc_file.read_text())
+    elif repo_url:
+        from dvc.api import DVCFileSystem
+
+        remote_config = {"endpointurl": endpoint_url} if endpoint_url else None
+        fs = DVCFileSystem(
+            repo_url, rev=rev or None, remote=remote or None, remote_config=remote_config
+        )
+        fs.get(path, str(out), recursive=True)
+        try:
+            recorded = _dvc_file_md5(fs.read_text(f"{path}.dvc"))
+        except FileNotFoundError:
+            recorded = None
+        source, rev_used = f"{repo_url}#{path}", rev
+    else:
+        raise ValueError("give either local_path or repo_url to materialise the dataset")
+
+    data_hash = dir_md5(out)
+    info = {
+        "data_hash": data_hash,
+        "data_source": source,
+        "data_rev": rev_used,
+        "files": sum(1 for p in out.rglob("*") if p.is_file()),
+    }
+    if recorded and recorded != data_hash:
+        # The .dvc file and the files disagree (workspace edited after `dvc add`): say so,
+        # and keep the hash of what this run actually used.
+        info["dvc_file_md5"] = recorded
+    return info
+
+
+def provenance(metadata: dict) -> dict:
+    """The provenance part of an input artifact's metadata, to copy into an output's."""
+    return {k: metadata[k] for k in PROVENANCE_KEYS if k in metadata}
+
+
+def configure_services(mlflow_tracking_uri: str = "", s3_endpoint_url: str = "",
+                       mlflow_experiment: str = "") -> None:
+    """Point MLflow (and boto3 under it) at the run's services through the environment.
+
+    Credentials are not handled here: on the cluster they arrive as environment variables
+    from Kubernetes secrets (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD).
+    """
+    import os
+
+    if mlflow_tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+    if mlflow_experiment:
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", mlflow_experiment)
+    if s3_endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url          # boto3 >= 1.28
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint_url    # MLflow's own setting

@@ -1,0 +1,250 @@
+"""`skinlesion pipeline compile`: the compiled KFP v2 YAML's DAG (the six step tasks after the
+data step, their edges, the metric gate), the train task's GPU / toleration / shm, the secret
+references, artifact types, the image, and defaults equal to params.yaml."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.cli import main as skinlesion
+from pipeline import components as kfp_components
+from pipeline.cli import build_arguments
+from pipeline.pipeline import load_params, pipeline_arguments
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = {"preprocess", "split", "class-weights", "train", "evaluate", "register"}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> tuple[dict, dict]:
+    path = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
+    assert skinlesion(["pipeline", "compile", "-o", str(path)]) == 0
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the root DAG and of its sub-DAGs (the gate), by name."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def _artifact_edges(task: dict) -> set[tuple[str, str]]:
+    """(producer task, output key) of each artifact input; sub-DAG inputs are named
+    pipelinechannel--<producer>-<key>."""
+    edges = set()
+    for spec in task.get("inputs", {}).get("artifacts", {}).values():
+        if "taskOutputArtifact" in spec:
+            edges.add((spec["taskOutputArtifact"]["producerTask"],
+                       spec["taskOutputArtifact"]["outputArtifactKey"]))
+        else:
+            edges.add(("<gate>", spec["componentInputArtifact"]))
+    return edges
+
+
+def test_compile_writes_the_six_steps_after_the_data_step(compiled):
+    spec, _ = compiled
+    tasks = _tasks(spec)
+    assert STEPS <= set(tasks)
+    assert set(tasks) == STEPS | {"materialise-data", "condition-1"}
+    assert spec["pipelineInfo"]["name"] == "skin-lesion"
+
+
+def test_dag_edges(compiled):
+    spec, _ = compiled
+    root = spec["root"]["dag"]["tasks"]
+    deps = {name: set(t.get("dependentTasks", [])) for name, t in root.items()}
+    assert deps == {
+        "materialise-data": set(),
+        "preprocess": {"materialise-data"},
+        "split": {"materialise-data"},
+        "class-weights": {"split"},
+        "train": {"preprocess", "split", "class-weights"},
+        "evaluate": {"train", "preprocess", "split"},
+        "condition-1": {"evaluate", "train", "split"},
+    }
+    assert _artifact_edges(root["preprocess"]) == {("materialise-data", "raw")}
+    assert _artifact_edges(root["split"]) == {("materialise-data", "raw")}
+    assert _artifact_edges(root["class-weights"]) == {("split", "splits")}
+    assert _artifact_edges(root["train"]) == {("preprocess", "prepared"), ("split", "splits"),
+                                              ("class-weights", "weights")}
+    assert _artifact_edges(root["evaluate"]) == {("train", "model"), ("preprocess", "prepared"),
+                                                 ("split", "splits")}
+    register = spec["components"]["comp-condition-1"]["dag"]["tasks"]["register"]
+    assert _artifact_edges(register) == {("<gate>", "pipelinechannel--train-model"),
+                                         ("<gate>", "pipelinechannel--evaluate-evaluation"),
+                                         ("<gate>", "pipelinechannel--split-splits")}
+    gate_inputs = root["condition-1"]["inputs"]["artifacts"]
+    assert {k: (v["taskOutputArtifact"]["producerTask"], v["taskOutputArtifact"]["outputArtifactKey"])
+            for k, v in gate_inputs.items()} == {
+        "pipelinechannel--train-model": ("train", "model"),
+        "pipelinechannel--evaluate-evaluation": ("evaluate", "evaluation"),
+        "pipelinechannel--split-splits": ("split", "splits")}
+
+
+def test_register_runs_only_when_the_metric_clears_the_threshold(compiled):
+    spec, _ = compiled
+    gate = spec["root"]["dag"]["tasks"]["condition-1"]
+    assert gate["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--evaluate-Output'] >= "
+        "inputs.parameter_values['pipelinechannel--gate_threshold']")
+    params = gate["inputs"]["parameters"]
+    assert params["pipelinechannel--evaluate-Output"]["taskOutputParameter"] == {
+        "outputParameterKey": "Output", "producerTask": "evaluate"}
+    assert params["pipelinechannel--gate_threshold"]["componentInputParameter"] == "gate_threshold"
+    assert spec["components"]["comp-evaluate"]["outputDefinitions"]["parameters"]["Output"][
+        "parameterType"] == "NUMBER_DOUBLE"
+
+
+def test_train_asks_for_one_nvidia_gpu_a_toleration_and_shm(compiled):
+    spec, k8s = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    accelerator = executors["exec-train"]["container"]["resources"]["accelerator"]
+    assert accelerator["resourceType"] == "nvidia.com/gpu"
+    assert accelerator["resourceCount"] == "1"
+    others = [name for name, e in executors.items()
+              if name != "exec-train" and "accelerator" in e["container"].get("resources", {})]
+    assert others == [], "only the train step asks for a GPU"
+    train = k8s["exec-train"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in train["tolerations"]
+    shm = [m for m in train["emptyDirMounts"] if m["mountPath"] == "/dev/shm"]
+    assert len(shm) == 1 and shm[0]["medium"] == "Memory"
+
+
+def test_credentials_come_from_kubernetes_secrets_named_by_parameters(compiled):
+    _, k8s = compiled
+
+    def secrets(executor: str) -> dict[str, tuple[str, bool]]:
+        found = {}
+        for s in k8s[executor]["secretAsEnv"]:
+            name = s["secretNameParameter"]["componentInputParameter"].removeprefix("pipelinechannel--")
+            for pair in s["keyToEnv"]:
+                found[pair["envVar"]] = (name, s.get("optional", False))
+        return found
+
+    s3 = {"AWS_ACCESS_KEY_ID": ("s3_secret", False), "AWS_SECRET_ACCESS_KEY": ("s3_secret", False)}
+    mlflow = {"MLFLOW_TRACKING_USERNAME": ("mlflow_secret", True),
+              "MLFLOW_TRACKING_PASSWORD": ("mlflow_secret", True)}
+    assert secrets("exec-materialise-data") == s3
+    for executor in ("exec-train", "exec-evaluate", "exec-register"):
+        assert secrets(executor) == s3 | mlflow, executor
+    for executor in ("exec-preprocess", "exec-split", "exec-class-weights"):
+        assert "secretAsEnv" not in k8s.get(executor, {}), f"{executor} needs no credentials"
+
+
+def test_mlflow_uri_is_a_pipeline_parameter_wired_to_the_tracking_steps(compiled):
+    spec, _ = compiled
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["mlflow_tracking_uri"]["parameterType"] == "STRING"
+    root = spec["root"]["dag"]["tasks"]
+    for task in ("train", "evaluate"):
+        assert root[task]["inputs"]["parameters"]["mlflow_tracking_uri"] == {
+            "componentInputParameter": "mlflow_tracking_uri"}
+    register = spec["components"]["comp-condition-1"]["dag"]["tasks"]["register"]
+    assert register["inputs"]["parameters"]["mlflow_tracking_uri"] == {
+        "componentInputParameter": "pipelinechannel--mlflow_tracking_uri"}
+
+
+def test_artifact_types(compiled):
+    spec, _ = compiled
+
+    def outputs(component: str) -> dict[str, str]:
+        arts = spec["components"][component]["outputDefinitions"].get("artifacts", {})
+        return {k: v["artifactType"]["schemaTitle"] for k, v in arts.items()}
+
+    assert outputs("comp-materialise-data") == {"raw": "system.Dataset"}
+    assert outputs("comp-preprocess") == {"prepared": "system.Dataset"}
+    assert outputs("comp-split") == {"splits": "system.Dataset"}
+    assert outputs("comp-class-weights") == {"weights": "system.Dataset"}
+    assert outputs("comp-train") == {"model": "system.Model", "train_metrics": "system.Metrics"}
+    assert outputs("comp-evaluate") == {"metrics": "system.Metrics",
+                                        "classification": "system.ClassificationMetrics",
+                                        "evaluation": "system.Artifact"}
+    assert outputs("comp-register") == {"registration": "system.Artifact"}
+
+
+def test_every_step_is_a_lightweight_component_on_the_project_image(compiled):
+    spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    assert len(executors) == 7
+    for name, executor in executors.items():
+        container = executor["container"]
+        assert container["image"] == kfp_components.IMAGE, name
+        program = "\n".join(container["command"])
+        assert "pip install" not in program, f"{name} installs packages at run time"
+        assert "kfp.dsl.executor_main" in program
+    step_of = {"preprocess": "preprocess", "split": "split", "class-weights": "class_weights",
+               "train": "train", "evaluate": "evaluate", "register": "register"}
+    for task, module in step_of.items():
+        source = "\n".join(executors[f"exec-{task}"]["container"]["command"])
+        assert f"from components import {module} as step" in source
+        assert "step.run(" in source
+
+
+def test_defaults_come_from_params_yaml(compiled):
+    spec, _ = compiled
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    expected = pipeline_arguments(load_params(ROOT / "params.yaml"))
+    for name, value in expected.items():
+        default = inputs[name]["defaultValue"]
+        if isinstance(value, dict):  # protobuf Struct: every number is a float, no nulls
+            section = load_params(ROOT / "params.yaml")[name.removesuffix("_params")]
+            assert default == {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                               for k, v in section.items() if v is not None}, name
+        else:
+            assert default == value, name
+    params = load_params(ROOT / "params.yaml")
+    assert inputs["train_params"]["defaultValue"]["epochs"] == params["train"]["epochs"]
+    assert inputs["gate_threshold"]["defaultValue"] == params["register"]["gate_threshold"]
+
+
+def test_image_option_rewrites_every_step(tmp_path):
+    path = tmp_path / "p.yaml"
+    assert skinlesion(["pipeline", "compile", "-o", str(path), "--image", "registry.local/skin:test"]) == 0
+    spec, platform = yaml.safe_load_all(path.read_text())
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {
+        "registry.local/skin:test"}
+    assert "exec-train" in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert path.read_text().startswith("# PIPELINE DEFINITION")
+
+
+def test_arguments_merge_params_files_and_overrides(tmp_path):
+    demo = tmp_path / "demo.yaml"
+    demo.write_text("train:\n  epochs: 2\n  batch_size: 8\nsplit:\n  seed: 3\n")
+    args = build_arguments([str(demo)], ["train.peak_lr=0.005", "gate_threshold=0.25",
+                                         "mlflow_tracking_uri=http://mlflow:5000"],
+                           params_path=str(ROOT / "params.yaml"))
+    defaults = load_params(ROOT / "params.yaml")
+    assert args["train_params"]["epochs"] == 2 and args["train_params"]["batch_size"] == 8
+    assert args["train_params"]["peak_lr"] == 0.005
+    assert args["train_params"]["preset"] == defaults["train"]["preset"]
+    assert args["split_seed"] == 3 and args["gate_threshold"] == 0.25
+    assert args["mlflow_tracking_uri"] == "http://mlflow:5000"
+    with pytest.raises(SystemExit, match="no such key"):
+        build_arguments([], ["train.epoch=2"], params_path=str(ROOT / "params.yaml"))
+    with pytest.raises(SystemExit, match="not a pipeline parameter"):
+        build_arguments([], ["epochs=2"], params_path=str(ROOT / "params.yaml"))
+
+
+def test_demo_override_file_only_sets_known_keys():
+    """params.demo.yaml overrides params.yaml's keys; under `train` it may also set other
+    TrainConfig fields (dims/depths: a narrower model for the CPU demo)."""
+    import dataclasses
+
+    from components.train import TrainConfig
+
+    demo = yaml.safe_load((ROOT / "params.demo.yaml").read_text())
+    params = load_params(ROOT / "params.yaml")
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for section, values in demo.items():
+        assert section in params, f"params.demo.yaml: unknown section {section}"
+        for key in values:
+            known = key in params[section] or (section == "train" and key in train_fields)
+            assert known, f"params.demo.yaml: {section}.{key} is not a known setting"
+    merged = load_params(ROOT / "params.yaml", overrides=[ROOT / "params.demo.yaml"])
+    TrainConfig.resolve(None, **merged["train"])  # a valid training configuration
+    assert merged["train"]["epochs"] < params["train"]["epochs"]

@@ -1,0 +1,199 @@
+"""`skinlesion pipeline run-local`: the KFP pipeline end to end on this machine (kfp.local
+SubprocessRunner, use_venv=False, CPU) on tiny synthetic data with a tiny model, MLflow in a
+SQLite file; and the data step's hash, which is DVC's own directory hash."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.cli import main as skinlesion
+from pipeline.data import dir_md5, materialise, provenance
+
+BIN = Path(sys.executable).parent
+TASKS = ["materialise-data", "preprocess", "split", "class-weights", "train", "evaluate", "register"]
+TINY = {
+    "preprocess": {"size": 40},
+    "train": {"img_size": 32, "dims": [8, 16, 24, 32], "depths": [1, 1, 1, 1], "epochs": 1,
+              "batch_size": 16, "warmup_epochs": 0, "num_workers": 0, "ema_decay": 0.9,
+              "gpu_resident": "off"},
+    "evaluate": {"bootstrap": 20},
+}
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    from components import synth
+
+    out = tmp_path_factory.mktemp("data") / "raw"
+    synth.run(out, n=160, seed=0)
+    return out
+
+
+def test_data_hash_is_dvcs_directory_hash(tmp_path):
+    data = tmp_path / "data" / "raw"
+    (data / "images" / "sub").mkdir(parents=True)
+    (data / "labels.csv").write_text("image,label\na,1\nb,2\n")
+    (data / "images" / "a.jpg").write_bytes(bytes(range(256)) * 10)
+    (data / "images" / "sub" / "b.jpg").write_bytes(b"\xff\xd8" + b"0" * 500)
+    subprocess.run([str(BIN / "dvc"), "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(BIN / "dvc"), "add", "-q", "data/raw"], cwd=tmp_path, check=True)
+    recorded = yaml.safe_load((tmp_path / "data" / "raw.dvc").read_text())["outs"][0]["md5"]
+    assert dir_md5(data) == recorded
+
+    out = tmp_path / "materialised"
+    info = materialise(out, local_path=str(data))
+    assert info["data_hash"] == recorded and info["files"] == 3
+    assert "dvc_file_md5" not in info, "the .dvc file next to the folder agrees"
+    assert (out / "images" / "sub" / "b.jpg").read_bytes() == (data / "images" / "sub" / "b.jpg").read_bytes()
+    assert provenance({**info, "other": 1}) == {k: info[k] for k in ("data_hash", "data_source", "data_rev")}
+
+    (data / "labels.csv").write_text("image,label\na,1\nb,3\n")  # edited after `dvc add`
+    info = materialise(out, local_path=str(data))
+    assert info["data_hash"] != recorded and info["dvc_file_md5"] == recorded
+
+    with pytest.raises(ValueError, match="local_path or repo_url"):
+        materialise(tmp_path / "x")
+    with pytest.raises(FileNotFoundError):
+        materialise(tmp_path / "x", local_path=str(tmp_path / "missing"))
+
+
+def test_materialise_reads_data_raw_at_a_git_revision_from_the_s3_remote(tmp_path, monkeypatch):
+    """The cluster path: DVCFileSystem(repo, rev, remote) with the endpoint passed in (not in
+    the repo's config), credentials from the environment, moto's S3 server as the remote."""
+    import shutil
+
+    import boto3
+    from s3server import FAKE_AWS_ENV, moto_s3_server
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "dvc-site-cache"))
+    git_env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    for key, value in git_env.items():
+        monkeypatch.setenv(key, value)
+    repo = tmp_path / "repo"
+    raw = repo / "data" / "raw"
+    (raw / "images").mkdir(parents=True)
+
+    def sh(*args: str) -> str:
+        return subprocess.run(args, cwd=repo, check=True, text=True, capture_output=True).stdout
+
+    with moto_s3_server() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="data")
+        sh("git", "init", "-q")
+        sh(str(BIN / "dvc"), "init", "-q")
+        sh(str(BIN / "dvc"), "remote", "add", "-d", "storage", "s3://data/dvc")
+        # the endpoint only in the uncommitted local config, for pushing
+        sh(str(BIN / "dvc"), "remote", "modify", "--local", "storage", "endpointurl", endpoint)
+        hashes = []
+        for version in (1, 2):
+            (raw / "labels.csv").write_text(f"image,label\nA,{version}\n")
+            (raw / "images" / "A.jpg").write_bytes(bytes([version]) * 100)
+            sh(str(BIN / "dvc"), "add", "-q", "data/raw")
+            sh(str(BIN / "dvc"), "push", "-q")
+            sh("git", "add", "-A")
+            sh("git", "commit", "-qm", f"data v{version}")
+            hashes.append(yaml.safe_load((repo / "data/raw.dvc").read_text())["outs"][0]["md5"])
+        first = sh("git", "rev-list", "--max-parents=0", "HEAD").strip()
+        shutil.rmtree(repo / ".dvc" / "cache")  # only the remote has the files now
+        (repo / ".dvc" / "config.local").unlink()  # the endpoint comes from materialise's argument
+
+        info = materialise(tmp_path / "v1", repo_url=str(repo), rev=first, endpoint_url=endpoint)
+        assert info["data_hash"] == hashes[0] and "dvc_file_md5" not in info
+        assert (tmp_path / "v1" / "labels.csv").read_text() == "image,label\nA,1\n"
+        assert info["data_rev"] == first and info["data_source"] == f"{repo}#data/raw"
+        info = materialise(tmp_path / "v2", repo_url=str(repo), rev="", endpoint_url=endpoint)
+        assert info["data_hash"] == hashes[1] != hashes[0]
+
+
+def _task_outputs(run_dir: Path, task: str) -> dict:
+    return json.loads((run_dir / task / "executor_output.json").read_text())
+
+
+@pytest.mark.slow
+def test_run_local_end_to_end_on_cpu(raw, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # MLflow's ./mlruns artifacts land here
+    override = tmp_path / "tiny.yaml"
+    override.write_text(yaml.safe_dump(TINY))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    root = tmp_path / "kfp"
+    assert skinlesion(["pipeline", "run-local", "--data", str(raw), "--pipeline-root", str(root),
+                       "--params-file", str(override), "--param", f"mlflow_tracking_uri={uri}",
+                       "--param", "gate_threshold=0.0"]) == 0
+
+    (run_dir,) = [p for p in root.iterdir() if p.name.startswith("skin-lesion-")]
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == sorted(TASKS)
+
+    # the step outputs, where the next steps read them
+    assert (run_dir / "materialise-data/raw/labels.csv").is_file()
+    assert (run_dir / "preprocess/prepared/manifest.csv").is_file()
+    assert {p.name for p in (run_dir / "split/splits").iterdir()} >= {"train.csv", "val.csv", "test.csv",
+                                                                      "split_report.json"}
+    assert json.loads((run_dir / "class-weights/weights").read_text())["classes"][0] == "MEL"
+    assert (run_dir / "train/model/ema_weights.pt").is_file()
+    summary = json.loads((run_dir / "train/model/training_summary.json").read_text())
+    assert summary["completed"] and summary["epochs"] == 1
+    metrics = json.loads((run_dir / "evaluate/evaluation/metrics.json").read_text())
+    assert metrics["n_images"] > 0
+
+    # the data hash travels in every artifact's metadata
+    data_hash = dir_md5(raw)
+    materialised = _task_outputs(run_dir, "materialise-data")
+    assert materialised["parameterValues"]["Output"] == data_hash
+    for task in TASKS:
+        for name, artifacts in _task_outputs(run_dir, task)["artifacts"].items():
+            for artifact in artifacts["artifacts"]:
+                assert artifact["metadata"]["data_hash"] == data_hash, f"{task}.{name}"
+                assert artifact["metadata"]["data_source"] == str(raw.resolve())
+
+    # evaluate's KFP metrics: scalars and a confusion matrix over the eight classes
+    evaluate = _task_outputs(run_dir, "evaluate")
+    gate_value = evaluate["parameterValues"]["Output"]
+    assert gate_value == pytest.approx(metrics["balanced_accuracy"])
+    scalars = evaluate["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert scalars["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
+    matrix = evaluate["artifacts"]["classification"]["artifacts"][0]["metadata"]["confusionMatrix"]
+    assert len(matrix["rows"]) == 8
+    assert sum(sum(row["row"]) for row in matrix["rows"]) == metrics["n_images"]
+
+    # past the gate: a registered model version with alias challenger and the data's hash
+    registration = json.loads((run_dir / "register/registration").read_text())
+    assert registration["alias"] == "challenger" and registration["gate_value"] == gate_value
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias(registration["name"], "challenger")
+    assert str(version.version) == registration["version"]
+    assert version.tags["raw_data_hash"] == data_hash
+    assert version.tags["data_source"] == str(raw.resolve())
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_run_local_skips_register_below_the_gate(raw, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    override = tmp_path / "tiny.yaml"
+    override.write_text(yaml.safe_dump(TINY))
+    root = tmp_path / "kfp"
+    assert skinlesion(["pipeline", "run-local", "--data", str(raw), "--pipeline-root", str(root),
+                       "--params-file", str(override),
+                       "--param", f"mlflow_tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                       "--param", "gate_threshold=1.01"]) == 0
+    (run_dir,) = [p for p in root.iterdir() if p.name.startswith("skin-lesion-")]
+    assert (run_dir / "evaluate/evaluation/metrics.json").is_file()
+    assert not (run_dir / "register").exists(), "balanced accuracy <= 1 < 1.01: no registration"
