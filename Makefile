@@ -22,7 +22,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
-	$(VENV)/bin/skinlesion info
+	$(VENV)/bin/skinlesion demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

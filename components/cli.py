@@ -11,6 +11,18 @@ import sys
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("components.model_info", "build the model and print its parameter report"),
+    "synth": ("components.synth", "write a synthetic ISIC-format dataset (images, labels, metadata)"),
+    "preprocess": ("components.preprocess", "resize every labelled image once, with a manifest"),
+    "split": ("components.split", "lesion-grouped (or paper) train/val/test split with a report"),
+    "class_weights": ("components.class_weights", "inverse-frequency class weights from the train split"),
+    "train": ("components.train", "train the model (paper recipe; checkpoints, MLflow run, EMA model)"),
+    "evaluate": ("components.evaluate", "score a model on the test split: metrics, intervals, tables, figures"),
+    "demo": ("pipeline.demo", "the whole pipeline on a synthetic dataset with dvc (make demo)"),
+    "pipeline": ("pipeline.cli", "compile, submit or run the Kubeflow pipeline"),
+    "register": ("components.register", "register the trained EMA model in MLflow (alias challenger)"),
+    "promote": ("components.promote", "move alias champion to the challenger through a metric gate"),
+    "predict": ("components.predict", "class probabilities for image files with a registered model"),
+    "runs": ("components.runs", "table of recent training runs with metrics and registered versions"),
 }
 
 
