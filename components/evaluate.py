@@ -248,7 +248,9 @@ def log_to_mlflow(metrics: dict, out: Path, training_run_id: str | None) -> str:
         except MlflowException as err:
             log.warning("training run %s not in %s (%s): logging a new evaluation run",
                         training_run_id, tracking.redact(uri), err)
-    tags = {"skinlesion.step": "evaluate", "training_run_id": training_run_id or ""}
+    # Tags name a separate evaluation run; logging into the training run leaves its tags alone.
+    tags = None if run_id else {"skinlesion.step": "evaluate",
+                                "training_run_id": training_run_id or ""}
     with tracking.start_run(uri, run_id, tracking.DEFAULT_EXPERIMENT, tags) as active:
         mlflow.log_metrics(_flat_metrics(metrics, "test_"))
         for name in VARIANTS.values():

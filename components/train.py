@@ -106,12 +106,14 @@ def run(train_csv: str | os.PathLike, img_dir: str | os.PathLike, out_dir: str |
         class_weights: str | os.PathLike | None = None, config: TrainConfig | None = None,
         resume: str | os.PathLike | None = None, overfit_n: int | None = None,
         mlflow: bool = True, experiment: str = tracking.DEFAULT_EXPERIMENT,
-        stop_after_epoch: int | None = None) -> dict:
+        stop_after_epoch: int | None = None, resume_fallback: bool = False) -> dict:
     """Train; returns the training summary (also written to out_dir/training_summary.json).
 
     overfit_n: train and validate on the same first n training images (a sanity check).
     stop_after_epoch: end this invocation after that many epochs, as a preemption would;
         `resume` continues exactly where it stopped.
+    resume_fallback: when `resume` is unreadable, continue from checkpoint_prev.pt beside it
+        (with a warning) instead of refusing.
     """
     cfg = config or TrainConfig()
     out_dir = Path(out_dir)
@@ -125,9 +127,9 @@ def run(train_csv: str | os.PathLike, img_dir: str | os.PathLike, out_dir: str |
         # Rank 0 checks the out dir, the lock, the checkpoint and MLflow; every rank learns
         # the outcome, so a refusal stops them all instead of leaving them waiting.
         ckpt, run_ = _collective(
-            rt, lambda: _preflight(stack, out_dir, resume, mlflow, experiment))
+            rt, lambda: _preflight(stack, out_dir, resume, mlflow, experiment, resume_fallback))
         if resume is not None and not rt.is_main:  # every rank restores weights and optimiser
-            ckpt = checkpoint.load(resume)
+            ckpt, _ = checkpoint.load_for_resume(resume, resume_fallback)
         train_frame = read_split(train_csv)
         if overfit_n:
             train_frame = train_frame.iloc[:overfit_n]
@@ -159,7 +161,7 @@ def run(train_csv: str | os.PathLike, img_dir: str | os.PathLike, out_dir: str |
         if not rt.is_main:  # other ranks draw their own augmentations from here
             _seed_everything(epoch_seed(cfg.seed + rt.rank, trainer.state.epoch))
         if ckpt is None and rt.is_main:
-            _log_run_start(run_, run_config, rt, img_dir, train_csv, val_csv, train_frame,
+            _log_run_start(run_, cfg, run_config, rt, img_dir, train_csv, val_csv, train_frame,
                            val_frame)
         _print_start(rt, cfg, resident, len(train_set), len(val_set) if val_set else 0, trainer)
 
@@ -168,6 +170,9 @@ def run(train_csv: str | os.PathLike, img_dir: str | os.PathLike, out_dir: str |
         if rt.is_main:
             summary = _finish(trainer, state, run_, out_dir, test_csv, img_dir, common, started,
                               resident)
+    if summary is not None and run_.failure != summary["tracking_error"]:  # failed at the end
+        summary["tracking_error"] = run_.failure
+        atomic.write_json(out_dir / SUMMARY, summary)
     if rt.world_size > 1:
         dist.destroy_process_group()
     return summary
@@ -175,20 +180,21 @@ def run(train_csv: str | os.PathLike, img_dir: str | os.PathLike, out_dir: str |
 
 # -- before training --------------------------------------------------------------------------
 def _preflight(stack: contextlib.ExitStack, out_dir: Path, resume, use_mlflow: bool,
-               experiment: str):
+               experiment: str, resume_fallback: bool = False):
     """Refuse a clobbering or concurrent run; load the checkpoint; open the MLflow run."""
     if resume is None and (out_dir / LAST).exists():
         raise TrainingRefused(f"{out_dir} already holds {LAST}: pass --resume {out_dir / LAST} to "
                          f"continue it, or choose another --out_dir")
     stack.enter_context(_exclusive(out_dir))
-    ckpt = checkpoint.load(resume) if resume is not None else None
+    for stale in [*out_dir.glob(".*.tmp"), *out_dir.glob(".*.link")]:
+        stale.unlink()  # writes a killed run never committed (atomic.py); ours is the lock now
+    ckpt = checkpoint.load_for_resume(resume, resume_fallback)[0] if resume is not None else None
     run_ = tracking.Run()
     if use_mlflow:
         uri = tracking.tracking_uri()
         tracking.check_reachable(uri)
         run_id = ckpt.get("mlflow_run_id") if ckpt else None
-        run_ = tracking.Run(stack.enter_context(
-            tracking.start_run(uri, run_id, experiment)))
+        run_ = stack.enter_context(tracking.Run.open(uri, run_id, experiment))
     return ckpt, run_
 
 
@@ -253,10 +259,27 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _log_run_start(run_, run_config, rt, img_dir, train_csv, val_csv, train_frame, val_frame):
+def _split_report(train_csv) -> dict:
+    """The split step's report beside the train CSV (mode, split_hash), when there is one."""
+    path = Path(train_csv).parent / "split_report.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_name(cfg: TrainConfig, split_mode: str) -> str:
+    """What tells runs apart at a glance in `skinlesion runs` and the MLflow UI."""
+    size = "" if cfg.img_size == 224 else f"-i{cfg.img_size}"
+    return f"{cfg.preset}-{split_mode}-e{cfg.epochs}-s{cfg.seed}{size}"
+
+
+def _log_run_start(run_, cfg, run_config, rt, img_dir, train_csv, val_csv, train_frame,
+                   val_frame):
     digest = tracking.data_hash(img_dir, [p for p in (train_csv, val_csv) if p])
+    split = _split_report(train_csv)
+    split_mode = split.get("mode", "unknown")
     run_.log_params(run_config)
-    run_.set_tags({"git_commit": tracking.git_commit(), "data_hash": digest,
+    run_.set_tags({"mlflow.runName": run_name(cfg, split_mode), "split_mode": split_mode,
+                   "split_hash": split.get("split_hash", "unknown"),
+                   "git_commit": tracking.git_commit(), "data_hash": digest,
                    "device": _device_name(rt), "world_size": str(rt.world_size)})
     frames = {"training": (train_frame, train_csv)}
     if val_frame is not None and val_csv:
@@ -303,6 +326,7 @@ def _finish(trainer: Trainer, state, run_, out_dir: Path, test_csv, img_dir, com
         "best": state.best, "final": state.history[-1] if state.history else None,
         "test": test, "mlflow_run_id": run_.run_id,
         "tracking_uri": tracking.redact(tracking.tracking_uri()) if run_.active else None,
+        "tracking_error": run_.failure,
         "input_path": "gpu-resident" if resident else "dataloader",
         "seconds": round(time.time() - started, 1), "paths": paths,
     }
@@ -333,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "inverse frequency over --train_csv)")
     io.add_argument("--out_dir", default="outputs/train")
     io.add_argument("--resume", help="checkpoint to continue (and its MLflow run)")
+    io.add_argument("--resume_fallback", action="store_true",
+                    help="if the --resume file is unreadable, continue from checkpoint_prev.pt")
     io.add_argument("--config", help="YAML whose `train` section sets the defaults (params.yaml)")
     io.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     io.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT,
@@ -370,13 +396,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = TrainConfig.resolve(args.config, **{k: getattr(args, k) for k in HP_FLAGS})
     try:
-        run(args.train_csv, args.img_dir, args.out_dir, val_csv=args.val_csv,
+        summary = run(args.train_csv, args.img_dir, args.out_dir, val_csv=args.val_csv,
             test_csv=args.test_csv, class_weights=args.class_weights, config=cfg,
             resume=args.resume, overfit_n=args.overfit_n if args.overfit_mode else None,
             mlflow=args.mlflow, experiment=args.experiment,
-            stop_after_epoch=args.stop_after_epoch)
+            stop_after_epoch=args.stop_after_epoch, resume_fallback=args.resume_fallback)
     except (checkpoint.CheckpointError, tracking.TrackingUnreachable, TrainingRefused) as err:
         print(f"train: {err}", file=sys.stderr)
+        return 1
+    if summary and summary.get("tracking_error"):
+        print(f"train: {summary['tracking_error']}. Training ran to epoch {summary['epochs']} and "
+              f"its checkpoints are in {args.out_dir}, but MLflow run {summary['mlflow_run_id']} "
+              f"is incomplete", file=sys.stderr)
         return 1
     return 0
 

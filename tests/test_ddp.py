@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from components import checkpoint
 from mlflow_server import mlflow_server  # noqa: F401  (fixture)
+from procs import run_group
 from tiny_data import TINY, make_splits
 
 
@@ -24,7 +24,7 @@ def test_two_process_gloo_ddp_trains_one_epoch(tmp_path, mlflow_server):
            "--train_csv", str(data["train"]), "--val_csv", str(data["val"]),
            "--img_dir", str(data["img_dir"]), "--out_dir", str(out), *TINY,
            "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = run_group(cmd, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     summary = json.loads((out / "training_summary.json").read_text())

@@ -43,6 +43,8 @@ def test_one_run_with_params_metrics_tags_datasets_and_model(data, tmp_path, mlf
     assert params["train_csv"] == str(data["train"])
     tags = run.data.tags
     assert {"git_commit", "data_hash", "device"} <= set(tags)
+    # tiny_data writes no split report: the name still says preset, epochs, seed and size
+    assert run.info.run_name == "paper-unknown-e2-s0-i32" == tags["mlflow.runName"]
     for name in ("train_loss", "lr", "epoch_seconds", "train_img_per_s", "val_accuracy",
                  "val_balanced_accuracy", "val_macro_f1", "val_ema_accuracy",
                  "val_ema_balanced_accuracy", "val_ema_macro_f1"):
