@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -25,9 +26,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _test_hold(path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# Test hook (tests/test_faults.py): with SKINLESION_TEST_HOLD_BEFORE_RENAME=<file name>, the
+# first write that would replace an existing file of that name (once per process) stops just
+# before its rename, touches <path>.held and waits until that marker is deleted, so a test can
+# kill -9 the process at exactly this point or start a second one meanwhile. Unset: a no-op.
+HOLD_ENV = "SKINLESION_TEST_HOLD_BEFORE_RENAME"
+_held: set[str] = set()
+
+
+def _test_hold(path: Path, limit_s: float = 600.0) -> None:
+    if os.environ.get(HOLD_ENV) != path.name or not path.exists() or path.name in _held:
+        return
+    _held.add(path.name)
+    marker = path.with_name(path.name + ".held")
+    marker.touch()
+    deadline = time.monotonic() + limit_s
+    while marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -18,11 +18,16 @@ weights-only load would refuse):
     train_config  the training settings, for the record
 
 `ema_weights.pt` (the shipped model) has the same layout without the training state.
+
+`save(..., keep_previous=PREV)` keeps the file it replaces as checkpoint_prev.pt (a hard link,
+renamed into place: no copy, and no moment without a readable checkpoint_last.pt);
+`load_for_resume(path, fallback=True)` falls back to it when `path` is unreadable, and only then.
 """
 from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +40,27 @@ from . import atomic
 
 FORMAT = "skinlesion-checkpoint/1"
 WEIGHT_KEYS = ("model", "ema")
+PREV = "checkpoint_prev.pt"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not hold what is asked of it."""
 
 
-def save(path: str | os.PathLike, state: dict) -> None:
-    """Write `state` to `path` in one rename: a crash leaves the previous file intact."""
+def save(path: str | os.PathLike, state: dict, keep_previous: str | None = None) -> None:
+    """Write `state` to `path` in one rename: a crash leaves the previous file intact.
+
+    keep_previous: a file name; the file `path` held until now is kept under it, beside `path`.
+    """
+    path = Path(path)
     with atomic.atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
+        if keep_previous and path.exists():
+            previous = path.with_name(keep_previous)
+            link = previous.with_name(f".{keep_previous}.link")
+            link.unlink(missing_ok=True)
+            os.link(path, link)
+            os.replace(link, previous)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -55,11 +71,40 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for a damaged zip / pickle
+        if "Weights only load failed" in str(err):
+            raise CheckpointError(
+                f"checkpoint {path} holds objects a weights-only load refuses (a pickle that "
+                f"would run code?); not loaded: {str(err).splitlines()[0]}") from err
         raise CheckpointError(
             f"checkpoint {path} is unreadable (truncated or corrupt?): {err}") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file")
     return state
+
+
+def load_for_resume(path: str | os.PathLike, fallback: bool = False) -> tuple[dict, Path]:
+    """load(path) for a resume; returns (state, the file used).
+
+    fallback: when `path` is unreadable, resume from checkpoint_prev.pt beside it instead,
+    printing a warning naming both, and move the unreadable file aside to `<name>.corrupt`
+    (kept for inspection; the next save would otherwise keep it as checkpoint_prev.pt).
+    Without fallback an unreadable checkpoint is an error.
+    """
+    path = Path(path)
+    try:
+        return load(path), path
+    except CheckpointError as err:
+        previous = path.with_name(PREV)
+        if not fallback or previous == path or not previous.is_file():
+            raise
+        state = load(previous)  # a CheckpointError naming it if this one is bad too
+        note = ""
+        if path.exists():
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+            note = f" (moved aside to {path.name}.corrupt)"
+        print(f"warning: {err}{note}; resuming from the previous checkpoint {previous} (epoch "
+              f"{state.get('epoch')}) as --resume_fallback allows", file=sys.stderr, flush=True)
+        return state, previous
 
 
 def load_model(path: str | os.PathLike, which: str = "ema",

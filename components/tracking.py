@@ -7,14 +7,18 @@ folder (the project). A server that does not answer fails within seconds, naming
 """
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
 import os
+import re
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 import numpy as np
@@ -48,10 +52,21 @@ def redact(uri: str) -> str:
 def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
     """Raise TrackingUnreachable unless an http(s) server answers /health, or a local store's
     folder exists."""
-    scheme = urlsplit(uri).scheme
+    parts = urlsplit(uri)
+    scheme = parts.scheme
     if scheme in ("http", "https"):
+        # user:password in the URI become a Basic auth header (urllib takes them for the host).
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        netloc += f":{parts.port}" if parts.port else ""
+        request = urllib.request.Request(
+            urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health")
+        if parts.username is not None:
+            token = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            request.add_header("Authorization",
+                               "Basic " + base64.b64encode(token.encode()).decode())
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as reply:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
                 if reply.status == 200:
                     return
                 problem = f"/health answered HTTP {reply.status}"
@@ -102,9 +117,18 @@ def data_hash(img_dir: str | os.PathLike, split_csvs: list[str | os.PathLike]) -
     return digest.hexdigest()
 
 
+def use_uri(uri: str) -> None:
+    """Point MLflow at `uri`. With user:password in it, stop MLflow printing "View run at
+    <tracking URI>" links, which would show the password."""
+    parts = urlsplit(uri)
+    if parts.username is not None or parts.password is not None:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    mlflow.set_tracking_uri(uri)
+
+
 def start_run(uri: str, run_id: str | None, experiment: str, tags: dict | None = None):
     """Start (or, given run_id, resume) a run; returns MLflow's active-run context."""
-    mlflow.set_tracking_uri(uri)
+    use_uri(uri)
     if run_id is not None:
         return mlflow.start_run(run_id=run_id, tags=tags)
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment)
@@ -151,31 +175,101 @@ def _requirements() -> list[str]:
 
 
 class Run:
-    """The training's MLflow run, or a stand-in that logs nothing (--no-mlflow, DDP rank > 0)."""
+    """The training's MLflow run, or a stand-in that logs nothing (--no-mlflow, DDP rank > 0).
 
-    def __init__(self, active: mlflow.ActiveRun | None = None):
-        self.active = active
+    A logging call that fails (the server went away mid-run) does not stop training: the
+    failure is kept in `failure` and warned about once, later calls are skipped, and the step
+    exits non-zero at the end naming the server (components.train.main).
+    """
+
+    def __init__(self, active: mlflow.ActiveRun | None = None, uri: str | None = None):
+        self.active, self.uri = active, uri
+        self.failure: str | None = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, uri: str, run_id: str | None, experiment: str):
+        """Start (or resume) the run; end it FINISHED, or FAILED after an error or a failure."""
+        run = cls(start_run(uri, run_id, experiment), uri)
+        ok = False
+        try:
+            yield run
+            ok = True
+        finally:
+            if run.failure is not None:  # the server already failed after MLflow's retries
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            try:
+                mlflow.end_run("FINISHED" if ok and run.failure is None else "FAILED")
+            except Exception as err:  # noqa: BLE001 - recorded; the step then exits non-zero
+                run._failed("ending the run", err)
 
     @property
     def run_id(self) -> str | None:
         return self.active.info.run_id if self.active else None
 
+    def _call(self, what: str, fn, *args, **kwargs):
+        if self.active is None or self.failure is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any logging failure: recorded, training goes on
+            self._failed(what, err)
+            return None
+
+    def _failed(self, what: str, err: BaseException) -> None:
+        if self.failure is not None:
+            return
+        where = f"tracking server {redact(self.uri or tracking_uri())}"
+        if os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
+            where += f", artifact store {redact(os.environ['MLFLOW_S3_ENDPOINT_URL'])}"
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        self.failure = scrub(f"MLflow logging failed while {what} ({where}): {detail}")
+        print(f"warning: {self.failure}; training goes on without MLflow and keeps writing its "
+              f"checkpoints; the step will exit non-zero at the end", file=sys.stderr, flush=True)
+
     def log_params(self, params: dict) -> None:
-        if self.active:
-            mlflow.log_params(flatten(params))
+        self._call("logging params", mlflow.log_params, flatten(params))
 
     def set_tags(self, tags: dict) -> None:
-        if self.active:
-            mlflow.set_tags(tags)
+        self._call("setting tags", mlflow.set_tags, tags)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        if self.active:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        self._call(f"logging the metrics of epoch {step}", mlflow.log_metrics,
+                   {k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_datasets(self, frames: dict[str, tuple[pd.DataFrame, str]], digest: str) -> None:
-        if self.active:
-            log_datasets(frames, digest)
+        self._call("logging the datasets", log_datasets, frames, digest)
 
     def log_model(self, model, img_size: int, num_classes: int) -> str | None:
-        """Log the model; returns its models:/ URI (None without a run)."""
-        return log_model(model, img_size, num_classes).model_uri if self.active else None
+        """Log the model; returns its models:/ URI (None without a run, or on failure)."""
+        info = self._call("logging the model", log_model, model, img_size, num_classes)
+        return info.model_uri if info is not None else None
+
+
+def artifact_store_failure(err: BaseException) -> str | None:
+    """A message naming the S3 endpoint when `err` (or its cause) came from the S3 artifact
+    store client (boto3), else None."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if not any(type(e).__module__.split(".")[0] in ("boto3", "botocore", "s3transfer")
+               for e in chain):
+        return None
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or "AWS S3 (MLFLOW_S3_ENDPOINT_URL unset)"
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    return scrub(f"the MLflow artifact store at {redact(endpoint)} refused the request: {detail}")
+
+
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+              "MLFLOW_TRACKING_TOKEN", "AZURE_STORAGE_ACCESS_KEY")
+
+
+def scrub(text: str) -> str:
+    """`text` without user:password in URLs or the values of the secret variables above."""
+    text = re.sub(r"(\w+://)[^/\s@]+@", r"\1***@", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text

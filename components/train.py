@@ -37,7 +37,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from . import atomic, checkpoint, tracking
 from .dataset import SplitDataset, read_split
 from .inputs import choose_resident, make_input
-from .labels import CLASSES
+from .labels import CLASSES, LabelError
 from .samplers import epoch_seed, make_sampler
 from .trainer import BEST, LAST, Runtime, Trainer, init_runtime
 
@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume, overfit_n=args.overfit_n if args.overfit_mode else None,
             mlflow=args.mlflow, experiment=args.experiment,
             stop_after_epoch=args.stop_after_epoch, resume_fallback=args.resume_fallback)
-    except (checkpoint.CheckpointError, tracking.TrackingUnreachable, TrainingRefused) as err:
+    except (checkpoint.CheckpointError, tracking.TrackingUnreachable, TrainingRefused,
+            LabelError, FileNotFoundError) as err:
         print(f"train: {err}", file=sys.stderr)
         return 1
     if summary and summary.get("tracking_error"):

@@ -28,6 +28,7 @@ from model import HybridConvNeXtV2
 
 from . import checkpoint
 from .labels import CLASSES
+from .losses import WeightedSoftTargetCrossEntropy
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 BEST_METRIC = "val_ema_balanced_accuracy"  # the EMA weights are the model that ships
@@ -124,8 +125,10 @@ class Trainer:
             warmup_prefix=True, t_in_epochs=False)
         # Loss scaling only matters for fp16; with bf16 or fp32 the scaler is a no-op.
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-        weight = class_weights.to(rt.device) if class_weights is not None else None
-        self.criterion = nn.CrossEntropyLoss(weight=weight)
+        # Unweighted, nn.CrossEntropyLoss takes hard and soft (mixup) targets alike; weighted,
+        # it scales soft targets' loss by the class weights (see losses.py).
+        self.criterion = (nn.CrossEntropyLoss() if class_weights is None
+                          else WeightedSoftTargetCrossEntropy(class_weights).to(rt.device))
         self.mixup = (Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=0.0, label_smoothing=0.0,
                             num_classes=len(CLASSES)) if cfg.mixup_alpha > 0 else None)
 
@@ -222,7 +225,7 @@ class Trainer:
             state.best = {"epoch": state.epoch, "metric": BEST_METRIC,
                           "value": metrics[BEST_METRIC]}
         ckpt = self.checkpoint_state()
-        checkpoint.save(self.out_dir / LAST, ckpt)
+        checkpoint.save(self.out_dir / LAST, ckpt, keep_previous=checkpoint.PREV)
         if improved:
             checkpoint.save(self.out_dir / BEST, ckpt)
         self.run.log_metrics(metrics, step=state.epoch)

@@ -90,7 +90,13 @@ def materialise(
         fs = DVCFileSystem(
             repo_url, rev=rev or None, remote=remote or None, remote_config=remote_config
         )
-        fs.get(path, str(out), recursive=True)
+        try:
+            fs.get(path, str(out), recursive=True)
+        except Exception as err:  # DVC's own message names neither the remote nor its endpoint
+            where = f"DVC remote {remote or '(default)'}" + (f" at {endpoint_url}" if endpoint_url
+                                                             else "")
+            raise RuntimeError(f"reading {path} of {repo_url}@{rev or 'HEAD'} from {where} "
+                               f"failed: {type(err).__name__}: {err}") from err
         try:
             recorded = _dvc_file_md5(fs.read_text(f"{path}.dvc"))
         except FileNotFoundError:

@@ -8,18 +8,21 @@ Use the fixture by importing it into a test module:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
 
 The server is started once per test session (it takes seconds) and terminated at the end;
-`start_mlflow_server` does the same outside pytest.
+`start_mlflow_server` does the same outside pytest; `stoppable_mlflow_server` gives a test a
+server of its own that it can kill mid-run.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -42,8 +45,7 @@ def _healthy(uri: str) -> bool:
 
 
 @contextlib.contextmanager
-def start_mlflow_server(root: Path) -> Iterator[str]:
-    """Run `mlflow server` with its store under `root`; yield its http URI."""
+def _serve(root: Path, **popen) -> Iterator[tuple[str, subprocess.Popen]]:
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -52,7 +54,7 @@ def start_mlflow_server(root: Path) -> Iterator[str]:
         [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root)
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, **popen)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _healthy(uri):
@@ -60,15 +62,38 @@ def start_mlflow_server(root: Path) -> Iterator[str]:
                 raise RuntimeError(f"mlflow server did not start; log:\n"
                                    f"{(root / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield uri
+        yield uri, proc
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def start_mlflow_server(root: Path) -> Iterator[str]:
+    """Run `mlflow server` with its store under `root`; yield its http URI."""
+    with _serve(root) as (uri, _):
+        yield uri
+
+
+@contextlib.contextmanager
+def stoppable_mlflow_server(root: Path) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A server of its own, in its own process group; yields (uri, stop). stop() kills the
+    server and every worker it started at once, as a crash would; exit stops it too."""
+    with _serve(root, start_new_session=True) as (uri, proc):
+        def stop() -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        try:
+            yield uri, stop
+        finally:
+            stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,81 @@
+"""Bad label CSVs through the steps that read them, and the BOM/CRLF variants of every format.
+
+test_labels.py proves the reader's messages (file and line) for each bad row, and
+test_preprocess.py the bad images; this file adds what they leave out: the steps (preprocess,
+split, train) stop on a bad CSV naming the file and line and leave no output behind, and the
+integer and one-hot formats, like the official one, are accepted with a BOM and CRLF endings.
+"""
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from components import preprocess, split, train
+from components.labels import CLASSES, LabelError
+
+HEADER = "image," + ",".join(CLASSES)
+
+
+def one_hot(*hot: int) -> str:
+    return ",".join("1" if i in hot else "0" for i in range(len(CLASSES)))
+
+
+BAD = {  # name -> (CSV text, line named, message part)
+    "unknown_class": ("image,label\na,NV\nb,XYZ\n", 3, "unknown class 'XYZ'"),
+    "multi_hot": (f"{HEADER}\na,{one_hot(1)}\nb,{one_hot(0, 7)}\n", 3, "several classes"),
+    "duplicate_id": ("image,label\na,0\nb,1\na,2\n", 4, "duplicate image id 'a'"),
+}
+
+
+def _images(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("RGB", (40, 30), (120, 60, 30)).save(folder / f"{name}.jpg")
+    return folder
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.parametrize("step", ["preprocess", "split"])
+def test_a_bad_csv_stops_the_step_naming_file_and_line_and_leaves_no_output(tmp_path, step,
+                                                                            case):
+    text, line, match = BAD[case]
+    csv = tmp_path / f"{case}.csv"
+    csv.write_text(text)
+    images = _images(tmp_path / "images", ["a", "b"])
+    out = tmp_path / "out"
+    with pytest.raises(LabelError, match=match) as err:
+        if step == "preprocess":
+            preprocess.run(csv, images, out, size=32, workers=1)
+        else:
+            split.run(csv, out, seed=0)
+    assert str(csv) in str(err.value) and f"line {line}" in str(err.value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["duplicate_id", "missing_image"])
+def test_training_on_a_bad_csv_fails_cleanly_before_writing_anything(tmp_path, capsys, case):
+    text, line, match = BAD.get(case, ("image,label\na,0\nghost,1\n", None, "ghost"))
+    csv = tmp_path / "train.csv"
+    csv.write_text(text)
+    images = _images(tmp_path / "images", ["a", "b"])
+    out = tmp_path / "out"
+    assert train.main(["--train_csv", str(csv), "--img_dir", str(images), "--out_dir", str(out),
+                       "--no-mlflow", "--epochs", "1", "--num_workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("train: ") and match in err
+    assert (str(csv) in err and f"line {line}" in err) if line else str(images) in err
+    assert not [p for p in out.iterdir() if not p.name.startswith(".")]  # only the lock file
+
+
+@pytest.mark.parametrize("text", [
+    "image,label\na,0\nb,NV\nc,7\n",
+    f"{HEADER}\na,{one_hot(0)}\nb,{one_hot(1)}\nc,{one_hot(7)}\n",
+], ids=["integer", "one_hot"])
+def test_bom_and_crlf_csvs_are_accepted_by_preprocess(tmp_path, text):
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    images = _images(tmp_path / "images", ["a", "b", "c"])
+    result = preprocess.run(csv, images, tmp_path / "out", size=32, workers=1)
+    assert result["in_manifest"] == 3
+    manifest = (tmp_path / "out" / "manifest.csv").read_text()
+    assert "\ufeff" not in manifest and all(f"\n{n}," in manifest for n in "abc")
