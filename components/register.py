@@ -259,7 +259,7 @@ def client_for(tracking_uri: str | None):
     import mlflow
 
     uri = tracking_uri or tracking.tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    tracking.use_uri(uri)
     mlflow.set_registry_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
@@ -331,6 +331,9 @@ def _log_pyfunc(run_id: str, artifacts: dict, classes: list[str]):
     """Log the serving model into the run as `classifier`; returns its URI and model id."""
     import mlflow
 
+    # start_run(run_id) refuses a run outside the process's active experiment, which an
+    # earlier call in the same process may have set to another one.
+    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # input-example advice
         with mlflow.start_run(run_id=run_id):
@@ -529,6 +532,12 @@ def main(argv: list[str] | None = None) -> int:
                      backoff_s=float(params.get("backoff_s", 2.0)))
     except (RegistryUnavailable, FileNotFoundError, LookupError) as err:
         print(f"register: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - the S3 artifact store refusing: name it
+        message = tracking.artifact_store_failure(err)
+        if message is None:
+            raise
+        print(f"register: {message}", file=sys.stderr)
         return 1
     if args.out:
         atomic.write_json(args.out, result)
