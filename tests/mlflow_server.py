@@ -16,68 +16,38 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
+from procs import free_port, serve
+
 MLFLOW = Path(sys.executable).with_name("mlflow")
 START_TIMEOUT_S = 90
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
-def _serve(root: Path, **popen) -> Iterator[tuple[str, subprocess.Popen]]:
+def _serve(root: Path, artifacts: str | None = None,
+           **popen) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`mlflow server` with a SQLite store under `root`; artifacts there too unless given."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, **popen)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(uri):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start; log:\n"
-                                   f"{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    uri = f"http://127.0.0.1:{free_port()}"
+    cmd = [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", artifacts or str(root / "artifacts")]
+    with serve(cmd, f"{uri}/health", root / "server.log", START_TIMEOUT_S, cwd=root,
+               **popen) as proc:
         yield uri, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @contextlib.contextmanager
-def start_mlflow_server(root: Path) -> Iterator[str]:
-    """Run `mlflow server` with its store under `root`; yield its http URI."""
-    with _serve(root) as (uri, _):
+def start_mlflow_server(root: Path, artifacts: str | None = None, **popen) -> Iterator[str]:
+    """Run `mlflow server` with its store under `root` (artifacts: e.g. an s3:// URI the
+    server proxies to); yield its http URI."""
+    with _serve(root, artifacts, **popen) as (uri, _):
         yield uri
 
 

@@ -15,16 +15,14 @@ Clients need credentials from the environment only; FAKE_AWS_ENV holds fake ones
 from __future__ import annotations
 
 import contextlib
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
+from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from procs import free_port, serve
 
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -33,45 +31,13 @@ FAKE_AWS_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1):
-            return True
-    except urllib.error.HTTPError:
-        return True  # any HTTP reply means the server is up
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def moto_s3_server(timeout: float = 30.0) -> Iterator[str]:
     """Start `python -m moto.server` on a free port, yield its URL, stop it on exit."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout
-            while not _answers(url):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"moto server on port {port} did not start:\n{log.read().decode(errors='replace')}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]]
+    with tempfile.TemporaryDirectory() as logs, serve(cmd, url, Path(logs) / "moto.log", timeout):
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,7 @@ import base64
 import io
 import json
 import os
-import subprocess
 import sys
-import time
 import urllib.request
 import warnings
 from pathlib import Path
@@ -25,6 +23,7 @@ from components import predict, register, serving
 from components.labels import CLASSES
 from components.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from model import HybridConvNeXtV2
+from procs import free_port, serve
 
 TINY = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1))
 IMG = 32
@@ -135,34 +134,16 @@ def test_cli_usage_errors(model_dir):
     assert err.value.code == 2
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_base64_json(model_dir, images, tmp_path):
     """`mlflow models serve` on the model folder (env-manager local) scores base64 images."""
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     # the scoring server is exec'd as `uvicorn` from PATH: the venv's bin folder
     env = {**os.environ, "SKINLESION_SERVING_ALLOW_PATHS": "0",
            "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", str(model_dir), "--env-manager",
-                             "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("mlflow models serve did not start:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-                time.sleep(0.5)
+    cmd = [str(mlflow_bin), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with serve(cmd, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env=env):
         payload = {"dataframe_split": {"columns": ["image"], "data": [
             [base64.b64encode(images["a.jpg"].read_bytes()).decode()],
             [str(images["a.jpg"])]]}}
@@ -174,14 +155,6 @@ def test_mlflow_models_serve_answers_base64_json(model_dir, images, tmp_path):
         assert rows[0]["predicted"] in CLASSES and rows[0]["error"] == ""
         assert sum(rows[0][c] for c in CLASSES) == pytest.approx(1.0, rel=1e-5)
         assert "paths are disabled" in rows[1]["error"] and rows[1]["predicted"] == ""
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_cli_names_a_model_that_does_not_load(tmp_path, images, capsys):

@@ -6,12 +6,8 @@ run -> register -> promote moves champion only when better -> predict through th
 pyfunc model predicts two images in-process; the artifacts are in the bucket."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -21,7 +17,7 @@ import pytest
 
 from components import evaluate, promote, predict, register, runs, train
 from components.labels import CLASSES
-from mlflow_server import _healthy, free_port
+from mlflow_server import start_mlflow_server
 from s3server import FAKE_AWS_ENV, moto_s3_server
 from tiny_data import make_splits
 
@@ -29,34 +25,10 @@ BUCKET, PREFIX = "mlflow-e2e", "artifacts"
 NAME = "skin-lesion-hybrid"
 
 
-@contextlib.contextmanager
 def mlflow_server_on_s3(root: Path, endpoint: str):
     """`mlflow server --artifacts-destination s3://BUCKET/PREFIX`, S3 at `endpoint`."""
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
     env = {**os.environ, **FAKE_AWS_ENV, "MLFLOW_S3_ENDPOINT_URL": endpoint}
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", f"s3://{BUCKET}/{PREFIX}"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
-    try:
-        deadline = time.monotonic() + 90
-        while not _healthy(uri):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield uri
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    return start_mlflow_server(root, f"s3://{BUCKET}/{PREFIX}", env=env)
 
 
 @pytest.fixture(scope="module")
