@@ -157,8 +157,10 @@ def mlflow_store(tmp_path_factory):
     """A file-based MLflow store (SQLite) as MLFLOW_TRACKING_URI, with one training run."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    store = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(store)  # a SQLite store keeps artifacts in ./mlruns: not in the checkout
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run() as training:
