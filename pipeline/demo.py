@@ -95,7 +95,7 @@ def _report(result: dict) -> str:
         "params.yaml still holds the paper's recipe (`git diff params.yaml` shows the demo's "
         "overrides in the workspace, `git checkout params.yaml` drops them).",
         "",
-        "Next:",
+        "Next (after `source .venv/bin/activate`, which puts skinlesion, dvc and mlflow on PATH):",
         f"  mlflow ui --backend-store-uri {result['tracking_uri']}      # runs, metrics, the registry",
         "  skinlesion promote --metric balanced_accuracy                 # challenger -> champion",
         "  skinlesion predict --model models:/skin-lesion-hybrid@challenger --dir data/raw/images --out predictions.csv",
