@@ -1,49 +1,63 @@
-# The one image every Kubeflow step runs in: a CUDA PyTorch runtime plus this project
-# (no dev/test extras), run as a non-root user. Build from the project root:
+# The one image every Kubeflow step runs in: Debian bookworm's Python 3.11, the project and
+# its pinned dependencies (no test extras) in /opt/venv, run as a non-root user.
 #
-#     docker build -t ghcr.io/skinlesion/skinlesion:0.1.0 .
+#     docker build -t ghcr.io/skinlesion/skinlesion:0.1.0 .     # any machine with Docker
+#     make image                                                # here: buildah, see README
 #
-# The base image must carry the torch that pyproject.toml pins (torch==2.14.1, CUDA 13.0
-# build, as in the development venv) so that pip keeps it instead of fetching another.
-# The tag follows pytorch/pytorch's <torch>-cuda<cuda>-cudnn<cudnn>-runtime scheme; it was
-# written offline and could not be checked against the registry: confirm it with
-# `docker manifest inspect` before the first build, and change only this ARG.
-ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
+# torch/torchvision come from PyPI at pyproject's pins: the CUDA build, whose wheels carry
+# the CUDA libraries, so the base needs no CUDA of its own (the cluster node needs the NVIDIA
+# driver only). The base is any Debian bookworm with python3 3.11 and ca-certificates:
+# python:3.11-slim-bookworm (python3 in /usr/local/bin) or, where Docker Hub is out of
+# reach, a debootstrap-made one (python3 in /usr/bin); `python3 -m venv` works on both.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
+ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    MPLBACKEND=Agg
+    MPLBACKEND=Agg \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
 
-RUN useradd --create-home --uid 1000 --shell /bin/bash skinlesion
+# git: the data step's DVC clones the dataset's git repository (pipeline/data.py).
+# ca-certificates comes with the base and is left as it is: a build that mounts the host's
+# CA bundle over /etc/ssl/certs (see tools/image_build.sh) cannot reconfigure it.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 1000 --shell /bin/bash skinlesion \
+    && python3 -m venv /opt/venv
+
 WORKDIR /app
 
-# Dependencies first, read from pyproject.toml itself, so that a code change does not
-# reinstall them. torch/torchvision are already in the base image at the pinned versions.
-COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+# Dependencies first, read from pyproject.toml itself, so that a code or README change does
+# not reinstall them.
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The project itself (no extras: pytest and moto stay out of the image), then a check that
-# the installed package imports (from / , not the sources in /app) with the base image's
-# torch being the one pyproject.toml pins.
+# The project itself, without extras (pytest and moto stay out), then checks from / (not
+# the sources in /app) that the installed packages import with pyproject's torch.
 COPY model/ model/
 COPY components/ components/
 COPY pipeline/ pipeline/
-COPY params.yaml ./
-RUN pip install --no-cache-dir --no-deps . \
-    && cd / && python -c "import tomllib, torch, components.cli, model, pipeline.data; \
+COPY README.md params.yaml ./
+RUN pip install --no-deps . \
+    && rm -rf build ./*.egg-info \
+    && cd / && python3 -c "import tomllib, torch, torchvision, kfp, dvc, mlflow, model, components, pipeline; \
 pin = [d.split('==')[1] for d in tomllib.load(open('/app/pyproject.toml', 'rb'))['project']['dependencies'] if d.startswith('torch==')][0]; \
-assert torch.__version__.split('+')[0] == pin, f'base image torch {torch.__version__} != pyproject torch=={pin}'" \
+assert torch.__version__.split('+')[0] == pin, f'torch {torch.__version__} != pyproject torch=={pin}'" \
+    && git --version \
     && chown -R skinlesion:skinlesion /app
 
 USER skinlesion
 ENV HOME=/home/skinlesion \
     TORCH_HOME=/home/skinlesion/.cache/torch \
     MPLCONFIGDIR=/home/skinlesion/.cache/matplotlib
+
+# The build's last step: the console command runs, as the non-root user.
+RUN skinlesion --help
 
 CMD ["skinlesion", "--help"]

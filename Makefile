@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo clean image image-test image-name
 
 setup: $(STAMP)
 
@@ -26,3 +26,21 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Container image (not part of `make test`): `make image` builds it with docker where a daemon
+# answers, else with buildah from a Debian base made here with debootstrap; `make image-test`
+# builds it, then runs the CLI, the whole pipeline (kfp.local) and the DVC/S3 data step inside
+# it (tools/image_test.sh). The tag is pipeline/components.py's DEFAULT_IMAGE, the one the
+# compiled pipeline names (tests/test_dockerfile.py checks it carries pyproject's version).
+IMAGE    ?= $(shell sed -n 's/^DEFAULT_IMAGE = "\(.*\)"$$/\1/p' pipeline/components.py)
+BASE_TAG ?= localhost/skinlesion-base:bookworm
+IMAGE_ENV = IMAGE='$(IMAGE)' BASE_TAG='$(BASE_TAG)'
+
+image:
+	$(IMAGE_ENV) tools/image_build.sh
+
+image-test: image setup
+	$(IMAGE_ENV) tools/image_test.sh
+
+image-name:
+	@echo $(IMAGE)
