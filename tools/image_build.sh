@@ -62,7 +62,10 @@ else
     fi
 
     # pip inside the build reaches the package registry through this machine's TLS-inspecting
-    # proxy: the CA bundle is mounted for the RUN steps, never copied into the image.
+    # proxy: the CA bundle is mounted for the RUN steps, never copied into the image. Debian's
+    # venv pip reads /etc/ssl/certs itself, so no pip config is mounted: the host's
+    # /etc/pip.conf only names that bundle, /etc/xdg/pip only caps torch/torchvision at the
+    # versions pyproject pins, and root's local file indexes are for the host's venvs.
     # --layers: the dependency layer is reused while pyproject.toml does not change.
     "${buildah[@]}" bud --isolation chroot --layers \
         --build-arg BASE_IMAGE="$BASE_TAG" \

@@ -46,13 +46,15 @@ if [[ $ENGINE == buildah ]]; then
     ctr=$("${buildah[@]}" from --pull=never "$IMAGE")
 fi
 
-# in_image [--root] [--env K=V ...] -- CMD...: run CMD in the image, /work mounted, cwd /work,
-# as the image's own user (or root with --root); chroot isolation shares the host's network.
+# in_image [--root] [--app] [--env K=V ...] -- CMD...: run CMD in the image, /work mounted,
+# cwd /work (--app: the image's WORKDIR /app, where a cluster runs every step), as the image's
+# own user (or root with --root); chroot isolation shares the host's network.
 in_image() {
-    local user=() envs=()
+    local user=() envs=() cwd=/work
     while [[ $1 != -- ]]; do
         case $1 in
             --root) user=(--user root) ;;
+            --app) cwd=/app ;;
             --env) envs+=(--env "$2"); shift ;;
             *) envs+=("$1") ;;
         esac
@@ -60,10 +62,10 @@ in_image() {
     done
     shift
     if [[ $ENGINE == buildah ]]; then
-        "${buildah[@]}" run --isolation chroot "${user[@]}" "${envs[@]}" --workingdir /work \
+        "${buildah[@]}" run --isolation chroot "${user[@]}" "${envs[@]}" --workingdir "$cwd" \
             "${mounts[@]}" "$ctr" -- "$@"
     else
-        docker run --rm --network host "${user[@]}" "${envs[@]}" -w /work "${mounts[@]}" "$IMAGE" "$@"
+        docker run --rm --network host "${user[@]}" "${envs[@]}" -w "$cwd" "${mounts[@]}" "$IMAGE" "$@"
     fi
 }
 
@@ -113,16 +115,17 @@ cli() {
 
 compile() {
     # the compiled pipeline names this image by the tag `make image` built; --image overrides
-    in_image -- skinlesion pipeline compile -o /work/pipeline.yaml
-    in_image -- skinlesion pipeline compile -o /work/other.yaml --image registry.example/other:1
+    in_image --app -- skinlesion pipeline compile -o /work/pipeline.yaml
+    in_image --app -- skinlesion pipeline compile -o /work/other.yaml --image registry.example/other:1
     only_image "$work/w/pipeline.yaml" "$IMAGE"
     only_image "$work/w/other.yaml" registry.example/other:1
 }
 
 pipeline() {
     in_image -- skinlesion synth --n "$SYNTH_N" --out /work/data/raw
-    in_image -- skinlesion pipeline run-local --data /work/data/raw --pipeline-root /work/kfp \
-        --params /app/params.yaml --params-file /in/params.demo.yaml \
+    # from /app with the image's own params.yaml, as on a cluster; outputs and MLflow on /work
+    in_image --app -- skinlesion pipeline run-local --data /work/data/raw --pipeline-root /work/kfp \
+        --params-file /in/params.demo.yaml \
         --param mlflow_tracking_uri=sqlite:////work/mlflow.db --param gate_threshold=0.0
     in_image -- python3 /tools/image_check_pipeline.py --root /work/kfp --raw /work/data/raw \
         --mlflow sqlite:////work/mlflow.db
