@@ -10,6 +10,14 @@
 # python:3.11-slim-bookworm (python3 in /usr/local/bin) or, where Docker Hub is out of
 # reach, a debootstrap-made one (python3 in /usr/bin); `python3 -m venv` works on both.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# pyproject's dependency list alone, so that the dependency layer below is reused whenever
+# the list is unchanged (a new version, entry point or package layout does not reinstall).
+FROM ${BASE_IMAGE} AS requirements
+COPY pyproject.toml /tmp/
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt
+
 FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
@@ -30,12 +38,9 @@ RUN apt-get update \
 
 WORKDIR /app
 
-# Dependencies first, read from pyproject.toml itself, so that a code or README change does
-# not reinstall them.
-COPY pyproject.toml ./
-RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+# Dependencies first, so that a code change does not reinstall them.
+COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 # The project itself, without extras (pytest and moto stay out), then checks from / (not
@@ -43,7 +48,7 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.tom
 COPY model/ model/
 COPY components/ components/
 COPY pipeline/ pipeline/
-COPY README.md params.yaml ./
+COPY pyproject.toml README.md params.yaml ./
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info \
     && cd / && python3 -c "import tomllib, torch, torchvision, kfp, dvc, mlflow, model, components, pipeline; \

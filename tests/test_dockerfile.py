@@ -88,10 +88,21 @@ def _ignored(path: str) -> bool:
     return ignored
 
 
+def _stages(dockerfile) -> list[list[tuple[str, str]]]:
+    """The instructions of each stage, FROM first."""
+    stages = []
+    for kind, a in dockerfile:
+        if kind == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((kind, a))
+    return stages
+
+
 def test_base_image_is_an_arg_defaulting_to_python311_slim_bookworm(dockerfile):
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for kind, a in dockerfile if kind == "ARG" and "=" in a}
-    froms = [a for kind, a in dockerfile if kind == "FROM"]
-    assert froms == ["${BASE_IMAGE}"], "one stage, its base in the BASE_IMAGE ARG"
+    froms = [a.split()[0] for kind, a in dockerfile if kind == "FROM"]
+    assert froms and set(froms) == {"${BASE_IMAGE}"}, "every stage on the BASE_IMAGE ARG, no other image"
     assert dockerfile[0][0] == "ARG", "the ARG comes before FROM so that FROM can use it"
     # an official tag on Docker Hub that has Debian bookworm's layout and Python 3.11, the
     # version pyproject and the development venv use; `make image` swaps in a local bookworm
@@ -116,11 +127,16 @@ def test_run_time_tools_are_installed(dockerfile):
 
 
 def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile):
+    stage_names = {a.split()[2].lower() for kind, a in dockerfile
+                   if kind == "FROM" and len(a.split()) == 3 and a.split()[1].upper() == "AS"}
     copies = [a for kind, a in dockerfile if kind in ("COPY", "ADD")]
     assert copies
     for line in copies:
         words = shlex.split(line)
-        assert not any(w.startswith("--from") for w in words)
+        froms = [w.split("=", 1)[1] for w in words if w.startswith("--from=")]
+        assert all(f.lower() in stage_names for f in froms), f"COPY from an outside image: {line}"
+        if froms:
+            continue
         *sources, _dest = [w for w in words if not w.startswith("--")]
         for src in sources:
             assert (ROOT / src).exists(), f"COPY {src}: no such path in the project"
@@ -128,8 +144,9 @@ def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile):
 
 
 def test_every_package_and_file_pyproject_builds_from_is_copied(dockerfile, project):
-    copied = {w.rstrip("/") for kind, a in dockerfile if kind == "COPY"
-              for w in shlex.split(a)[:-1]}
+    final = _stages(dockerfile)[-1]
+    copied = {w.rstrip("/") for kind, a in final if kind == "COPY"
+              for w in shlex.split(a)[:-1] if not w.startswith("--")}
     setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     for pattern in setup["packages"]["find"]["include"]:
         package = pattern.rstrip("*")
@@ -144,8 +161,11 @@ def test_every_package_and_file_pyproject_builds_from_is_copied(dockerfile, proj
 def test_install_lines_are_pyprojects_without_extras(dockerfile, project):
     installs = [r for r in _runs(dockerfile) if "pip install" in r]
     # dependencies: generated from pyproject.toml's own list, not restated by hand
+    generated = [r for r in _runs(dockerfile) if "tomllib" in r and "requirements.txt" in r]
+    assert len(generated) == 1 and "['project']['dependencies']" in generated[0]
+    assert "optional-dependencies" not in generated[0]
     deps = [r for r in installs if "-r " in r]
-    assert len(deps) == 1 and "tomllib" in deps[0] and "['project']['dependencies']" in deps[0]
+    assert len(deps) == 1 and "requirements.txt" in deps[0]
     # the project: `pip install ... .` with no extras, and no second copy of the dependencies
     project_installs = [r for r in installs if re.search(r"pip install[^&;]*\s\.(\s|$)", r)]
     assert len(project_installs) == 1, installs
