@@ -1,89 +1,185 @@
-"""Real-data benchmark: the paper's recipe from scratch on HAM10000 (../shared/data), and its
-two class-balancing halves on their own.
+"""Recipe study on real images: how to balance HAM10000's classes (../shared/data).
 
-    python benchmarks/ham10000.py --out outputs/bench_ham10000            # on a GPU
-    python benchmarks/ham10000.py --smoke --out /tmp/ham_smoke            # CPU, minutes
+    python benchmarks/ham10000.py --config benchmarks/ham10000_cpu.yaml --out outputs/ham_study \\
+        --no_mlflow --results benchmarks/RESULTS.md                      # CPU: narrow model, 64 px
+    python benchmarks/ham10000.py --out outputs/ham_gpu --variants paper,default --compile  # GPU
+    python benchmarks/ham10000.py --smoke --out /tmp/ham_smoke --no_mlflow   # checks the script
 
-Lesion-grouped 70/15/15 split with seed 0 (components.split), then three trainings, each
-evaluated with its final EMA model on the test split:
+One lesion-grouped 70/15/15 split (seed 0) and the images prepared once at the training size
+(the preprocess step), then one training per (variant, seed) in VARIANTS: the same recipe (the
+config's `train` section) with only the class balancing changed. Each run's final EMA model is
+scored by the evaluate step on the validation split (the choice is made there: balanced
+accuracy) and on the test split (reported, never used to choose), with lesion-level bootstrap
+intervals.
 
-    paper          weighted sampler + class-weighted loss (the paper has both)
-    sampler_only   weighted sampler, plain loss
-    loss_only      class-weighted loss, uniform sampling
-
-Prints test accuracy, balanced accuracy and macro F1 per variant and writes results.json.
-`--smoke` trains a tiny model at 32 px on a few images per class for one epoch: it checks
-that the script runs, not the numbers. Images: CC BY-NC-SA 4.0, test use only.
+Resumable: a finished run (its result.json) is skipped, a killed one resumes from its last
+checkpoint. `--results FILE` rewrites the study's section of FILE (a Markdown table of every
+finished run under --out, with this command). `--smoke` trains a tiny model at 32 px on a few
+images per class for one epoch: it checks the script, not the numbers. Images: HAM10000,
+CC BY-NC-SA 4.0, test use only.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
-from components import split, train  # noqa: E402
+from components import class_weights, evaluate, preprocess, split, train  # noqa: E402
+from components.common import cli_args  # noqa: E402
+from components.common.atomic import write_json, write_text  # noqa: E402
+from components.common.config import EvaluateConfig, TrainConfig  # noqa: E402
+from components.training.trainer import EMA_WEIGHTS, LAST  # noqa: E402
+from components.training.transforms import resize_size  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000-200x150"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
+
+# name: (weighted sampler, class-weighted loss, class weight method, logit adjustment tau)
 VARIANTS = {
-    "paper": dict(weighted_sampler=True, class_weighted_loss=True),
-    "sampler_only": dict(weighted_sampler=True, class_weighted_loss=False),
-    "loss_only": dict(weighted_sampler=False, class_weighted_loss=True),
+    # the paper: inverse-frequency sampler AND inverse-frequency loss weights
+    "paper": (True, True, "balanced", 0.0),
+    "sampler_only": (True, False, "balanced", 0.0),
+    "loss_only": (False, True, "balanced", 0.0),
+    "plain": (False, False, "balanced", 0.0),            # no balancing at all: the reference
+    # square-root inverse frequency, as loss weights or as the sampler (square-root sampling)
+    "sqrt_loss": (False, True, "sqrt", 0.0),
+    "sqrt_sampler": (True, False, "sqrt", 0.0),
+    # class-balanced loss, effective number of samples (Cui et al. 2019), plain sampling
+    "cb_loss": (False, True, "effective_number", 0.0),
+    # logit-adjusted loss (Menon et al. 2021), plain sampling, tau = 1 as they recommend
+    "logit_adjusted": (False, False, "balanced", 1.0),
 }
 SMOKE = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), img_size=32, epochs=1, batch_size=8,
              warmup_epochs=0, num_workers=0, gpu_resident="off")
 SMOKE_PER_CLASS = {"train": 4, "val": 2, "test": 2}
+SECTION = ("<!-- ham10000-study:start -->", "<!-- ham10000-study:end -->")
+
+
+def variant_overrides(name: str) -> dict:
+    sampler, loss, _, tau = VARIANTS[name]
+    return dict(weighted_sampler=sampler, class_weighted_loss=loss, logit_adjust_tau=tau)
 
 
 def make_splits(data: Path, out: Path, smoke: bool) -> dict[str, Path]:
     """Lesion-grouped split of the labelled images (seed 0); smoke: a few per class."""
-    split.run(data / "labels.csv", out, metadata=data / "image_info.csv", mode="grouped",
-              seed=0)
     paths = {name: out / f"{name}.csv" for name in ("train", "val", "test")}
-    if smoke:
-        for name, path in paths.items():
-            frame = pd.read_csv(path)
-            frame.groupby("label").head(SMOKE_PER_CLASS[name]).to_csv(path, index=False)
+    if not all(p.is_file() for p in paths.values()):
+        split.run(data / "labels.csv", out, metadata=data / "image_info.csv", mode="grouped",
+                  seed=0)
+        if smoke:
+            for name, path in paths.items():
+                frame = pd.read_csv(path)
+                frame.groupby("label").head(SMOKE_PER_CLASS[name]).to_csv(path, index=False)
     return paths
 
 
+def run_one(name: str, seed: int, cfg: TrainConfig, splits: dict, img_dir: Path,
+            out: Path, use_mlflow: bool, beta: float, evaluation: EvaluateConfig) -> dict:
+    """Train (or resume, or skip) one variant with one seed; evaluate it on val and test."""
+    result_file = out / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    method = VARIANTS[name][2]
+    weights = out / "class_weights.json"
+    class_weights.run(splits["train"], weights, method=method, beta=beta)
+    resume = out / LAST if (out / LAST).is_file() else None
+    summary = train.run(splits["train"], img_dir, out, val_csv=splits["val"], config=cfg,
+                        class_weights=weights, resume=resume, mlflow=use_mlflow,
+                        experiment="ham10000-study")
+    scores = {}
+    for part in ("val", "test"):
+        metrics = evaluate.run(out / EMA_WEIGHTS, splits[part], img_dir, out / f"eval_{part}",
+                               evaluation, use_mlflow=False)
+        full = json.loads((out / f"eval_{part}" / "metrics.json").read_text())
+        scores[part] = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
+        scores[part]["ci95"] = {k: full["ci95"][k] for k in scores[part]}
+    result = {"variant": name, "seed": seed, "method": method, **variant_overrides(name),
+              "epochs": cfg.epochs, "train_seconds": summary["seconds"], **scores}
+    write_json(result_file, result)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    """Markdown rows: validation balanced accuracy (the choice), test metrics with 95% CIs."""
+    def cell(r, part, key):
+        ci = r[part]["ci95"][key]
+        return f"{r[part][key]:.3f} ({ci['low']:.2f}-{ci['high']:.2f})"
+
+    lines = ["| variant | seed | epochs | val bal. acc. | test acc. | test bal. acc. | "
+             "test macro F1 | train min |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (-r["val"]["balanced_accuracy"], r["seed"])):
+        lines.append(f"| {r['variant']} | {r['seed']} | {r['epochs']} | "
+                     f"{cell(r, 'val', 'balanced_accuracy')} | {cell(r, 'test', 'accuracy')} | "
+                     f"{cell(r, 'test', 'balanced_accuracy')} | {cell(r, 'test', 'f1_macro')} | "
+                     f"{r['train_seconds'] / 60:.0f} |")
+    return "\n".join(lines)
+
+
+def write_section(results_md: Path, body: str) -> None:
+    """Replace the study's marked section of results_md (append it the first time)."""
+    text = results_md.read_text() if results_md.is_file() else ""
+    block = f"{SECTION[0]}\n{body}\n{SECTION[1]}"
+    if SECTION[0] in text:
+        head, rest = text.split(SECTION[0], 1)
+        text = head + block + rest.split(SECTION[1], 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    write_text(results_md, text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli_args.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "params.yaml"),
-                   help="its train section is the recipe (default: params.yaml, the paper's)")
-    p.add_argument("--epochs", type=int, help="override the recipe's 100")
+    p.add_argument("--params", "--config", default=str(ROOT / "params.yaml"),
+                   help="its train section is the recipe the variants change")
+    p.add_argument("--epochs", type=int, help="override the config's epochs")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--beta", type=float, default=0.999, help="for effective_number weights")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--results", type=Path, help="Markdown file whose study section to rewrite")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the script")
-    p.add_argument("--no-mlflow", dest="mlflow", action="store_false")
+    p.add_argument("--no_mlflow", dest="mlflow", action="store_false")
     args = p.parse_args(argv)
+    if unknown := set(args.variants.split(",")) - set(VARIANTS):
+        p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
 
     splits = make_splits(args.data, args.out / "splits", args.smoke)
-    results = {}
-    for name in args.variants.split(","):
-        overrides = {**(SMOKE if args.smoke else {}), **VARIANTS[name]}
-        if args.epochs:
-            overrides["epochs"] = args.epochs
-        cfg = train.TrainConfig.resolve(args.config, **overrides)
-        summary = train.run(splits["train"], args.data / "images", args.out / name,
-                            val_csv=splits["val"], test_csv=splits["test"], config=cfg,
-                            mlflow=args.mlflow and not args.smoke,
-                            experiment="ham10000-benchmark")
-        test = summary["test"]
-        results[name] = {"accuracy": test["test_ema_accuracy"],
-                         "balanced_accuracy": test["test_ema_balanced_accuracy"],
-                         "macro_f1": test["test_ema_macro_f1"],
-                         "epochs": cfg.epochs, "seconds": summary["seconds"],
-                         "mlflow_run_id": summary["mlflow_run_id"]}
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{'variant':13} {'acc':>6} {'bal acc':>8} {'macro F1':>9}")
-    for name, r in results.items():
-        print(f"{name:13} {r['accuracy']:6.3f} {r['balanced_accuracy']:8.3f} {r['macro_f1']:9.3f}")
+    flags = {"epochs": args.epochs, "compile": args.compile or None}
+    base = TrainConfig.resolve(args.params, **{**(SMOKE if args.smoke else {}),
+                                               **{k: v for k, v in flags.items() if v}})
+    # Prepared once at the training size, so that an epoch is bound by the model, not by JPEG
+    # decoding (with the resident input path, decoded once more into memory).
+    img_dir = args.out / f"prepared_{resize_size(base.img_size)}"
+    preprocess.run(args.data / "labels.csv", args.data / "images", img_dir,
+                   size=resize_size(base.img_size))
+    img_dir = img_dir / "images"
+
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name in args.variants.split(","):
+            cfg = TrainConfig.from_dict({**base.as_dict(), **variant_overrides(name),
+                                         "seed": seed})
+            r = run_one(name, seed, cfg, splits, img_dir, args.out / "runs" / f"{name}-s{seed}",
+                        args.mlflow and not args.smoke, args.beta,
+                        EvaluateConfig(bootstrap=50 if args.smoke else 1000))
+            print(f"{name} seed {seed}: val bal acc {r['val']['balanced_accuracy']:.3f}, test acc "
+                  f"{r['test']['accuracy']:.3f} bal acc {r['test']['balanced_accuracy']:.3f}",
+                  flush=True)
+
+    results = [json.loads(f.read_text()) for f in sorted(args.out.glob("runs/*/result.json"))]
+    body = table(results)
+    print(body)
+    if args.results:
+        command = "python benchmarks/ham10000.py " + shlex.join(argv if argv is not None
+                                                                 else sys.argv[1:])
+        write_section(args.results, f"Made by `{command}` (variants: see VARIANTS in "
+                                    f"benchmarks/ham10000.py; config {args.params}).\n\n{body}")
     return 0
 
 

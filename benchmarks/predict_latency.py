@@ -4,7 +4,7 @@
         [--batch-size 32] [--n-batch 64] [--repeats 20] [--results benchmarks/RESULTS.md]
 
 Builds the model with random weights (speed does not depend on them), saves it exactly as the
-register step logs it (components/serving.py + safetensors + preprocessing.json), loads it
+register step logs it (components/registry/serving.py + safetensors + preprocessing.json), loads it
 with `mlflow.pyfunc.load_model`, and times:
 
 - single image, end to end: `predict(DataFrame([path]))` on one JPEG (decode, EXIF, resize
@@ -38,9 +38,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components import register, serving  # noqa: E402
-from components.labels import CLASSES  # noqa: E402
-from components.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
+from components.registry import pyfunc, serving  # noqa: E402
+from components.common.labels import CLASSES  # noqa: E402
+from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from model import HybridConvNeXtV2  # noqa: E402
 
 START, END = "<!-- predict_latency:start -->", "<!-- predict_latency:end -->"
@@ -99,8 +100,8 @@ def bench(preset: str, img_size: int, device: str, batch_size: int, n_batch: int
         artifacts = serving.write_artifacts(net.state_dict(), meta, tmp / "staging")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mlflow.pyfunc.save_model(str(tmp / "model"), **register.pyfunc_kwargs(artifacts, list(CLASSES)))
-        model = mlflow.pyfunc.load_model(str(tmp / "model"))
+            mlflow.pyfunc.save_model(str(tmp / "model"), **pyfunc.pyfunc_kwargs(artifacts, list(CLASSES)))
+        model = mlflow.pyfunc.load_model(str(tmp / "model"), model_config={"allow_paths": True})
         inner = model.unwrap_python_model()
 
         x1 = torch.randn(1, 3, img_size, img_size)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from components import preprocess
-from components.labels import CLASSES
+from components.common.labels import CLASSES
 
 
 def make_images(folder: Path, count: int, size=(4000, 3000), seed: int = 0) -> Path:

@@ -25,14 +25,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components import tracking  # noqa: E402
-from components.dataset import SplitDataset  # noqa: E402
-from components.inputs import make_input  # noqa: E402
-from components.labels import CLASSES  # noqa: E402
-from components.samplers import make_sampler  # noqa: E402
-from components.train import TrainConfig  # noqa: E402
-from components.trainer import Trainer, init_runtime  # noqa: E402
-from components.transforms import resize_size  # noqa: E402
+from components.common import tracking  # noqa: E402
+from components.training.dataset import SplitDataset  # noqa: E402
+from components.training.inputs import make_input  # noqa: E402
+from components.common.labels import CLASSES  # noqa: E402
+from components.training.losses import SoftTargetCrossEntropy  # noqa: E402
+from components.training.samplers import make_sampler  # noqa: E402
+from components.common.config import TrainConfig  # noqa: E402
+from components.training.trainer import Trainer, init_runtime  # noqa: E402
+from components.training.transforms import resize_size  # noqa: E402
 
 
 class RandomBatches:
@@ -67,7 +68,7 @@ def write_images(folder: Path, n: int, img_size: int) -> SplitDataset:
 def measure(cfg: TrainConfig, rt, make_train_input, repeats: int = 2) -> float:
     """img/s: the best of `repeats` epochs after a warm-up epoch (best-of damps the noise of
     a shared machine)."""
-    trainer = Trainer(cfg, rt, make_train_input(), None, None, tracking.Run(),
+    trainer = Trainer(cfg, rt, make_train_input(), None, SoftTargetCrossEntropy(), tracking.Run(),
                       Path(tempfile.gettempdir()), {})
     trainer.train_one_epoch(0)
     return max(trainer.train_one_epoch(1 + i)["train_img_per_s"] for i in range(repeats))
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for mode in modes:
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            cfg = TrainConfig(**{**base.__dict__, "batch_size": batch_size,
+            cfg = TrainConfig(**{**base.as_dict(), "batch_size": batch_size,
                                  "compile": mode == "compiled"})
             steps = n_images // batch_size
             sampler = make_sampler(dataset.targets, torch.ones(len(CLASSES)), seed=0)

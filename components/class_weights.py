@@ -1,38 +1,46 @@
-"""class_weights step: inverse-frequency class weights from the train split.
+"""class_weights step: per-class weights and priors from the train split, for the recipe's
+class balancing (params.yaml `class_weights`; the methods: components/training/balance.py).
 
-Weights are scikit-learn's `compute_class_weight("balanced")`: n_images / (n_classes * count),
-so a class with the average count weighs 1. The JSON lists classes, counts and weights in
-CLASSES order; training indexes the weights with the integer labels.
+The JSON lists classes, counts, priors (n_c / n, for the logit-adjusted loss) and weights in
+CLASSES order; training indexes them with the integer labels, for the loss and/or the sampler.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.utils.class_weight import compute_class_weight
 
-from components import atomic
-from components.labels import CLASSES, LabelError, read_labels
+from components.common import atomic, cli_args
+from components.common.config import ClassWeightsConfig, ConfigError
+from components.common.labels import CLASSES, LabelError, read_labels
+from components.training.balance import METHODS, weights_for_counts
 
 
-def run(train: str | os.PathLike, out: str | os.PathLike) -> dict:
-    """Write {classes, counts, weights} for the train CSV to `out`; return the same dict."""
+def run(train: str | os.PathLike, out: str | os.PathLike,
+        config: ClassWeightsConfig | None = None, **settings) -> dict:
+    """Write {classes, counts, priors, weights, method} for the train CSV to `out`; return it.
+
+    config (or settings method=, beta=): params.yaml's `class_weights` section.
+    """
+    cfg = config or ClassWeightsConfig.from_dict(settings)
+    method, beta = cfg.method, cfg.beta
     labels = read_labels(train)["label"].to_numpy()
     counts = np.bincount(labels, minlength=len(CLASSES))
     absent = [name for name, n in zip(CLASSES, counts) if n == 0]
     if absent:
-        # A zero count has no finite inverse frequency; training could never learn the class.
+        # A zero count has no finite weight or log prior; training could never learn the class.
         raise LabelError(train, None, f"no training image of class {', '.join(absent)}")
-    weights = compute_class_weight("balanced", classes=np.arange(len(CLASSES)), y=labels)
+    weights = weights_for_counts(counts, method, beta)
     result = {
         "classes": list(CLASSES),
         "counts": counts.tolist(),
+        "priors": [round(float(n / counts.sum()), 8) for n in counts],
         "weights": [round(float(w), 6) for w in weights],
-        "method": "balanced: n_images / (n_classes * count)",
+        "method": method,
+        **({"beta": beta} if method == "effective_number" else {}),
         "train": str(Path(train)),
     }
     atomic.write_json(out, result)
@@ -40,11 +48,22 @@ def run(train: str | os.PathLike, out: str | os.PathLike) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.class_weights", description=__doc__.splitlines()[0])
+    parser = cli_args.ArgumentParser(prog="python -m components.class_weights",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--train", required=True, help="train split CSV")
     parser.add_argument("--out", required=True, help="output JSON path")
+    cli_args.add_params_flags(parser)
+    parser.add_argument("--method", choices=METHODS)
+    parser.add_argument("--beta", type=float, help="for effective_number")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.train, args.out), indent=2))
+    try:
+        cfg = ClassWeightsConfig.resolve(cli_args.params_paths(args), method=args.method,
+                                         beta=args.beta)
+        result = run(args.train, args.out, cfg)
+    except (ConfigError, LabelError) as err:
+        print(f"class_weights: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
     return 0
 
 

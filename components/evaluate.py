@@ -1,16 +1,22 @@
 """evaluate step: score a trained model on the test split.
 
-    python -m components.evaluate --model PATH_OR_MLFLOW_URI --test_csv CSV --img_dir DIR \
-        --out DIR [--tta] [--no-mlflow]
+    python -m components.evaluate --model outputs/train --test_csv data/splits/test.csv \\
+        --img_dir data/prepared/images --out outputs/eval [--params params.yaml] [--no_mlflow]
 
-`--model` is a training checkpoint, `ema_weights.pt`, a training output folder, or an MLflow
-model URI (`runs:/<id>/model`, `models:/<name>@<alias>`). A checkpoint holding both EMA and
-raw weights is scored twice: the EMA weights (the registered model) fill OUT, the raw ones
-OUT/raw and the `raw` key of OUT/metrics.json.
+`--model` is a training output folder (DVC and Kubeflow both pass this), a training
+checkpoint, `ema_weights.pt`, or a registered / logged model URI (`models:/NAME@ALIAS`,
+`runs:/<id>/classifier`, `models:/m-<id>`). A checkpoint holding both EMA and raw weights is
+scored twice: the EMA weights (the registered model) fill OUT, the raw ones OUT/raw and the
+`raw` key of OUT/metrics.json. A model with NaN/inf weights or outputs is refused.
 
 Output (every file written atomically; OUT/raw/ has the same files except metrics.json):
 
-    metrics.json          headline metrics, ci95 intervals, roc_auc_per_class, confusion matrix
+    headline.json         the DVC metric: a few headline metrics with their 95% intervals
+    metrics.json          headline metrics, ci95 intervals, roc_auc_per_class, confusion matrix,
+                          the melanoma-vs-rest operating point at evaluate.melanoma_specificity,
+                          per_source (when the test set holds several sources: the headline
+                          metrics with intervals of each),
+                          and what was scored: weights_digest, split_hash (register checks both)
     per_class.csv         class,precision,recall,f1,auc,support
     predictions.csv       image,true,predicted,prob_MEL,...,prob_SCC
     roc.csv               fpr and one TPR column per class on a common grid (DVC plot)
@@ -28,64 +34,84 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
-import yaml
-from mlflow.exceptions import MlflowException
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import atomic, checkpoint, plots, tracking
-from .dataset import SplitDataset, read_split
-from .labels import CLASSES
-from .metrics import (HEADLINE, bootstrap_intervals, classification_metrics, kfp_metrics,
-                      reliability_bins, roc_points)
-from .transforms import eval_transform
+from components.common import atomic, cli_args, outputs, tracking
+from components.common.config import ConfigError, EvaluateConfig
+from components.common.labels import CLASSES
+from components.evaluation import mlflow_log
+from components.evaluation.metrics import (HEADLINE, bootstrap_intervals, classification_metrics,
+                                           kfp_metrics, operating_point, reliability_bins,
+                                           roc_points)
+from components.training import checkpoint
+from components.training.dataset import SplitDataset, read_split
+from components.training.transforms import eval_transform
 
 log = logging.getLogger(__name__)
+
+try:
+    from components.evaluation import plots
+except ImportError:  # no matplotlib (a bare GPU box): metrics and tables, no figures
+    plots = None
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 # Files tried, in order, when --model is a training output folder: the last checkpoint holds
 # the raw weights and the EMA weights that ema_weights.pt (the registered model) ships.
-CHECKPOINT_NAMES = ("checkpoint_last.pt", "ema_weights.pt")
-TRAINING_SUMMARY = "training_summary.json"
+CHECKPOINT_NAMES = (outputs.CHECKPOINT_LAST, outputs.EMA_WEIGHTS)
 # Checkpoint key -> name of the evaluation; the first one present is the headline model.
 VARIANTS = {"ema": "ema", "model": "raw"}
-DEFAULT_IMG_SIZE = 224
+MELANOMA = CLASSES.index("MEL")
+HEADLINE_SHOWN = mlflow_log.HEADLINE_SHOWN
+SOURCE_METRICS = HEADLINE_SHOWN
+
+
+class ModelRefused(ValueError):
+    """The model's weights or outputs are not finite numbers."""
 
 
 def run(model: str | os.PathLike, test_csv: str | os.PathLike, img_dir: str | os.PathLike,
-        out: str | os.PathLike, *, tta: bool = False, batch_size: int = 64,
-        bootstrap: int = 1000, seed: int = 0, device: str | None = None, num_workers: int = 0,
-        use_mlflow: bool = True, img_size: int | None = None) -> dict:
+        out: str | os.PathLike, config: EvaluateConfig | None = None, *,
+        device: str | None = None, num_workers: int = 0, use_mlflow: bool = True,
+        img_size: int | None = None) -> dict:
     """Predict the test split, write metrics, tables and figures to `out`, log them to MLflow.
 
     Returns the headline model's metrics (HEADLINE and n_images), the raw model's prefixed
     `raw_`, the weights evaluated and the MLflow run logged into.
     """
+    cfg = config or EvaluateConfig()
     started = time.time()
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models, meta = load_models(str(model), img_size)
     frame = read_split(test_csv)
     loader = DataLoader(SplitDataset(frame, img_dir, eval_transform(meta["img_size"])),
-                        batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        batch_size=cfg.batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    probs = predict(models, loader, device, tta)
+    probs = predict(models, loader, device, cfg.tta)
 
     groups = frame["lesion_id"].to_numpy(dtype=object) if "lesion_id" in frame else None
     reports = {}
     for i, (name, p) in enumerate(probs.items()):
-        reports[name] = report(frame, p, out if i == 0 else out / name, groups=groups,
-                               n_boot=bootstrap, seed=seed)
+        reports[name] = report(frame, p, out if i == 0 else out / outputs.RAW_SUBDIR,
+                               groups=groups, cfg=cfg)
     headline, *others = reports
-    metrics = {"weights": headline, "tta": tta, **reports[headline],
+    if "source" in frame.columns and frame["source"].nunique() > 1:
+        reports[headline]["per_source"] = per_source(frame, probs[headline], groups, cfg)
+    split_report = Path(test_csv).parent / outputs.SPLIT_REPORT
+    metrics = {"weights": headline, "tta": cfg.tta, **reports[headline],
+               "weights_digest": meta["weights_digest"],
+               "split_hash": json.loads(split_report.read_text()).get("split_hash")
+               if split_report.is_file() else None,
                **{name: reports[name] for name in others}}
-    atomic.write_json(out / "metrics.json", metrics)
+    atomic.write_json(out / outputs.METRICS, metrics)
+    atomic.write_json(out / outputs.HEADLINE_METRICS, headline_metrics(metrics))
 
-    run_id = log_to_mlflow(metrics, out, meta.get("mlflow_run_id")) if use_mlflow else None
+    run_id = (mlflow_log.log_metrics(metrics, out, meta.get("mlflow_run_id"), list(VARIANTS.values()))
+              if use_mlflow else None)
     summary = {"weights": headline, "n_images": metrics["n_images"],
                **{k: metrics[k] for k in HEADLINE if metrics[k] is not None}}
     for name in others:
@@ -95,10 +121,32 @@ def run(model: str | os.PathLike, test_csv: str | os.PathLike, img_dir: str | os
     return summary
 
 
+def headline_metrics(metrics: dict) -> dict:
+    """The few numbers `dvc exp show` lists: headline test metrics with their 95% intervals
+    and the melanoma operating point (metrics.json has everything else)."""
+    out = {}
+    for name in HEADLINE_SHOWN:
+        if metrics.get(name) is None:
+            continue
+        ci = (metrics.get("ci95") or {}).get(name) or {}
+        out |= {name: round(metrics[name], 4), f"{name}_ci_low": _round(ci.get("low")),
+                f"{name}_ci_high": _round(ci.get("high"))}
+    if point := metrics.get("melanoma_operating_point"):
+        out["melanoma_sensitivity"] = round(point["sensitivity"], 4)
+        out["melanoma_specificity"] = round(point["specificity"], 4)
+    out["n_images"] = metrics.get("n_images")
+    return out
+
+
+def _round(value):
+    return None if value is None else round(value, 4)
+
+
 def load_models(source: str, img_size: int | None = None) -> tuple[dict[str, nn.Module], dict]:
-    """{variant: model} in headline-first order, and meta (classes, img_size, mlflow_run_id)."""
+    """{variant: model} in headline-first order, and meta (classes, img_size, mlflow_run_id,
+    weights_digest of the headline weights)."""
     if source.startswith(MLFLOW_SCHEMES):
-        return _load_mlflow_model(source, img_size)
+        return _load_registered(source, img_size)
     path = _resolve_checkpoint(Path(source))
     state = checkpoint.load(path)
     present = [key for key in VARIANTS if key in state]
@@ -106,10 +154,12 @@ def load_models(source: str, img_size: int | None = None) -> tuple[dict[str, nn.
         raise checkpoint.CheckpointError(f"{path} holds neither EMA nor raw weights")
     models, meta = {}, {}
     for key in present:
+        checkpoint.check_finite(state[key], f"{path} ({key} weights)")
         models[VARIANTS[key]], meta = checkpoint.load_model(path, which=key)
     if tuple(meta["classes"]) != CLASSES:
         raise ValueError(f"{path}: model classes {meta['classes']} differ from {CLASSES}")
-    meta["img_size"] = img_size or meta.get("img_size") or DEFAULT_IMG_SIZE
+    meta["img_size"] = img_size or meta["img_size"]
+    meta["weights_digest"] = checkpoint.weights_digest(state[present[0]])
     meta["mlflow_run_id"] = state.get("mlflow_run_id") or _summary_run_id(path.parent)
     return models, meta
 
@@ -125,38 +175,29 @@ def _resolve_checkpoint(path: Path) -> Path:
 
 def _summary_run_id(folder: Path) -> str | None:
     """The MLflow run of the training that wrote `folder` (ema_weights.pt does not carry it)."""
-    summary = folder / TRAINING_SUMMARY
+    summary = folder / outputs.TRAINING_SUMMARY
     return json.loads(summary.read_text()).get("mlflow_run_id") if summary.is_file() else None
 
 
-def _load_mlflow_model(uri: str, img_size: int | None) -> tuple[dict[str, nn.Module], dict]:
-    """A model logged with mlflow.pytorch; its training run supplies img_size when logged."""
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    run_id = _run_id_of(uri)
-    params = mlflow.get_run(run_id).data.params if run_id else {}
-    size = img_size or int(params.get("train.img_size") or params.get("img_size")
-                           or DEFAULT_IMG_SIZE)
-    model = mlflow.pytorch.load_model(uri, map_location="cpu")
-    # A "pt2" model comes back as torch.export's GraphModule: eval-mode by construction, and
-    # it refuses .eval(); a pickled nn.Module is switched to eval mode here.
-    if not isinstance(model, torch.fx.GraphModule):
-        model.eval()
-    return {"model": model}, {"classes": CLASSES, "img_size": size, "mlflow_run_id": run_id}
+def _load_registered(uri: str, img_size: int | None) -> tuple[dict[str, nn.Module], dict]:
+    """The served model (registry/pyfunc.py) behind a models:/ or runs:/ URI."""
+    from components.registry import client as registry
+    from components.registry import pyfunc
 
-
-def _run_id_of(uri: str) -> str | None:
-    """The run behind `runs:/<id>/...`, a registered `models:/...` version or a logged model."""
-    if uri.startswith("runs:/"):
-        return uri.removeprefix("runs:/").split("/", 1)[0]
-    if uri.startswith("models:/"):
-        ref = uri.removeprefix("models:/")
-        client = mlflow.MlflowClient()
-        if "@" in ref:
-            return client.get_model_version_by_alias(*ref.split("@", 1)).run_id
-        if "/" in ref:
-            return client.get_model_version(*ref.split("/", 1)).run_id
-        return mlflow.get_logged_model(ref).source_run_id  # MLflow 3 logged model `m-<id>`
-    return None
+    client, tracking_uri = registry.client_for()
+    tracking.check_reachable(tracking_uri)
+    try:
+        net, info = pyfunc.load_network(uri)
+    except Exception as err:  # noqa: BLE001 - one clear line, never the URI's password
+        raise FileNotFoundError(tracking.scrub(f"cannot load {uri} from "
+                                               f"{tracking.redact(tracking_uri)}: {err}")) from None
+    weights = net.state_dict()
+    checkpoint.check_finite(weights, uri)
+    run_id = info.get("source", "").removeprefix("runs:/") or None
+    return {"ema": net}, {"classes": tuple(info["classes"]),
+                          "img_size": img_size or int(info["img_size"]),
+                          "weights_digest": checkpoint.weights_digest(weights),
+                          "mlflow_run_id": run_id}
 
 
 @torch.inference_mode()
@@ -176,6 +217,8 @@ def predict(models: dict[str, nn.Module], loader: DataLoader, device: torch.devi
             with autocast:
                 logits = [model(v).float() for v in views]
             p = torch.stack([x.softmax(dim=1) for x in logits]).mean(dim=0)
+            if not torch.isfinite(p).all():
+                raise ModelRefused(f"the {name} model gives NaN/inf outputs; not scoring it")
             chunks[name].append(p.double().cpu().numpy())
     return {name: np.concatenate(c) for name, c in chunks.items()}
 
@@ -187,34 +230,57 @@ def flips(images: torch.Tensor) -> list[torch.Tensor]:
 
 
 def report(frame: pd.DataFrame, probs: np.ndarray, out: Path, *, groups=None,
-           n_boot: int = 1000, seed: int = 0) -> dict:
+           cfg: EvaluateConfig | None = None) -> dict:
     """Metrics with bootstrap intervals; tables, plot data and figures written to `out`."""
+    cfg = cfg or EvaluateConfig()
     y_true = frame["label"].to_numpy()
     m = classification_metrics(y_true, probs, CLASSES)
     per_class = m.pop("per_class")
-    m["ci95"] = bootstrap_intervals(y_true, probs, groups=groups, n=n_boot, seed=seed)
+    m["ci95"] = bootstrap_intervals(y_true, probs, groups=groups, n=cfg.bootstrap, seed=cfg.seed)
     unit = "lesion" if groups is not None and pd.notna(groups).any() else "image"
-    m["bootstrap"] = {"resamples": n_boot, "seed": seed, "unit": unit, "level": 0.95}
+    m["bootstrap"] = {"resamples": cfg.bootstrap, "seed": cfg.seed, "unit": unit, "level": 0.95}
+    m["melanoma_operating_point"] = operating_point(y_true, probs, MELANOMA,
+                                                    cfg.melanoma_specificity)
 
     names = np.asarray(CLASSES)
     predictions = pd.DataFrame({"image": frame["image"], "true": names[y_true],
                                 "predicted": names[probs.argmax(axis=1)]})
     predictions[[f"prob_{c}" for c in CLASSES]] = probs
-    _write_csv(out / "predictions.csv", predictions)
-    _write_csv(out / "per_class.csv",
+    _write_csv(out / outputs.PREDICTIONS, predictions)
+    _write_csv(out / outputs.PER_CLASS,
                pd.DataFrame.from_dict(per_class, orient="index").rename_axis("class"),
                index=True)
-    _write_csv(out / "roc.csv", pd.DataFrame(roc_points(y_true, probs, CLASSES)))
+    _write_csv(out / outputs.ROC, pd.DataFrame(roc_points(y_true, probs, CLASSES)))
     bins = reliability_bins(y_true, probs)
     table = pd.DataFrame(bins)
-    _write_csv(out / "reliability.csv", table[table["count"] > 0])
+    _write_csv(out / outputs.RELIABILITY, table[table["count"] > 0])
 
+    if plots is None:
+        log.warning("matplotlib is not installed: no figures in %s", out)
+        return m
     plots.plot_confusion(m["confusion_matrix"], CLASSES, out / "confusion_matrix.png")
     plots.plot_confusion(m["confusion_matrix"], CLASSES, out / "confusion_matrix_normalized.png",
                          normalize=True)
     plots.plot_roc(y_true, probs, CLASSES, out / "roc.png")
     plots.plot_reliability(bins, m["ece"], out / "reliability.png")
     return m
+
+
+def per_source(frame: pd.DataFrame, probs: np.ndarray, groups, cfg: EvaluateConfig) -> dict:
+    """The headline metrics with their intervals for each source of the test set (cross-site:
+    a model good on one hospital's images can fail on another's)."""
+    out = {}
+    for source, rows in frame.groupby("source").indices.items():
+        y = frame["label"].to_numpy()[rows]
+        m = classification_metrics(y, probs[rows], CLASSES)
+        ci = bootstrap_intervals(y, probs[rows], n=cfg.bootstrap, seed=cfg.seed,
+                                 groups=None if groups is None else groups[rows])
+        out[str(source)] = {"n_images": m["n_images"],
+                            **{k: m[k] for k in SOURCE_METRICS},
+                            "ci95": {k: ci[k] for k in SOURCE_METRICS},
+                            "melanoma_operating_point": operating_point(
+                                y, probs[rows], MELANOMA, cfg.melanoma_specificity)}
+    return out
 
 
 def _write_csv(path: Path, table: pd.DataFrame, index: bool = False) -> None:
@@ -225,63 +291,22 @@ def kfp_outputs(out: str | os.PathLike, max_points: int = 200) -> dict:
     """What the KFP wrapper logs, from an evaluate output folder: see metrics.kfp_metrics
     ({"scalars", "confusion_matrix", "roc"}; ROC micro-averaged from predictions.csv)."""
     out = Path(out)
-    metrics = json.loads((out / "metrics.json").read_text())
-    predictions = pd.read_csv(out / "predictions.csv")
+    metrics = json.loads((out / outputs.METRICS).read_text())
+    predictions = pd.read_csv(out / outputs.PREDICTIONS)
     y_true = predictions["true"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
     probs = predictions[[f"prob_{c}" for c in CLASSES]].to_numpy()
     return kfp_metrics(metrics, y_true, probs, max_points=max_points)
 
 
-def log_to_mlflow(metrics: dict, out: Path, training_run_id: str | None) -> str:
-    """Log `test_`-prefixed metrics and the output files into the training run when the
-    store knows it, else into a new evaluation run tagged with it; returns the run id."""
-    uri = tracking.tracking_uri()
-    tracking.check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    run_id = None
-    if training_run_id:
-        try:
-            experiment_id = mlflow.get_run(training_run_id).info.experiment_id
-            # start_run(run_id) refuses a run outside the process's active experiment.
-            mlflow.set_experiment(experiment_id=experiment_id)
-            run_id = training_run_id
-        except MlflowException as err:
-            log.warning("training run %s not in %s (%s): logging a new evaluation run",
-                        training_run_id, tracking.redact(uri), err)
-    # Tags name a separate evaluation run; logging into the training run leaves its tags alone.
-    tags = None if run_id else {"skinlesion.step": "evaluate",
-                                "training_run_id": training_run_id or ""}
-    with tracking.start_run(uri, run_id, tracking.DEFAULT_EXPERIMENT, tags) as active:
-        mlflow.log_metrics(_flat_metrics(metrics, "test_"))
-        for name in VARIANTS.values():
-            if isinstance(metrics.get(name), dict):
-                mlflow.log_metrics(_flat_metrics(metrics[name], f"test_{name}_"))
-        mlflow.set_tags({"evaluate.weights": metrics["weights"],
-                         "evaluate.tta": str(metrics["tta"]).lower()})
-        mlflow.log_artifacts(str(out), artifact_path="evaluation")
-        return active.info.run_id
-
-
-def _flat_metrics(m: dict, prefix: str) -> dict[str, float]:
-    flat = {f"{prefix}{k}": m[k] for k in ("n_images", *HEADLINE) if m.get(k) is not None}
-    flat.update({f"{prefix}roc_auc_{c}": v for c, v in m["roc_auc_per_class"].items()
-                 if v is not None})
-    for k, ci in m["ci95"].items():
-        flat.update({f"{prefix}{k}_ci_{end}": ci[end] for end in ("low", "high")
-                     if ci[end] is not None})
-    return flat
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.evaluate",
+    parser = cli_args.ArgumentParser(prog="python -m components.evaluate",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
-                        help="checkpoint, training output folder, or MLflow model URI")
+                        help="training output folder, checkpoint, or MLflow model URI")
     parser.add_argument("--test_csv", required=True)
     parser.add_argument("--img_dir", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--params", default="params.yaml",
-                        help="YAML whose `evaluate` section gives the defaults below")
+    cli_args.add_params_flags(parser)
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average the predictions of the four flips of each image")
     parser.add_argument("--batch_size", type=int)
@@ -290,18 +315,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img_size", type=int, help="override the model's input size")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--no-mlflow", dest="use_mlflow", action="store_false",
+    parser.add_argument("--no_mlflow", dest="use_mlflow", action="store_false",
                         help="do not log to MLflow")
     args = parser.parse_args(argv)
-    options = {"tta": False, "batch_size": 64, "bootstrap": 1000, "seed": 0}
-    if Path(args.params).is_file():
-        section = (yaml.safe_load(Path(args.params).read_text()) or {}).get("evaluate") or {}
-        options.update({k: v for k, v in section.items() if k in options})
-    options.update({k: getattr(args, k) for k in options if getattr(args, k) is not None})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = run(args.model, args.test_csv, args.img_dir, args.out, img_size=args.img_size,
-                  device=args.device, num_workers=args.num_workers, use_mlflow=args.use_mlflow,
-                  **options)
+    try:
+        cfg = EvaluateConfig.resolve(cli_args.params_paths(args), tta=args.tta,
+                                     batch_size=args.batch_size, bootstrap=args.bootstrap,
+                                     seed=args.seed)
+        summary = run(args.model, args.test_csv, args.img_dir, args.out, cfg,
+                      img_size=args.img_size, device=args.device, num_workers=args.num_workers,
+                      use_mlflow=args.use_mlflow)
+    except (ConfigError, ModelRefused, checkpoint.CheckpointError, FileNotFoundError,
+            tracking.TrackingUnreachable) as err:
+        print(f"evaluate: {tracking.scrub(str(err))}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -3,6 +3,8 @@
 Output (other steps depend on this layout):
 
     OUT/images/<image_id>.jpg     RGB JPEG, quality 95, short side exactly `size`
+    OUT/labels.csv                image,label of the images kept: what the split step reads
+    OUT/metadata.csv              the --metadata rows of the images kept (when given)
     OUT/manifest.csv              image,label,class_name,src_file,src_format,src_mode,
                                   src_width,src_height,width,height,src_sha256
     OUT/preprocess_report.json    counts, corrupt files, unlabelled images, labels without
@@ -13,13 +15,13 @@ Small images are upscaled too, so every output has the same short side and train
 
 Re-running skips an image whose source sha256 and target size match the manifest. New
 images are written to a staging folder and moved in only when the whole step succeeds, so
-a failure (a corrupt file without --skip-corrupt) leaves OUT as it was.
+a failure (a corrupt file without --skip_corrupt) leaves OUT as it was; with it, every
+unreadable file is listed in the report with the reason and left out of labels.csv, so no
+later step ever sees it.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import io
 import json
 import logging
 import os
@@ -32,73 +34,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from components import atomic
-from components.labels import image_index, read_labels, reconcile
+from components.common import atomic, cli_args, outputs
+from components.common.config import ConfigError, PreprocessConfig
+from components.common.images import DEFAULT_MAX_PIXELS, CorruptImageError, prepare_image
+from components.common.labels import LabelError, image_index, read_labels, reconcile
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["image", "label", "class_name", "src_file", "src_format", "src_mode",
                     "src_width", "src_height", "width", "height", "src_sha256"]
-# Pillow's own default (~89 MP); ISIC's largest images are 6000x4000 = 24 MP.
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 JPEG_QUALITY = 95
-
-
-class CorruptImageError(ValueError):
-    """An image cannot be decoded (corrupt, truncated, not an image, or a decompression bomb)."""
-
-
-def target_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(w, h) with the short side exactly `size` and the aspect ratio kept."""
-    scale = size / min(width, height)
-    return max(size, round(width * scale)), max(size, round(height * scale))
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; transparent areas become white."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: Pillow's convert() clips at 255, so scale 0-65535 down instead.
-        grey = (np.asarray(im, dtype=np.float32) / 257.0).clip(0, 255).round().astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if im.mode == "P":
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
-        return background
-    return im.convert("RGB")  # CMYK, L, 1, YCbCr, ...
-
-
-def prepare_image(data: bytes, size: int, *, draft: bool = True,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, dict]:
-    """Decode encoded image bytes into an RGB image with short side `size`, plus source facts."""
-    try:
-        opened = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:  # Pillow's own guard, at twice its limit
-        raise CorruptImageError(f"decompression bomb guard: {err}") from None
-    with opened as im:
-        raw_w, raw_h = im.size
-        if raw_w * raw_h > max_pixels:
-            raise CorruptImageError(
-                f"decompression bomb guard: {raw_w}x{raw_h} = {raw_w * raw_h:,} pixels "
-                f"exceeds the limit of {max_pixels:,} (--max-pixels)")
-        info = {"src_format": im.format, "src_mode": im.mode}
-        orientation = im.getexif().get(0x0112, 1)
-        rotated = orientation in (5, 6, 7, 8)  # EXIF orientations that swap width and height
-        width, height = (raw_h, raw_w) if rotated else (raw_w, raw_h)
-        out_w, out_h = target_size(width, height, size)
-        if draft and im.format in ("JPEG", "MPO"):  # MPO: multi-picture JPEG from cameras
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target size.
-            im.draft(None, (out_h, out_w) if rotated else (out_w, out_h))
-        if orientation != 1:
-            im = ImageOps.exif_transpose(im)
-        resized = to_rgb(im).resize((out_w, out_h), Image.Resampling.LANCZOS)
-    return resized, {**info, "src_width": width, "src_height": height, "width": out_w, "height": out_h}
 
 
 def _process_one(job: dict) -> dict:
@@ -110,7 +57,8 @@ def _process_one(job: dict) -> dict:
     if sha == job["known_sha256"]:
         return {**result, "status": "unchanged"}
     try:
-        im, info = prepare_image(data, job["size"], draft=job["draft"], max_pixels=job["max_pixels"])
+        im, info = prepare_image(data, job["size"], draft=job["draft"], max_pixels=job["max_pixels"],
+                                 color=job["color"], minkowski_p=job["minkowski_p"])
     except (OSError, ValueError, SyntaxError) as err:
         # Pillow reports truncated/unreadable files as OSError (UnidentifiedImageError is one).
         return {**result, "status": "corrupt", "error": f"{type(err).__name__}: {err}"}
@@ -118,14 +66,20 @@ def _process_one(job: dict) -> dict:
     return {**result, **info, "status": "converted"}
 
 
-def _previous_manifest(out: Path, size: int) -> pd.DataFrame:
-    """Rows of an earlier run whose output exists and has this run's short side."""
-    path = out / "manifest.csv"
-    if not path.is_file():
+def _previous_manifest(out: Path, cfg: PreprocessConfig) -> pd.DataFrame:
+    """Rows of an earlier run whose output exists and was made with these settings (short
+    side and colour constancy)."""
+    path = out / outputs.MANIFEST
+    report = out / outputs.PREPROCESS_REPORT
+    earlier = json.loads(report.read_text()) if report.is_file() else {}
+    same_colour = (earlier.get("color_constancy", "none"), earlier.get("minkowski_p", 6.0)) == \
+        (cfg.color_constancy, cfg.minkowski_p)
+    if not path.is_file() or not same_colour:
         return pd.DataFrame(columns=MANIFEST_COLUMNS).set_index("image")
     prev = pd.read_csv(path, dtype={"image": str}).set_index("image")
-    exists = np.array([(out / "images" / f"{image}.jpg").is_file() for image in prev.index], dtype=bool)
-    still_valid = (prev[["width", "height"]].min(axis=1) == size).to_numpy() & exists
+    exists = np.array([(out / outputs.PREPARED_IMAGES / f"{image}.jpg").is_file()
+                       for image in prev.index], dtype=bool)
+    still_valid = (prev[["width", "height"]].min(axis=1) == cfg.size).to_numpy() & exists
     return prev[still_valid]
 
 
@@ -151,14 +105,20 @@ def _map(jobs: list[dict], workers: int, stop_on_corrupt: bool):
 
 
 def run(labels: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike,
-        size: int = 256, workers: int | None = None, skip_corrupt: bool = False,
-        draft: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """Resize every labelled image in `images` into `out`; return the report's counts."""
+        config: PreprocessConfig | None = None, *, metadata: str | os.PathLike | None = None,
+        workers: int | None = None, draft: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+        **settings) -> dict:
+    """Resize every labelled image in `images` into `out`; return the report's counts.
+
+    config (or settings such as size=, skip_corrupt=): params.yaml's `preprocess` section.
+    metadata: the metadata CSV; its rows of the kept images are written beside the labels.
+    """
+    cfg = config or PreprocessConfig.from_dict(settings)
+    size, skip_corrupt = cfg.size, cfg.skip_corrupt
     start = time.perf_counter()
     images, out = Path(images), Path(out)
-    if size < 1:
-        raise ValueError(f"size must be positive, got {size}")
-    if (out / "images").resolve() == images.resolve() or out.resolve() == images.resolve():
+    if (out / outputs.PREPARED_IMAGES).resolve() == images.resolve() or \
+            out.resolve() == images.resolve():
         raise ValueError(f"output {out} would overwrite the source images in {images}")
     table = read_labels(labels)
     found = image_index(images)
@@ -166,16 +126,19 @@ def run(labels: str | os.PathLike, images: str | os.PathLike, out: str | os.Path
     n_labels = len(table)
     if missing:
         log.warning("%d labelled images are not in %s (listed in the report)", len(missing), images)
+    if len(missing) == n_labels:
+        raise LabelError(labels, None, f"none of its {n_labels} images is in {images} (as "
+                                       f"<id>.jpg/.jpeg/.png); nothing to preprocess")
     table = table[table["image"].isin(found)].set_index("image")
 
-    prev = _previous_manifest(out, size)
+    prev = _previous_manifest(out, cfg)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         jobs = [{"image": image, "src": str(found[image]), "staging": str(staging), "size": size,
-                 "draft": draft, "max_pixels": max_pixels,
-                 "known_sha256": prev["src_sha256"].get(image)}
+                 "draft": draft, "max_pixels": max_pixels, "color": cfg.color_constancy,
+                 "minkowski_p": cfg.minkowski_p, "known_sha256": prev["src_sha256"].get(image)}
                 for image in table.index]
         workers = workers or os.cpu_count() or 1
         results = list(_map(jobs, workers, stop_on_corrupt=not skip_corrupt))
@@ -187,9 +150,9 @@ def run(labels: str | os.PathLike, images: str | os.PathLike, out: str | os.Path
             if created:
                 out.rmdir()  # leave no trace of a failed first run
             raise CorruptImageError(f"{bad['file']} (image {bad['image']}): {bad['error']}; "
-                                    "nothing was written (use --skip-corrupt to exclude and list bad files)")
+                                    "nothing was written (use --skip_corrupt to exclude and list bad files)")
         rows = _manifest_rows(results, prev, table)
-        _commit(staging, out, rows, prev)
+        _commit(staging, out, rows, prev, _metadata_rows(metadata, rows["image"]))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -197,6 +160,8 @@ def run(labels: str | os.PathLike, images: str | os.PathLike, out: str | os.Path
     seconds = time.perf_counter() - start
     report = {
         "size": size,
+        "color_constancy": cfg.color_constancy,
+        "minkowski_p": cfg.minkowski_p,
         "counts": {"labels": n_labels, "images_found": len(found), "in_manifest": len(rows),
                    "converted": converted, "unchanged": sum(r["status"] == "unchanged" for r in results),
                    "corrupt": len(corrupt), "unlabelled_images": len(unlabelled),
@@ -209,7 +174,7 @@ def run(labels: str | os.PathLike, images: str | os.PathLike, out: str | os.Path
         "seconds": round(seconds, 3),
         "images_per_second": round(converted / seconds, 2) if seconds > 0 else None,
     }
-    atomic.write_json(out / "preprocess_report.json", report)
+    atomic.write_json(out / outputs.PREPROCESS_REPORT, report)
     return {"out": str(out), **report["counts"], "seconds": report["seconds"],
             "images_per_second": report["images_per_second"]}
 
@@ -228,32 +193,62 @@ def _manifest_rows(results: list[dict], prev: pd.DataFrame, table: pd.DataFrame)
     return manifest.reset_index()[MANIFEST_COLUMNS]
 
 
-def _commit(staging: Path, out: Path, manifest: pd.DataFrame, prev: pd.DataFrame) -> None:
-    """Move staged images into OUT/images, drop outputs of images no longer listed, write the manifest."""
-    final = out / "images"
+def _metadata_rows(metadata, kept: pd.Series) -> pd.DataFrame | None:
+    """The metadata CSV's rows of the kept images (every column), or None without one."""
+    if metadata is None:
+        return None
+    table = pd.read_csv(metadata, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    if "image" not in table.columns:
+        raise LabelError(metadata, None, "has no `image` column")
+    return table[table["image"].isin(set(kept))]
+
+
+def _commit(staging: Path, out: Path, manifest: pd.DataFrame, prev: pd.DataFrame,
+            metadata: pd.DataFrame | None) -> None:
+    """Move staged images into OUT/images, drop outputs of images no longer listed, write the
+    manifest and the labels (and metadata) of the images kept: what the split step reads."""
+    final = out / outputs.PREPARED_IMAGES
     final.mkdir(exist_ok=True)
     for path in staging.iterdir():
         os.replace(path, final / path.name)
     for image in set(prev.index) - set(manifest["image"]):
         (final / f"{image}.jpg").unlink(missing_ok=True)
-    with atomic.atomic_path(out / "manifest.csv") as tmp:
-        manifest.to_csv(tmp, index=False)
+    atomic.write_text(out / outputs.KEPT_LABELS, manifest[["image", "class_name"]]
+                      .rename(columns={"class_name": "label"}).to_csv(index=False))
+    if metadata is not None:
+        atomic.write_text(out / outputs.KEPT_METADATA, metadata.to_csv(index=False))
+    atomic.write_text(out / outputs.MANIFEST, manifest.to_csv(index=False))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.preprocess", description=__doc__.splitlines()[0])
+    parser = cli_args.ArgumentParser(prog="python -m components.preprocess",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--labels", required=True, help="labels CSV (any accepted format)")
     parser.add_argument("--images", required=True, help="folder of raw images <id>.jpg/.jpeg/.png")
+    parser.add_argument("--metadata", help="metadata CSV (image, lesion_id, ...) to keep in step")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--size", type=int, default=256, help="short side after resizing (default 256)")
+    cli_args.add_params_flags(parser)
+    parser.add_argument("--size", type=int, help="short side after resizing (preprocess.size)")
+    parser.add_argument("--skip_corrupt", action="store_true", default=None,
+                        help="exclude unreadable images and list them in the report")
+    parser.add_argument("--color_constancy", choices=("none", "shades_of_gray"),
+                        help="preprocess.color_constancy")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    parser.add_argument("--skip-corrupt", action="store_true", help="exclude unreadable images and list them in the report")
-    parser.add_argument("--no-draft", dest="draft", action="store_false", help="decode JPEGs at full size (slower)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit in pixels")
+    parser.add_argument("--no_draft", dest="draft", action="store_false",
+                        help="decode JPEGs at full size (slower)")
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="decompression-bomb limit in pixels")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = run(args.labels, args.images, args.out, size=args.size, workers=args.workers,
-                 skip_corrupt=args.skip_corrupt, draft=args.draft, max_pixels=args.max_pixels)
+    try:
+        cfg = PreprocessConfig.resolve(cli_args.params_paths(args), size=args.size,
+                                       skip_corrupt=args.skip_corrupt,
+                                       color_constancy=args.color_constancy)
+        result = run(args.labels, args.images, args.out, cfg, metadata=args.metadata,
+                     workers=args.workers, draft=args.draft, max_pixels=args.max_pixels)
+    except (ConfigError, LabelError, CorruptImageError) as err:
+        print(f"preprocess: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2))
     return 0
 

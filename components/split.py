@@ -9,14 +9,18 @@ Modes:
 - `paper`: image-level stratified 70/15/15 as Ozdemir & Pacal did. Images of one lesion can
   land in train and test; the report's `test_lesion_leakage` says how often (about 58% of
   test images on ISIC 2019).
+- `source`: cross-site: the sources in `split.test_sources` (`--test_source BCN`, repeatable)
+  are the whole test split; val is a lesion-grouped `val_frac` of the other sources, the rest
+  trains. An image's source is its metadata's `source` column, else its lesion id's prefix
+  (ISIC 2019: BCN, HAM, MSK4), else "unknown" (labels.sources).
 
-Outputs: OUT/train.csv, OUT/val.csv, OUT/test.csv (image,label[,lesion_id], integer labels in
-CLASSES order, sorted by image) and OUT/split_report.json. `split_hash` is the sha256 of the
-three CSVs' bytes, train then val then test: equal hashes mean identical splits.
+Outputs: OUT/train.csv, OUT/val.csv, OUT/test.csv (image,label[,lesion_id][,source], integer
+labels in CLASSES order, sorted by image) and OUT/split_report.json (counts per class, and per
+source, of every split). `split_hash` is the sha256 of the three CSVs' bytes, train then val
+then test: equal hashes mean identical splits.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -30,13 +34,14 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from components import atomic
-from components.labels import CLASSES, read_labels
+from components.common import atomic, cli_args, outputs
+from components.common.config import ConfigError, SplitConfig
+from components.common.labels import CLASSES, LabelError, read_labels, sources
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-MODES = ("grouped", "paper")
+SPLITS = outputs.SPLITS
+MODES = ("grouped", "paper", "source")
 
 
 def _fold_plan(val_frac: float, test_frac: float) -> tuple[int, int, int]:
@@ -73,6 +78,25 @@ def paper_split(labels: np.ndarray, val_frac: float, test_frac: float, seed: int
     return split
 
 
+def source_split(labels: np.ndarray, groups: np.ndarray, source: np.ndarray,
+                 test_sources: tuple[str, ...], val_frac: float, seed: int) -> np.ndarray:
+    """Split index per image: the test sources entire; val a grouped share of the others."""
+    if unknown := sorted(set(test_sources) - set(source)):
+        raise ValueError(f"test sources {unknown} are not in the data; its sources are "
+                         f"{sorted(set(source))}")
+    per_group = pd.DataFrame({"g": groups, "s": source}).groupby("g")["s"].unique()
+    if len(mixed := per_group[per_group.map(len) > 1]):
+        raise ValueError(f"lesion {mixed.index[0]} has images from several sources "
+                         f"({', '.join(sorted(mixed.iloc[0]))}), and {len(mixed) - 1} more "
+                         f"lesions: a lesion must come from one source")
+    split = np.full(len(labels), 2)
+    rest = ~np.isin(source, test_sources)
+    if not rest.any():
+        raise ValueError(f"every image is in a test source {list(test_sources)}: nothing to train on")
+    split[rest] = grouped_split(labels[rest], groups[rest], val_frac, 0.0, seed)
+    return split
+
+
 def _report(table: pd.DataFrame, split: np.ndarray) -> dict:
     """Counts per class and split, class-share deviations, shared lesions and test leakage."""
     overall = np.bincount(table["label"], minlength=len(CLASSES)) / len(table)
@@ -87,6 +111,9 @@ def _report(table: pd.DataFrame, split: np.ndarray) -> dict:
               "counts": counts,
               "max_class_share_deviation_pp": round(100 * max_dev, 3),
               "classes_missing": missing}
+    if "source" in table.columns:
+        report["sources"] = {name: table["source"][split == s].value_counts().sort_index()
+                             .to_dict() for s, name in enumerate(SPLITS)}
     if "lesion_id" in table.columns:
         lesions = {name: set(table["lesion_id"][split == s].dropna()) for s, name in enumerate(SPLITS)}
         report["lesions_shared"] = {
@@ -100,24 +127,34 @@ def _report(table: pd.DataFrame, split: np.ndarray) -> dict:
     return report
 
 
-def run(labels: str | os.PathLike, out: str | os.PathLike, metadata: str | os.PathLike | None = None,
-        mode: str = "grouped", seed: int = 0, val_frac: float = 0.15, test_frac: float = 0.15) -> dict:
-    """Write train/val/test CSVs and split_report.json into `out`; return the report."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
-        raise ValueError(f"need 0 < val_frac, test_frac and val_frac + test_frac < 1, got {val_frac}, {test_frac}")
+def run(labels: str | os.PathLike, out: str | os.PathLike, config: SplitConfig | None = None,
+        *, metadata: str | os.PathLike | None = None, **settings) -> dict:
+    """Write train/val/test CSVs and split_report.json into `out`; return the report.
+
+    config (or settings such as mode=, seed=): params.yaml's `split` section.
+    """
+    cfg = config or SplitConfig.from_dict(settings)
+    mode, seed, val_frac, test_frac = cfg.mode, cfg.seed, cfg.val_frac, cfg.test_frac
     table = read_labels(labels, metadata=metadata)
+    if "lesion_id" in table.columns or "source" in table.columns:
+        table["source"] = sources(table)
     y = table["label"].to_numpy()
+    groups = (table["lesion_id"].fillna(table["image"]) if "lesion_id" in table.columns
+              else table["image"]).to_numpy(dtype=str)
     if mode == "grouped":
         if "lesion_id" not in table.columns:
             log.warning("no lesion_id (give --metadata): grouping by image, as in paper mode but fold-based")
-        groups = table["lesion_id"].fillna(table["image"]) if "lesion_id" in table.columns else table["image"]
-        split = grouped_split(y, groups.to_numpy(dtype=str), val_frac, test_frac, seed)
+        split = grouped_split(y, groups, val_frac, test_frac, seed)
+    elif mode == "source":
+        if "source" not in table.columns:
+            raise ValueError("split.mode source needs a source or lesion_id per image (give "
+                             "--metadata)")
+        split = source_split(y, groups, table["source"].to_numpy(dtype=str),
+                             tuple(cfg.test_sources), val_frac, seed)
     else:
         split = paper_split(y, val_frac, test_frac, seed)
 
-    columns = ["image", "label"] + (["lesion_id"] if "lesion_id" in table.columns else [])
+    columns = ["image", "label"] + [c for c in ("lesion_id", "source") if c in table.columns]
     out = Path(out)
     digest = hashlib.sha256()
     for s, name in enumerate(SPLITS):
@@ -125,31 +162,42 @@ def run(labels: str | os.PathLike, out: str | os.PathLike, metadata: str | os.Pa
         table.loc[split == s, columns].sort_values("image").to_csv(buffer, index=False, lineterminator="\n")
         data = buffer.getvalue().encode("utf-8")
         digest.update(data)
-        atomic.write_bytes(out / f"{name}.csv", data)
+        atomic.write_bytes(out / outputs.split_csv(name), data)
 
     report = {"mode": mode, "seed": seed, "val_frac": val_frac, "test_frac": test_frac,
+              **({"test_sources": list(cfg.test_sources)} if mode == "source" else {}),
               "labels": str(labels), "metadata": str(metadata) if metadata else None,
               **_report(table, split), "split_hash": digest.hexdigest()}
     for name, classes in report["classes_missing"].items():
         if classes:
             log.warning("%s split has no image of %s", name, ", ".join(classes))
-    atomic.write_json(out / "split_report.json", report)
+    atomic.write_json(out / outputs.SPLIT_REPORT, report)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.split", description=__doc__.splitlines()[0])
+    parser = cli_args.ArgumentParser(prog="python -m components.split",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--labels", required=True, help="labels CSV (any accepted format)")
     parser.add_argument("--metadata", help="metadata CSV with image and lesion_id columns")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--mode", choices=MODES, default="grouped")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-frac", type=float, default=0.15)
-    parser.add_argument("--test-frac", type=float, default=0.15)
+    cli_args.add_params_flags(parser)
+    parser.add_argument("--mode", choices=MODES)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--val_frac", type=float)
+    parser.add_argument("--test_frac", type=float)
+    parser.add_argument("--test_source", action="append", dest="test_sources",
+                        help="mode source: a source held out as the test split (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report = run(args.labels, args.out, metadata=args.metadata, mode=args.mode, seed=args.seed,
-                 val_frac=args.val_frac, test_frac=args.test_frac)
+    try:
+        cfg = SplitConfig.resolve(cli_args.params_paths(args), mode=args.mode, seed=args.seed,
+                                  val_frac=args.val_frac, test_frac=args.test_frac,
+                                  test_sources=args.test_sources)
+        report = run(args.labels, args.out, cfg, metadata=args.metadata)
+    except (ConfigError, LabelError, ValueError) as err:
+        print(f"split: {err}", file=sys.stderr)
+        return 1
     print(json.dumps({k: report[k] for k in ("sizes", "max_class_share_deviation_pp", "split_hash")}
                      | {k: report[k] for k in ("lesions_shared", "test_lesion_leakage") if k in report}, indent=2))
     return 0

@@ -1,9 +1,10 @@
 """Train the hybrid ConvNeXtV2 classifier: `python -m components.train` (or `skinlesion train`).
 
-Settings come from the paper's recipe (TrainConfig's defaults), then `--config params.yaml`'s
-`train` section, then the flags. Writes into --out_dir: checkpoint_last.pt every epoch,
-checkpoint_best.pt on a better validation balanced accuracy of the EMA weights,
-ema_weights.pt and training_summary.json at the end. Logs one MLflow run (see tracking.py).
+Settings: TrainConfig's defaults (= params.yaml's `train` section), then `--params` files,
+then the flags. Writes into --out_dir: checkpoint_last.pt every epoch, checkpoint_best.pt on a
+better validation balanced accuracy of the EMA weights, ema_weights.pt and
+training_summary.json at the end. Logs one MLflow run (training/run_record.py) holding the
+serving model; `--no_mlflow` imports no mlflow at all.
 
     python -m components.train --train_csv data/splits/train.csv --val_csv data/splits/val.csv \\
         --img_dir data/prepared/images --class_weights data/class_weights.json \\
@@ -16,99 +17,40 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import fcntl
+import hashlib
 import json
 import os
 import random
-import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
-import yaml
-from sklearn.utils.class_weight import compute_class_weight
 
-from . import atomic, checkpoint, tracking
-from .dataset import SplitDataset, read_split
-from .inputs import choose_resident, make_input
-from .labels import CLASSES, LabelError
-from .samplers import epoch_seed, make_sampler
-from .trainer import BEST, LAST, Runtime, Trainer, init_runtime
+from components.common import atomic, cli_args, outputs, tracking
+from components.common.config import ConfigError, TrainConfig
+from components.common.labels import LabelError
+from components.training import checkpoint, run_record, trainjob
+from components.training.balance import class_balance
+from components.training.dataset import SplitDataset, read_split
+from components.training.inputs import choose_resident, make_input
+from components.training.losses import SoftTargetCrossEntropy
+from components.training.out_dir import TrainingRefused, exclusive, lineage, refuse_clobbering
+from components.training.samplers import epoch_seed, make_sampler
+from components.training.trainer import NonFiniteLoss, Runtime, Trainer, init_runtime
 
-LOCK = ".train.lock"
-SUMMARY = "training_summary.json"
-
-
-class TrainingRefused(RuntimeError):
-    """The out dir is in use or would be overwritten."""
+__all__ = ["TrainConfig", "TrainingRefused", "run", "main"]
 
 
-@dataclass
-class TrainConfig:
-    """Hyper-parameters (params.yaml `train`). Defaults: the paper's recipe."""
-    preset: str = "paper"
-    pretrained: bool | str = False   # True: ImageNet ConvNeXtV2-base from the hub; or a path
-    dims: tuple[int, ...] | None = None     # override the preset's widths (tiny test models)
-    depths: tuple[int, ...] | None = None
-    img_size: int = 224
-    epochs: int = 100
-    batch_size: int = 32             # per process
-    peak_lr: float = 0.01
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-5
-    min_lr: float = 1e-6
-    momentum: float = 0.9
-    weight_decay: float = 2e-5
-    mixup_alpha: float = 0.4         # 0 disables mixup
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True          # timm's decay warm-up: short runs still get a useful EMA
-    class_weighted_loss: bool = True
-    weighted_sampler: bool = True
-    augment: bool = True
-    grad_clip: float = 0.0           # 0 disables clipping
-    drop_path_rate: float = 0.1
-    num_workers: int = 4
-    seed: int = 0
-    compile: bool = False
-    gpu_resident: str = "auto"       # auto | on | off
-    gpu_resident_max_share: float = 0.5
-
-    @classmethod
-    def resolve(cls, config_file: str | os.PathLike | None = None, **overrides) -> "TrainConfig":
-        """Defaults <- the file's `train` section <- overrides that are not None."""
-        values = {}
-        if config_file is not None:
-            values = (yaml.safe_load(Path(config_file).read_text()) or {}).get("train") or {}
-        values |= {k: v for k, v in overrides.items() if v is not None}
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(values) - known):
-            source = config_file or "arguments"
-            raise ValueError(f"unknown train settings {unknown} (from {source})")
-        for key in ("dims", "depths"):
-            if values.get(key) is not None:
-                values[key] = tuple(int(v) for v in values[key])
-        return cls(**values)
-
-    def for_overfit(self) -> "TrainConfig":
-        """Memorise a few images: no augmentation, mixup, drop path, sampler or weight decay."""
-        return dataclasses.replace(self, augment=False, mixup_alpha=0.0, drop_path_rate=0.0,
-                                   weighted_sampler=False, weight_decay=0.0)
-
-
-def run(train_csv: str | os.PathLike, img_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-        val_csv: str | os.PathLike | None = None, test_csv: str | os.PathLike | None = None,
-        class_weights: str | os.PathLike | None = None, config: TrainConfig | None = None,
-        resume: str | os.PathLike | None = None, overfit_n: int | None = None,
+def run(train_csv, img_dir, out_dir, *, val_csv=None, test_csv=None, class_weights=None,
+        config: TrainConfig | None = None, resume=None, overfit_n: int | None = None,
         mlflow: bool = True, experiment: str = tracking.DEFAULT_EXPERIMENT,
         stop_after_epoch: int | None = None, resume_fallback: bool = False) -> dict:
     """Train; returns the training summary (also written to out_dir/training_summary.json).
 
+    class_weights: the class_weights step's JSON (default: inverse frequency of train_csv).
     overfit_n: train and validate on the same first n training images (a sanity check).
     stop_after_epoch: end this invocation after that many epochs, as a preemption would;
         `resume` continues exactly where it stopped.
@@ -119,6 +61,9 @@ def run(train_csv: str | os.PathLike, img_dir: str | os.PathLike, out_dir: str |
     out_dir = Path(out_dir)
     if overfit_n:
         cfg, val_csv = cfg.for_overfit(), None
+    if resume == AUTO:
+        resume = auto_resume(out_dir, settings_fingerprint(cfg, train_csv, val_csv,
+                                                           class_weights, img_dir, overfit_n))
     rt = init_runtime()
     _seed_everything(cfg.seed)  # the same initial weights on every rank
     started = time.time()
@@ -134,60 +79,91 @@ def run(train_csv: str | os.PathLike, img_dir: str | os.PathLike, out_dir: str |
         if overfit_n:
             train_frame = train_frame.iloc[:overfit_n]
         val_frame = train_frame if overfit_n else (read_split(val_csv) if val_csv else None)
-        weights = _class_weights(class_weights, train_frame)
-        run_config = {"train": dataclasses.asdict(cfg), "train_csv": str(train_csv),
+        weights, priors = class_balance(class_weights, train_frame)
+        inputs = lineage(train_csv, img_dir)
+        fingerprint = settings_fingerprint(cfg, train_csv, val_csv, class_weights, img_dir,
+                                           overfit_n)
+        run_config = {"train": cfg.as_dict(), "train_csv": str(train_csv),
                       "val_csv": str(val_csv), "test_csv": str(test_csv), "img_dir": str(img_dir),
                       "class_weights": str(class_weights), "overfit_n": overfit_n,
-                      "world_size": rt.world_size}
+                      "world_size": rt.world_size, "fingerprint": fingerprint}
 
-        train_set = SplitDataset(train_frame, img_dir)
-        val_set = SplitDataset(val_frame, img_dir) if val_frame is not None else None
-        n_resident = len(train_set) + (len(val_set) if val_set else 0)
-        resident = choose_resident(cfg.gpu_resident, n_resident, cfg.img_size, rt.device,
-                                   cfg.gpu_resident_max_share)
-        sampler = make_sampler(train_set.targets, weights if cfg.weighted_sampler else None,
-                               seed=cfg.seed, num_replicas=rt.world_size, rank=rt.rank)
-        common = dict(resident=resident, img_size=cfg.img_size, batch_size=cfg.batch_size,
-                      device=rt.device, num_workers=cfg.num_workers)
-        train_input = make_input(train_set, augment=cfg.augment, sampler=sampler, drop_last=True,
-                                 seed=cfg.seed + rt.rank, **common)
-        val_input = (make_input(val_set, augment=False, **common)
-                     if val_set is not None and rt.is_main else None)
-
-        trainer = Trainer(cfg, rt, train_input, val_input,
-                          weights if cfg.class_weighted_loss else None, run_, out_dir, run_config)
+        train_input, val_input, common = _inputs(cfg, rt, train_frame, val_frame, img_dir,
+                                                 weights)
+        criterion = SoftTargetCrossEntropy(
+            weights if cfg.class_weighted_loss else None,
+            priors.log() if cfg.logit_adjust_tau else None, cfg.logit_adjust_tau)
+        trainer = Trainer(cfg, rt, train_input, val_input, criterion, run_, out_dir, run_config,
+                          lineage=inputs)
         if ckpt is not None:
             trainer.restore(ckpt)  # rank 0's generators too
         if not rt.is_main:  # other ranks draw their own augmentations from here
             _seed_everything(epoch_seed(cfg.seed + rt.rank, trainer.state.epoch))
         if ckpt is None and rt.is_main:
-            _log_run_start(run_, cfg, run_config, rt, img_dir, train_csv, val_csv, train_frame,
-                           val_frame)
-        _print_start(rt, cfg, resident, len(train_set), len(val_set) if val_set else 0, trainer)
+            frames = {"training": (train_frame, train_csv)}
+            if val_frame is not None and val_csv:
+                frames["validation"] = (val_frame, val_csv)
+            run_record.log_start(run_, cfg, run_config, rt.device, rt.world_size, inputs,
+                                 img_dir, frames)
+        _print_start(rt, cfg, common["resident"], len(train_frame),
+                     len(val_frame) if val_frame is not None else 0, trainer)
 
         state = trainer.fit(stop_after_epoch)
         summary = None
         if rt.is_main:
             summary = _finish(trainer, state, run_, out_dir, test_csv, img_dir, common, started,
-                              resident)
+                              inputs)
     if summary is not None and run_.failure != summary["tracking_error"]:  # failed at the end
         summary["tracking_error"] = run_.failure
-        atomic.write_json(out_dir / SUMMARY, summary)
+        atomic.write_json(out_dir / outputs.TRAINING_SUMMARY, summary)
     if rt.world_size > 1:
         dist.destroy_process_group()
     return summary
 
 
 # -- before training --------------------------------------------------------------------------
+AUTO = "auto"
+
+
+def settings_fingerprint(cfg: TrainConfig, train_csv, val_csv, class_weights, img_dir,
+                         overfit_n) -> str:
+    """sha256 of what a training's result depends on: the settings and the input files (split
+    CSVs, class weights, the preprocess report naming the images)."""
+    digest = hashlib.sha256(json.dumps([cfg.as_dict(), overfit_n], sort_keys=True,
+                                       default=str).encode())
+    report = Path(img_dir).parent / outputs.PREPROCESS_REPORT
+    for path in (train_csv, val_csv, class_weights, report if report.is_file() else None):
+        digest.update(Path(path).read_bytes() if path else b"-")
+    return digest.hexdigest()
+
+
+def auto_resume(out_dir: Path, fingerprint: str) -> Path | None:
+    """`--resume auto`: out_dir's last checkpoint when it was made with the same settings and
+    inputs (an interrupted `dvc repro` rerun), else None: start over, replacing it."""
+    last = out_dir / outputs.CHECKPOINT_LAST
+    if not last.exists():
+        return None
+    try:
+        found, used = checkpoint.load_for_resume(last, fallback=True)
+    except checkpoint.CheckpointError as err:
+        print(f"train: {err}; starting over", file=sys.stderr)
+        found, used = None, None
+    if found is not None and found.get("train_config", {}).get("fingerprint") == fingerprint:
+        print(f"train: resuming {used} (epoch {found['epoch']}): same settings and inputs",
+              flush=True)
+        return used
+    print(f"train: {last} was made with other settings or inputs; starting over and replacing "
+          f"it (--resume auto)", flush=True)
+    for name in (outputs.CHECKPOINT_LAST, outputs.CHECKPOINT_PREV, outputs.CHECKPOINT_BEST):
+        (out_dir / name).unlink(missing_ok=True)
+    return None
+
+
 def _preflight(stack: contextlib.ExitStack, out_dir: Path, resume, use_mlflow: bool,
                experiment: str, resume_fallback: bool = False):
     """Refuse a clobbering or concurrent run; load the checkpoint; open the MLflow run."""
-    if resume is None and (out_dir / LAST).exists():
-        raise TrainingRefused(f"{out_dir} already holds {LAST}: pass --resume {out_dir / LAST} to "
-                         f"continue it, or choose another --out_dir")
-    stack.enter_context(_exclusive(out_dir))
-    for stale in [*out_dir.glob(".*.tmp"), *out_dir.glob(".*.link")]:
-        stale.unlink()  # writes a killed run never committed (atomic.py); ours is the lock now
+    refuse_clobbering(out_dir, resume)
+    stack.enter_context(exclusive(out_dir))
     ckpt = checkpoint.load_for_resume(resume, resume_fallback)[0] if resume is not None else None
     run_ = tracking.Run()
     if use_mlflow:
@@ -198,26 +174,23 @@ def _preflight(stack: contextlib.ExitStack, out_dir: Path, resume, use_mlflow: b
     return ckpt, run_
 
 
-@contextlib.contextmanager
-def _exclusive(out_dir: Path):
-    """Hold out_dir/.train.lock for the whole run; a second training into it refuses.
-
-    flock, not a mere file: the kernel releases it when the holder dies, so a killed run
-    never leaves a stale lock behind.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
-            raise TrainingRefused(f"{out_dir} is in use by another training ({holder}); wait "
-                                  f"for it or choose another --out_dir") from None
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        yield
+def _inputs(cfg: TrainConfig, rt: Runtime, train_frame, val_frame, img_dir, weights):
+    """(train input, val input or None, the settings both share): the device-resident path
+    when the images fit (or are asked to), else the DataLoader; the sampler per the recipe."""
+    train_set = SplitDataset(train_frame, img_dir)
+    val_set = SplitDataset(val_frame, img_dir) if val_frame is not None else None
+    n_resident = len(train_set) + (len(val_set) if val_set else 0)
+    resident = choose_resident(cfg.gpu_resident, n_resident, cfg.img_size, rt.device,
+                               cfg.gpu_resident_max_share)
+    sampler = make_sampler(train_set.targets, weights if cfg.weighted_sampler else None,
+                           seed=cfg.seed, num_replicas=rt.world_size, rank=rt.rank)
+    common = dict(resident=resident, img_size=cfg.img_size, batch_size=cfg.batch_size,
+                  device=rt.device, num_workers=cfg.num_workers)
+    train_input = make_input(train_set, augment=cfg.augment, sampler=sampler, drop_last=True,
+                             seed=cfg.seed + rt.rank, **common)
+    val_input = (make_input(val_set, augment=False, **common)
+                 if val_set is not None and rt.is_main else None)
+    return train_input, val_input, common
 
 
 def _collective(rt: Runtime, fn):
@@ -238,77 +211,27 @@ def _collective(rt: Runtime, fn):
     return result
 
 
-def _class_weights(path, frame: pd.DataFrame) -> torch.Tensor:
-    """Loss / sampler weights per class: the class_weights step's JSON, else inverse
-    frequency ("balanced") over the training split, 0 for a class it lacks."""
-    if path is not None:
-        data = json.loads(Path(path).read_text())
-        if list(data["classes"]) != list(CLASSES):
-            raise ValueError(f"{path}: classes {data['classes']} are not {list(CLASSES)}")
-        return torch.tensor(data["weights"], dtype=torch.float32)
-    labels = frame["label"].to_numpy()
-    present = np.unique(labels)
-    weights = np.zeros(len(CLASSES), dtype=np.float32)
-    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
-    return torch.from_numpy(weights)
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _split_report(train_csv) -> dict:
-    """The split step's report beside the train CSV (mode, split_hash), when there is one."""
-    path = Path(train_csv).parent / "split_report.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def run_name(cfg: TrainConfig, split_mode: str) -> str:
-    """What tells runs apart at a glance in `skinlesion runs` and the MLflow UI."""
-    size = "" if cfg.img_size == 224 else f"-i{cfg.img_size}"
-    return f"{cfg.preset}-{split_mode}-e{cfg.epochs}-s{cfg.seed}{size}"
-
-
-def _log_run_start(run_, cfg, run_config, rt, img_dir, train_csv, val_csv, train_frame,
-                   val_frame):
-    digest = tracking.data_hash(img_dir, [p for p in (train_csv, val_csv) if p])
-    split = _split_report(train_csv)
-    split_mode = split.get("mode", "unknown")
-    run_.log_params(run_config)
-    run_.set_tags({"mlflow.runName": run_name(cfg, split_mode), "split_mode": split_mode,
-                   "split_hash": split.get("split_hash", "unknown"),
-                   "git_commit": tracking.git_commit(), "data_hash": digest,
-                   "device": _device_name(rt), "world_size": str(rt.world_size)})
-    frames = {"training": (train_frame, train_csv)}
-    if val_frame is not None and val_csv:
-        frames["validation"] = (val_frame, val_csv)
-    run_.log_datasets(frames, digest)
-
-
-def _device_name(rt: Runtime) -> str:
-    if rt.device.type == "cuda":
-        return torch.cuda.get_device_name(rt.device)
-    return f"cpu ({os.cpu_count()} cores)"
-
-
 def _print_start(rt, cfg, resident, n_train, n_val, trainer) -> None:
     if rt.is_main:
         path = "GPU-resident" if resident else f"DataLoader ({cfg.num_workers} workers)"
-        print(f"training on {_device_name(rt)} x{rt.world_size}: {n_train} train / {n_val} val "
-              f"images, {trainer.steps_per_epoch} steps/epoch, input {path}, "
+        print(f"training on {run_record.device_name(rt.device)} x{rt.world_size}: {n_train} "
+              f"train / {n_val} val images, {trainer.steps_per_epoch} steps/epoch, input {path}, "
               f"from epoch {trainer.state.epoch}", flush=True)
 
 
 # -- after training (rank 0) ------------------------------------------------------------------
 def _finish(trainer: Trainer, state, run_, out_dir: Path, test_csv, img_dir, common: dict,
-            started: float, resident: bool) -> dict:
-    """Save the EMA weights, test them, log the model, write training_summary.json."""
-    cfg = trainer.cfg
-    completed = state.epoch >= cfg.epochs
-    paths = {"checkpoint_last": str(out_dir / LAST),
-             "checkpoint_best": str(out_dir / BEST) if state.best else None}
+            started: float, inputs: dict) -> dict:
+    """Save the EMA weights, test them, log the served model, write training_summary.json."""
+    completed = state.epoch >= trainer.cfg.epochs
+    paths = {"checkpoint_last": str(out_dir / outputs.CHECKPOINT_LAST),
+             "checkpoint_best": str(out_dir / outputs.CHECKPOINT_BEST) if state.best else None}
     test = None
     if completed:
         paths["ema_weights"] = str(trainer.save_ema_weights())
@@ -317,22 +240,20 @@ def _finish(trainer: Trainer, state, run_, out_dir: Path, test_csv, img_dir, com
                                     **common)
             test = trainer.validate(trainer.ema.module, "test_ema", test_input)
             run_.log_metrics(test, step=state.epoch)
-        # Logged from the saved file: a clean fp32 CPU copy, and a check that the file loads.
-        model, _ = checkpoint.load_model(paths["ema_weights"])
-        paths["mlflow_model_uri"] = run_.log_model(model, cfg.img_size, len(CLASSES))
+        paths["mlflow_model_uri"] = run_record.log_served_model(run_, paths["ema_weights"])
     summary = {
         "completed": completed, "epochs": state.epoch, "steps": state.step,
         "best_epoch": state.best["epoch"] if state.best else None,
         "best": state.best, "final": state.history[-1] if state.history else None,
         "test": test, "mlflow_run_id": run_.run_id,
         "tracking_uri": tracking.redact(tracking.tracking_uri()) if run_.active else None,
-        "tracking_error": run_.failure,
-        "input_path": "gpu-resident" if resident else "dataloader",
+        "tracking_error": run_.failure, "split_hash": inputs.get("split_hash"),
+        "input_path": "gpu-resident" if common["resident"] else "dataloader",
         "seconds": round(time.time() - started, 1), "paths": paths,
     }
-    atomic.write_json(out_dir / SUMMARY, summary)
+    atomic.write_json(out_dir / outputs.TRAINING_SUMMARY, summary)
     print(f"done: {state.epoch} epochs, best {state.best}, test {test}; summary in "
-          f"{out_dir / SUMMARY}", flush=True)
+          f"{out_dir / outputs.TRAINING_SUMMARY}", flush=True)
     return summary
 
 
@@ -345,9 +266,8 @@ def _pretrained(text: str) -> bool | str:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m components.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli_args.ArgumentParser:
+    p = cli_args.ArgumentParser(prog="python -m components.train", description=__doc__)
     io = p.add_argument_group("data and outputs")
     io.add_argument("--train_csv", required=True)
     io.add_argument("--val_csv")
@@ -356,13 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--class_weights", help="JSON from the class_weights step (default: "
                     "inverse frequency over --train_csv)")
     io.add_argument("--out_dir", default="outputs/train")
-    io.add_argument("--resume", help="checkpoint to continue (and its MLflow run)")
+    io.add_argument("--resume", help="checkpoint to continue (and its MLflow run); `auto`: "
+                    "continue --out_dir's checkpoint when it was made with the same settings and "
+                    "inputs, else start over replacing it (the DVC stage uses this)")
     io.add_argument("--resume_fallback", action="store_true",
                     help="if the --resume file is unreadable, continue from checkpoint_prev.pt")
-    io.add_argument("--config", help="YAML whose `train` section sets the defaults (params.yaml)")
-    io.add_argument("--no-mlflow", dest="mlflow", action="store_false")
+    cli_args.add_params_flags(io, "--config")
+    io.add_argument("--no_mlflow", dest="mlflow", action="store_false",
+                    help="log nothing and import no mlflow")
     io.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT,
                     help="MLflow experiment (MLFLOW_EXPERIMENT_NAME wins)")
+    scale = p.add_argument_group(
+        "scale-out on Kubeflow Trainer (nodes x gpus_per_node > 1; paths as the pods see them)")
+    scale.add_argument("--nodes", type=int, help="nodes (pods) of the TrainJob")
+    scale.add_argument("--gpus_per_node", type=int, help="GPUs (DDP processes) per node")
+    scale.add_argument("--image", help="the project's image the nodes run")
+    scale.add_argument("--pvc", help="ReadWriteMany volume holding data and outputs, mounted "
+                                     f"at {trainjob.MOUNT}")
+    scale.add_argument("--namespace", help="Kubernetes namespace (default: the kubeconfig's)")
     dev = p.add_argument_group("sanity checks")
     dev.add_argument("--overfit_mode", action="store_true",
                      help="train and validate on the same --overfit_n training images")
@@ -370,40 +301,46 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--stop_after_epoch", type=int,
                      help="stop after this many epochs (as a preemption would); --resume goes on")
 
-    hp = p.add_argument_group("hyper-parameters (override --config; defaults: the paper's)")
+    hp = p.add_argument_group("hyper-parameters (override --params; defaults: params.yaml's)")
     flag = argparse.BooleanOptionalAction
     for name, kind in (("epochs", int), ("batch_size", int), ("peak_lr", float),
                        ("warmup_epochs", int), ("warmup_lr", float), ("min_lr", float),
                        ("momentum", float), ("weight_decay", float), ("mixup_alpha", float),
                        ("ema_decay", float), ("grad_clip", float), ("drop_path_rate", float),
                        ("num_workers", int), ("seed", int), ("img_size", int), ("preset", str),
-                       ("gpu_resident_max_share", float)):
+                       ("logit_adjust_tau", float), ("gpu_resident_max_share", float)):
         hp.add_argument(f"--{name}", type=kind)
     hp.add_argument("--pretrained", type=_pretrained, nargs="?", const=True,
                     help="ImageNet ConvNeXtV2-base weights: from the hub, or a file path")
     hp.add_argument("--dims", type=_ints, help="stage widths, e.g. 16,32,48,64")
     hp.add_argument("--depths", type=_ints, help="stage depths, e.g. 1,1,1,1")
     hp.add_argument("--gpu_resident", choices=("auto", "on", "off"))
+    hp.add_argument("--lr_scaling", choices=("linear", "none"),
+                    help="with several processes: the learning rate x world size, or not")
     for name in ("compile", "ema_warmup", "class_weighted_loss", "weighted_sampler", "augment"):
         hp.add_argument(f"--{name}", action=flag, default=None)
     return p
 
 
-HP_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+HP_FLAGS = tuple(TrainConfig.__dataclass_fields__)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = TrainConfig.resolve(args.config, **{k: getattr(args, k) for k in HP_FLAGS})
     try:
+        cfg = TrainConfig.resolve(cli_args.params_paths(args),
+                                  **{k: getattr(args, k) for k in HP_FLAGS})
+        if cfg.world_size > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
+            return _submit_trainjob(args, cfg, sys.argv[1:] if argv is None else argv)
         summary = run(args.train_csv, args.img_dir, args.out_dir, val_csv=args.val_csv,
-            test_csv=args.test_csv, class_weights=args.class_weights, config=cfg,
-            resume=args.resume, overfit_n=args.overfit_n if args.overfit_mode else None,
-            mlflow=args.mlflow, experiment=args.experiment,
-            stop_after_epoch=args.stop_after_epoch, resume_fallback=args.resume_fallback)
+                      test_csv=args.test_csv, class_weights=args.class_weights, config=cfg,
+                      resume=args.resume, overfit_n=args.overfit_n if args.overfit_mode else None,
+                      mlflow=args.mlflow, experiment=args.experiment,
+                      stop_after_epoch=args.stop_after_epoch,
+                      resume_fallback=args.resume_fallback)
     except (checkpoint.CheckpointError, tracking.TrackingUnreachable, TrainingRefused,
-            LabelError, FileNotFoundError) as err:
-        print(f"train: {err}", file=sys.stderr)
+            LabelError, ConfigError, NonFiniteLoss, FileNotFoundError) as err:
+        print(f"train: {tracking.scrub(str(err))}", file=sys.stderr)
         return 1
     if summary and summary.get("tracking_error"):
         print(f"train: {summary['tracking_error']}. Training ran to epoch {summary['epochs']} and "
@@ -411,6 +348,30 @@ def main(argv: list[str] | None = None) -> int:
               f"is incomplete", file=sys.stderr)
         return 1
     return 0
+
+
+def _submit_trainjob(args, cfg: TrainConfig, argv: list[str]) -> int:
+    """The same command on N nodes x G GPUs of a cluster (training/trainjob.py)."""
+    if not (args.image and args.pvc):
+        raise ConfigError(f"train.nodes x train.gpus_per_node = {cfg.world_size}: distributed "
+                          f"training runs as a Kubeflow Trainer TrainJob; give --image and --pvc "
+                          f"(or torchrun --nproc-per-node {cfg.gpus_per_node} -m components.train "
+                          f"... on one machine)")
+    dropped = {"--image", "--pvc", "--namespace"}
+    forwarded, skip = [], False
+    for arg in argv:  # the nodes get the same flags, minus where to submit
+        if skip:
+            skip = False
+        elif arg.split("=")[0].replace("-", "_") in {d.replace("-", "_") for d in dropped}:
+            skip = "=" not in arg
+        else:
+            forwarded.append(arg)
+    req = trainjob.TrainJobRequest(
+        image=args.image, nodes=cfg.nodes, gpus_per_node=cfg.gpus_per_node,
+        train_args=forwarded, pvc=args.pvc, namespace=args.namespace,
+        name=trainjob.job_name(), secrets=trainjob.SECRETS,
+        env={k: os.environ[k] for k in trainjob.PASSED_ENV if os.environ.get(k)})
+    return trainjob.main_submit(req)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Ozdemir & Pacal, "A robust deep learning framework for multiclass skin cancer classification",
 Sci Rep 2025, 15:4938. A CAFormer-style four-stage MetaFormer whose stages 1-2 are ConvNeXtV2
 blocks and whose stages 3-4 use separable self-attention as the token mixer. The paper gives no
-channel widths; the `paper` preset is the reading in shared/DESIGN.md that reproduces its
+channel widths; the `paper` preset is the reading in docs/DESIGN.md that reproduces its
 21.92M parameters.
 """
 from __future__ import annotations

@@ -1,17 +1,19 @@
-"""KFP v2 lightweight components: one per pipeline step, each a thin call of
-`components.<step>.run` inside the project's image.
+"""KFP v2 lightweight components: one per pipeline step, each a thin call of the same
+`components.<step>.run` that the DVC stage and the CLI call.
 
 Rules every component here follows:
 
-* `base_image` is the project's image (`IMAGE` below, read when this module is imported)
-  and `install_kfp_package=False`: the image already has kfp and the project installed, and
-  nothing is pip-installed at run time.
+* `base_image` is the project's image (`IMAGE` below) and `install_kfp_package=False`: the
+  image already has kfp and the project installed, and nothing is pip-installed at run time.
 * The body imports project code itself (`from components import split`): KFP ships only the
   function's source to the container.
+* A step's settings arrive as its params.yaml section, a dict (`train_params`, ...); the
+  step's config class reads it (`TrainConfig.from_dict`), which also undoes protobuf
+  Struct's turning every number into a float.
+* Folders are passed as artifacts whose layout is components/common/outputs.py's, so the
+  steps find their files exactly as under DVC.
 * Every output artifact's `.metadata` carries the raw data's provenance (`data_hash`,
   `data_source`, `data_rev`, see `pipeline.data`), copied from the input artifacts.
-* Nested dict parameters arrive through protobuf Struct, where every number is a float
-  (100 -> 100.0); `_ints` turns integral floats back into ints before a step sees them.
 """
 # no `from __future__ import annotations`: KFP reads these annotations at decoration time
 
@@ -28,9 +30,9 @@ from kfp.dsl import (
     Output,
 )
 
-# The one image every KFP step runs in (built from the project's Dockerfile; keep its tag on
-# the project's version). SKINLESION_IMAGE overrides it when this module is imported;
-# `skinlesion pipeline compile --image` rewrites it in the compiled YAML.
+# The one image every KFP step runs in (built by `make image` from the project's Dockerfile;
+# its tag follows the project's version). SKINLESION_IMAGE overrides it when this module is
+# imported; `skinlesion pipeline compile --image` rewrites it in the compiled YAML.
 DEFAULT_IMAGE = "ghcr.io/skinlesion/skinlesion:0.1.0"
 IMAGE_ENV = "SKINLESION_IMAGE"
 IMAGE = os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
@@ -59,17 +61,20 @@ def materialise_data(
 def preprocess(
     raw: Input[Dataset],
     prepared: Output[Dataset],
-    size: int = 256,
-    skip_corrupt: bool = False,
+    preprocess_params: dict,
 ):
-    """components.preprocess.run: resize every labelled image once."""
+    """components.preprocess.run: resize every labelled image once; keep the labels (and
+    metadata) of the images kept."""
     import os
 
     from components import preprocess as step
+    from components.common.config import PreprocessConfig
     from pipeline.data import provenance
 
+    metadata = os.path.join(raw.path, "metadata.csv")
     result = step.run(os.path.join(raw.path, "labels.csv"), os.path.join(raw.path, "images"),
-                      prepared.path, size=size, skip_corrupt=skip_corrupt)
+                      prepared.path, PreprocessConfig.from_dict(preprocess_params, "pipeline"),
+                      metadata=metadata if os.path.isfile(metadata) else None)
     prepared.metadata.update(provenance(raw.metadata))
     prepared.metadata.update({k: v for k, v in result.items()
                               if k != "out" and isinstance(v, (int, float, str, bool))})
@@ -77,40 +82,44 @@ def preprocess(
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def split(
-    raw: Input[Dataset],
+    prepared: Input[Dataset],
     splits: Output[Dataset],
-    mode: str = "grouped",
-    seed: int = 0,
-    val_frac: float = 0.15,
-    test_frac: float = 0.15,
+    split_params: dict,
 ):
-    """components.split.run: train/val/test CSVs (grouped by lesion_id when metadata.csv exists)."""
+    """components.split.run over the images preprocess kept (grouped by lesion_id when the
+    dataset has metadata)."""
     import os
 
     from components import split as step
+    from components.common import outputs
+    from components.common.config import SplitConfig
     from pipeline.data import provenance
 
-    metadata = os.path.join(raw.path, "metadata.csv")
-    report = step.run(os.path.join(raw.path, "labels.csv"), splits.path,
-                      metadata=metadata if os.path.isfile(metadata) else None,
-                      mode=mode, seed=seed, val_frac=val_frac, test_frac=test_frac)
-    splits.metadata.update(provenance(raw.metadata))
-    splits.metadata.update({"mode": mode, "seed": seed, "split_hash": report["split_hash"],
-                            "sizes": report.get("sizes", {})})
+    metadata = os.path.join(prepared.path, outputs.KEPT_METADATA)
+    report = step.run(os.path.join(prepared.path, outputs.KEPT_LABELS), splits.path,
+                      SplitConfig.from_dict(split_params, "pipeline"),
+                      metadata=metadata if os.path.isfile(metadata) else None)
+    splits.metadata.update(provenance(prepared.metadata))
+    splits.metadata.update({"mode": report["mode"], "seed": report["seed"],
+                            "split_hash": report["split_hash"], "sizes": report.get("sizes", {})})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def class_weights(
     splits: Input[Dataset],
     weights: Output[Dataset],
+    class_weights_params: dict,
 ):
-    """components.class_weights.run: inverse-frequency class weights from train.csv."""
+    """components.class_weights.run: class weights and priors from train.csv."""
     import os
 
     from components import class_weights as step
+    from components.common import outputs
+    from components.common.config import ClassWeightsConfig
     from pipeline.data import provenance
 
-    step.run(os.path.join(splits.path, "train.csv"), weights.path)
+    step.run(os.path.join(splits.path, outputs.split_csv("train")), weights.path,
+             ClassWeightsConfig.from_dict(class_weights_params, "pipeline"))
     weights.metadata.update(provenance(splits.metadata))
 
 
@@ -131,40 +140,71 @@ def train(
     import os
 
     from components import train as step
-    from pipeline.data import configure_services, provenance
-
-    def _ints(value):  # protobuf Struct made every number a float
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, list):
-            return [_ints(v) for v in value]
-        return value
+    from components.common import outputs
+    from components.common.config import TrainConfig
+    from pipeline.data import configure_services, publish_training
 
     configure_services(mlflow_tracking_uri, s3_endpoint_url)
-    config = step.TrainConfig.resolve(None, **{k: _ints(v) for k, v in train_params.items()})
+    config = TrainConfig.from_dict(train_params, "pipeline")
     summary = step.run(
-        os.path.join(splits.path, "train.csv"),
-        os.path.join(prepared.path, "images"),
+        os.path.join(splits.path, outputs.split_csv("train")),
+        os.path.join(prepared.path, outputs.PREPARED_IMAGES),
         model.path,
-        val_csv=os.path.join(splits.path, "val.csv"),
+        val_csv=os.path.join(splits.path, outputs.split_csv("val")),
         class_weights=weights.path,
         config=config,
         experiment=mlflow_experiment,
     )
-    for artifact in (model, train_metrics):
-        artifact.metadata.update(provenance(prepared.metadata))
-        artifact.metadata["split_hash"] = splits.metadata.get("split_hash", "")
-    model.metadata.update({"mlflow_run_id": summary.get("mlflow_run_id") or "",
-                           "mlflow_model_uri": summary["paths"].get("mlflow_model_uri") or "",
-                           "framework": "pytorch", "preset": config.preset,
-                           "img_size": config.img_size})
-    scalars = {k: summary[k] for k in ("epochs", "steps", "best_epoch", "seconds")}
-    for section in ("best", "final", "test"):
-        scalars.update({f"{section}_{k}": v for k, v in (summary.get(section) or {}).items()
-                        if k != "epoch"})
-    for key, value in scalars.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            train_metrics.log_metric(key, float(value))
+    publish_training(model, train_metrics, summary, prepared, splits, config)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_distributed(
+    prepared: Input[Dataset],
+    splits: Input[Dataset],
+    weights: Input[Dataset],
+    model: Output[Model],
+    train_metrics: Output[Metrics],
+    train_params: dict,
+    run_id: str,
+    shared_pvc: str,
+    image: str,
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "skin-lesion",
+    s3_endpoint_url: str = "",
+    s3_secret: str = "skinlesion-s3",
+    mlflow_secret: str = "skinlesion-mlflow",
+):
+    """components.train under torch-distributed on Kubeflow Trainer (train.nodes x
+    train.gpus_per_node processes): stage the inputs on the shared volume, submit the TrainJob
+    with the Kubeflow SDK, wait, and hand on the same Model artifact as the single-pod train."""
+    import json
+    from pathlib import Path
+
+    from components.common import outputs
+    from components.common.config import TrainConfig
+    from components.training import trainjob
+    from pipeline.data import publish_training
+
+    config = TrainConfig.from_dict(train_params, "pipeline")
+    run_dir = Path(trainjob.MOUNT) / "runs" / run_id
+    paths = trainjob.stage_inputs(run_dir, Path(prepared.path), Path(splits.path),
+                                  Path(weights.path), train_params)
+    env = {"MLFLOW_TRACKING_URI": mlflow_tracking_uri, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint_url,
+           "AWS_ENDPOINT_URL": s3_endpoint_url, "MLFLOW_EXPERIMENT_NAME": mlflow_experiment}
+    secrets = {k: (s3_secret if k.startswith("AWS") else mlflow_secret, key)
+               for k, (_, key) in trainjob.SECRETS.items()}
+    request = trainjob.TrainJobRequest(
+        image=image,
+        nodes=config.nodes, gpus_per_node=config.gpus_per_node,
+        train_args=trainjob.train_args(paths, mlflow_experiment), pvc=shared_pvc,
+        name=f"skinlesion-{run_id}"[:63].lower(), env={k: v for k, v in env.items() if v},
+        secrets=secrets)
+    client = trainjob.client_for()
+    trainjob.wait(client, trainjob.submit(request, client))
+    trainjob.collect_outputs(paths["out_dir"], Path(model.path))
+    summary = json.loads((Path(model.path) / outputs.TRAINING_SUMMARY).read_text())
+    publish_training(model, train_metrics, summary, prepared, splits, config)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -176,40 +216,33 @@ def evaluate(
     classification: Output[ClassificationMetrics],
     evaluation: Output[Artifact],
     evaluate_params: dict,
-    gate_metric: str = "balanced_accuracy",
     mlflow_tracking_uri: str = "",
     s3_endpoint_url: str = "",
-) -> float:
-    """components.evaluate.run of the EMA weights (the model that is registered) on the test
-    split; returns the gate metric's value for the register gate."""
+):
+    """components.evaluate.run of the training folder (EMA weights first, raw weights under
+    raw/), exactly as the DVC stage runs it."""
     import os
 
     from components import evaluate as step
+    from components.common import outputs
+    from components.common.config import EvaluateConfig
     from pipeline.data import configure_services, provenance
 
     configure_services(mlflow_tracking_uri, s3_endpoint_url)
-    options = {k: evaluate_params[k] for k in ("tta", "batch_size", "bootstrap", "seed")
-               if k in evaluate_params}
-    options.update({k: int(options[k]) for k in ("batch_size", "bootstrap", "seed") if k in options})
-    result = step.run(os.path.join(model.path, "ema_weights.pt"),
-                      os.path.join(splits.path, "test.csv"),
-                      os.path.join(prepared.path, "images"),
-                      evaluation.path, **options)
-    outputs = step.kfp_outputs(evaluation.path)
-    for name, value in outputs["scalars"]:
+    result = step.run(model.path, os.path.join(splits.path, outputs.split_csv("test")),
+                      os.path.join(prepared.path, outputs.PREPARED_IMAGES), evaluation.path,
+                      EvaluateConfig.from_dict(evaluate_params, "pipeline"))
+    kfp = step.kfp_outputs(evaluation.path)
+    for name, value in kfp["scalars"]:
         metrics.log_metric(name, value)
-    matrix = outputs["confusion_matrix"]
+    matrix = kfp["confusion_matrix"]
     classification.log_confusion_matrix(matrix["categories"], matrix["matrix"])
-    if outputs["roc"]:
-        roc = outputs["roc"]
+    if kfp["roc"]:
+        roc = kfp["roc"]
         classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["threshold"])
     for artifact in (metrics, classification, evaluation):
         artifact.metadata.update(provenance(model.metadata))
     evaluation.metadata["mlflow_run_id"] = result.get("mlflow_run_id") or ""
-    if result.get(gate_metric) is None:
-        raise ValueError(f"gate metric {gate_metric!r} is not among the evaluation's results "
-                         f"{sorted(k for k, v in result.items() if isinstance(v, float))}")
-    return float(result[gate_metric])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -218,35 +251,32 @@ def register(
     evaluation: Input[Artifact],
     splits: Input[Dataset],
     registration: Output[Artifact],
-    model_name: str,
-    gate_metric: str,
-    gate_value: float,
-    preprocess_size: int = 256,
+    register_params: dict,
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "skin-lesion",
     s3_endpoint_url: str = "",
-):
-    """components.register.run: the EMA model as a new MLflow model version, alias
-    `challenger`, tagged with the data's provenance. The pipeline runs it only past the
-    metric gate (dsl.If), so the step's own gate is not asked again."""
+) -> str:
+    """components.register.run, gate included: the EMA model as a new MLflow model version
+    (alias `challenger`) tagged with the data's provenance, or the reason it was not.
+    Returns the registered version ("" when the gate refused)."""
     import json
     import os
 
     from components import register as step
+    from components.common import outputs
+    from components.common.config import RegisterConfig
     from pipeline.data import configure_services, provenance
 
     configure_services(mlflow_tracking_uri, s3_endpoint_url)
     tags = provenance(model.metadata)
-    # register keeps the training run's own `data_hash` tag (prepared images + splits) when
-    # there is one; the raw dataset's DVC hash goes on the version as `raw_data_hash` too
-    extra = {**tags, "raw_data_hash": tags.get("data_hash", "")}
-    result = step.run(model.path, os.path.join(evaluation.path, "metrics.json"),
-                      os.path.join(splits.path, "split_report.json"), model_name=model_name,
-                      extra_tags=extra, prepare_size=preprocess_size,
+    result = step.run(model.path, os.path.join(evaluation.path, outputs.METRICS),
+                      os.path.join(splits.path, outputs.SPLIT_REPORT),
+                      RegisterConfig.from_dict(register_params, "pipeline"), extra_tags=tags,
                       experiment=mlflow_experiment)
     os.makedirs(os.path.dirname(registration.path), exist_ok=True)
     with open(registration.path, "w") as f:
-        json.dump({**result, "gate_metric": gate_metric, "gate_value": gate_value}, f, indent=2)
+        json.dump(result, f, indent=2)
     registration.metadata.update(tags)
     registration.metadata.update({k: v for k, v in result.items()
                                   if isinstance(v, (str, bool, int, float))})
+    return result["version"] or ""

@@ -24,12 +24,9 @@ from pathlib import Path
 PROVENANCE_KEYS = ("data_hash", "data_source", "data_rev")
 
 
-def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+def file_md5(path: str | Path) -> str:
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def dir_md5(root: str | Path) -> str:
@@ -141,3 +138,24 @@ def configure_services(mlflow_tracking_uri: str = "", s3_endpoint_url: str = "",
     if s3_endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url          # boto3 >= 1.28
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint_url    # MLflow's own setting
+
+
+def publish_training(model, train_metrics, summary: dict, prepared, splits, config) -> None:
+    """Fill the train step's Model and Metrics artifacts from training_summary.json: the same
+    for the single-pod and the distributed train component, so downstream steps and the KFP
+    UI cannot tell them apart."""
+    for artifact in (model, train_metrics):
+        artifact.metadata.update(provenance(prepared.metadata))
+        artifact.metadata["split_hash"] = splits.metadata.get("split_hash", "")
+    model.metadata.update({"mlflow_run_id": summary.get("mlflow_run_id") or "",
+                           "mlflow_model_uri": summary["paths"].get("mlflow_model_uri") or "",
+                           "framework": "pytorch", "preset": config.preset,
+                           "img_size": config.img_size, "nodes": config.nodes,
+                           "gpus_per_node": config.gpus_per_node})
+    scalars = {k: summary[k] for k in ("epochs", "steps", "best_epoch", "seconds")}
+    for section in ("best", "final", "test"):
+        scalars.update({f"{section}_{k}": v for k, v in (summary.get(section) or {}).items()
+                        if k != "epoch"})
+    for key, value in scalars.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            train_metrics.log_metric(key, float(value))

@@ -1,39 +1,37 @@
-"""The Kubeflow pipeline: materialise data/raw -> preprocess, split -> class_weights -> train
-(GPU) -> evaluate -> register (only when the test metric clears the gate).
+"""The Kubeflow pipeline: materialise data/raw -> preprocess -> split -> class_weights ->
+train (GPU) -> evaluate -> register (which applies the metric gate itself, as under DVC).
 
-Every default comes from params.yaml (`load_params`, `pipeline_arguments`); a partial
-params file such as params.demo.yaml is merged over it by `skinlesion pipeline run-local|submit
---params-file`, never by editing params.yaml.
+Every default comes from params.yaml: each step gets its section as a dict parameter
+(`train_params`, ...), and the Kubernetes resources of each task come from its `kubeflow`
+section. The params are the committed params.yaml (`base_params`): a workspace copy with
+uncommitted changes (a `dvc exp run` leaves one) is not baked into a pipeline unasked.
 
 DAG (task names as compiled; data edges are artifacts):
 
-    materialise-data ─┬─> preprocess ───────────────────────┬──> train ──> evaluate ──> metric-gate
-                      └─> split ──────────> class-weights ───┘       (GPU)                  └─> register
-                            └── (splits also to train, evaluate and register) ──┘
-
-materialise-data puts data/raw (DVC remote at a git revision, or a local folder) into the
-first artifact; its DVC hash travels in every artifact's metadata. register runs only when
-evaluate's gate metric (register.gate_metric) is >= gate_threshold.
+    materialise-data ─> preprocess ─> split ─> class-weights ─> train (GPU) ─> evaluate ─> register
+                             └──────────────(prepared images)──────┘──────────────┘
 """
 # no `from __future__ import annotations`: KFP reads the pipeline signature's annotations
 
-import copy
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 from kfp import compiler, dsl, kubernetes
 
+from components.common.config import PARAMS_FILE, TrainConfig, load_params, parse_params
+from components.training.trainjob import MOUNT as TRAINJOB_MOUNT
 from pipeline import components as c
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_ENV = "SKINLESION_PARAMS"
 PIPELINE_NAME = "skin-lesion"
+STEP_SECTIONS = ("preprocess", "split", "class_weights", "train", "evaluate", "register")
 
-# Kubernetes settings of the train task
 GPU_RESOURCE = "nvidia.com/gpu"
-GPU_COUNT = 1
 GPU_TOLERATION = dict(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
 SHM_SIZE = "16Gi"  # DataLoader workers share batches through /dev/shm
 # Secrets the tasks read credentials from (names are pipeline parameters; keys fixed here)
@@ -43,142 +41,174 @@ MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
                       "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
 
 
-def params_path() -> Path:
-    """params.yaml: $SKINLESION_PARAMS, else ./params.yaml, else the project's."""
+def params_path() -> "Path | None":
+    """The base params file: $SKINLESION_PARAMS, ./params.yaml, else the checkout's (none in an
+    installed image run elsewhere: then every step's defaults, which equal params.yaml's)."""
     if os.environ.get(PARAMS_ENV):
         return Path(os.environ[PARAMS_ENV])
-    cwd = Path.cwd() / "params.yaml"
-    return cwd if cwd.is_file() else ROOT / "params.yaml"
+    for candidate in (Path.cwd() / PARAMS_FILE, ROOT / PARAMS_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
-def deep_merge(base: dict, override: dict) -> dict:
-    """`override` over `base`, recursively for dicts; neither input is modified."""
-    out = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+def base_params(path: "str | os.PathLike | None" = None, say=print) -> dict:
+    """params.yaml as committed (git HEAD), or `path` when one is given explicitly.
+
+    Without `path`: params_path(); when its workspace copy differs from its git HEAD's (an
+    applied `dvc exp run`, an edit), HEAD's is used and `say` tells which and why.
+    """
+    if path is not None:
+        return load_params(path)
+    workspace = params_path()
+    if workspace is None:
+        return {}
+    committed = _committed(workspace)
+    if committed is None or committed == workspace.read_text():
+        return load_params(workspace)
+    say(f"note: {workspace} has uncommitted changes (an applied experiment?); using the "
+        f"committed params.yaml (git HEAD). Pass --params {workspace} to use the workspace "
+        f"copy.")
+    return parse_params(committed, f"git HEAD:{PARAMS_FILE}")
 
 
-def load_params(path: str | os.PathLike | None = None,
-                overrides: list[str | os.PathLike] | tuple = ()) -> dict:
-    """params.yaml with each override file (partial, same layout) merged over it in order."""
-    with open(path or params_path()) as f:
-        params = yaml.safe_load(f) or {}
-    for extra in overrides:
-        with open(extra) as f:
-            params = deep_merge(params, yaml.safe_load(f) or {})
-    return params
+def _committed(path: Path) -> "str | None":
+    """The file's text at git HEAD, or None outside a git checkout (an installed image)."""
+    try:
+        return subprocess.run(["git", "show", f"HEAD:./{path.name}"], cwd=path.parent,
+                              capture_output=True, text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _section(values: dict) -> dict:
     """A params section as a KFP struct: a protobuf Struct cannot hold null, and a null in
     params.yaml means "the step's default" (e.g. train.dims), so null keys are left out."""
-    return {k: v for k, v in values.items() if v is not None}
+    return {k: v for k, v in (values or {}).items() if v is not None}
 
 
 def pipeline_arguments(params: dict) -> dict[str, Any]:
     """The pipeline's parameters from a params.yaml-shaped dict (defaults and overrides)."""
-    pre, spl, reg = params["preprocess"], params["split"], params["register"]
-    return {
-        "data_path": params.get("data", {}).get("raw", "data/raw"),
-        "preprocess_size": int(pre["size"]),
-        "preprocess_skip_corrupt": bool(pre["skip_corrupt"]),
-        "split_mode": str(spl["mode"]),
-        "split_seed": int(spl["seed"]),
-        "split_val_frac": float(spl["val_frac"]),
-        "split_test_frac": float(spl["test_frac"]),
-        "train_params": _section(params["train"]),
-        "evaluate_params": _section(params["evaluate"]),
-        "model_name": str(reg["model_name"]),
-        "gate_metric": str(reg["gate_metric"]),
-        "gate_threshold": float(reg["gate_threshold"]),
-    }
+    return {"data_path": (params.get("data") or {}).get("raw", "data/raw"),
+            **{f"{name}_params": _section(params.get(name)) for name in STEP_SECTIONS}}
 
 
-_D = pipeline_arguments(load_params())
+def task_resources(params: dict) -> dict[str, dict]:
+    """{task: {cpu, memory[, gpu]}} from params.yaml's `kubeflow.resources` (requests = limits:
+    the pods get the Guaranteed QoS class, and a task that outgrows them fails visibly)."""
+    resources = (params.get("kubeflow") or {}).get("resources") or {}
+    default = resources.get("default") or {"cpu": "1", "memory": "2Gi"}
+    tasks = ("materialise", *STEP_SECTIONS)
+    if unknown := sorted(set(resources) - {"default", *tasks}):
+        raise ValueError(f"kubeflow.resources: unknown tasks {unknown}; known: {list(tasks)}")
+    return {"default": default,
+            **{task: {**default, **(resources.get(task) or {})} for task in tasks}}
 
 
-@dsl.pipeline(name=PIPELINE_NAME,
-              description="ISIC 2019 hybrid ConvNeXtV2 + separable self-attention: "
-                          "preprocess, split, class weights, train (GPU), evaluate, register")
-def skin_lesion_pipeline(
-    # the DVC-versioned input: a git repo + revision + DVC remote, or a local folder
-    data_repo: str = "",
-    data_rev: str = "",
-    data_remote: str = "",
-    data_path: str = _D["data_path"],
-    local_data: str = "",
-    s3_endpoint_url: str = "",
-    # steps (defaults: params.yaml)
-    preprocess_size: int = _D["preprocess_size"],
-    preprocess_skip_corrupt: bool = _D["preprocess_skip_corrupt"],
-    split_mode: str = _D["split_mode"],
-    split_seed: int = _D["split_seed"],
-    split_val_frac: float = _D["split_val_frac"],
-    split_test_frac: float = _D["split_test_frac"],
-    train_params: dict = _D["train_params"],
-    evaluate_params: dict = _D["evaluate_params"],
-    model_name: str = _D["model_name"],
-    gate_metric: str = _D["gate_metric"],
-    gate_threshold: float = _D["gate_threshold"],
-    # services
-    mlflow_tracking_uri: str = "",
-    mlflow_experiment: str = "skin-lesion",
-    s3_secret: str = "skinlesion-s3",
-    mlflow_secret: str = "skinlesion-mlflow",
-):
-    data = c.materialise_data(local_path=local_data, repo_url=data_repo, rev=data_rev,
-                              remote=data_remote, path=data_path, endpoint_url=s3_endpoint_url)
-    data.set_display_name("materialise data/raw").set_caching_options(False)
-    kubernetes.use_secret_as_env(data, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS)
+def _apply(task, res: dict) -> None:
+    cpu, memory = str(res["cpu"]), str(res["memory"])
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    if int(res.get("gpu") or 0):
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(int(res["gpu"]))
+        kubernetes.add_toleration(task, **GPU_TOLERATION)
 
-    prep = c.preprocess(raw=data.outputs["raw"], size=preprocess_size,
-                        skip_corrupt=preprocess_skip_corrupt)
-    spl = c.split(raw=data.outputs["raw"], mode=split_mode, seed=split_seed,
-                  val_frac=split_val_frac, test_frac=split_test_frac)
-    cw = c.class_weights(splits=spl.outputs["splits"])
 
-    tr = c.train(prepared=prep.outputs["prepared"], splits=spl.outputs["splits"],
-                 weights=cw.outputs["weights"], train_params=train_params,
-                 mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
-                 s3_endpoint_url=s3_endpoint_url)
-    tr.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(GPU_COUNT)
-    kubernetes.add_toleration(tr, **GPU_TOLERATION)
-    kubernetes.empty_dir_mount(tr, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                               size_limit=SHM_SIZE)
+def build_pipeline(params: dict, image: str | None = None):
+    """The pipeline function, its defaults and task resources taken from `params`; with
+    train.nodes x train.gpus_per_node > 1 the train task submits a Kubeflow Trainer TrainJob
+    (that many DDP processes) instead of training in its own pod."""
+    d = pipeline_arguments(params)
+    res = task_resources(params)
+    train_cfg = TrainConfig.resolve(params)
+    distributed = train_cfg.world_size > 1
 
-    ev = c.evaluate(model=tr.outputs["model"], prepared=prep.outputs["prepared"],
-                    splits=spl.outputs["splits"], evaluate_params=evaluate_params,
-                    gate_metric=gate_metric, mlflow_tracking_uri=mlflow_tracking_uri,
-                    s3_endpoint_url=s3_endpoint_url)
-
-    # kfp.local resolves a condition on a task's single `Output` parameter (not a named one)
-    with dsl.If(ev.outputs["Output"] >= gate_threshold, name="metric-gate"):
+    @dsl.pipeline(name=PIPELINE_NAME,
+                  description="ISIC 2019 hybrid ConvNeXtV2 + separable self-attention: "
+                              "preprocess, split, class weights, train (GPU), evaluate, register")
+    def skin_lesion_pipeline(
+        # the DVC-versioned input: a git repo + revision + DVC remote, or a local folder
+        data_repo: str = "",
+        data_rev: str = "",
+        data_remote: str = "",
+        data_path: str = d["data_path"],
+        local_data: str = "",
+        s3_endpoint_url: str = "",
+        # each step's params.yaml section
+        preprocess_params: dict = d["preprocess_params"],
+        split_params: dict = d["split_params"],
+        class_weights_params: dict = d["class_weights_params"],
+        train_params: dict = d["train_params"],
+        evaluate_params: dict = d["evaluate_params"],
+        register_params: dict = d["register_params"],
+        # services
+        mlflow_tracking_uri: str = "",
+        mlflow_experiment: str = "skin-lesion",
+        s3_secret: str = "skinlesion-s3",
+        mlflow_secret: str = "skinlesion-mlflow",
+        # distributed training: the ReadWriteMany volume every node and the train task mount
+        shared_pvc: str = "skinlesion-work",
+    ):
+        data = c.materialise_data(local_path=local_data, repo_url=data_repo, rev=data_rev,
+                                  remote=data_remote, path=data_path,
+                                  endpoint_url=s3_endpoint_url)
+        data.set_display_name("materialise data/raw").set_caching_options(False)
+        prep = c.preprocess(raw=data.outputs["raw"], preprocess_params=preprocess_params)
+        spl = c.split(prepared=prep.outputs["prepared"], split_params=split_params)
+        cw = c.class_weights(splits=spl.outputs["splits"],
+                             class_weights_params=class_weights_params)
+        services = dict(mlflow_tracking_uri=mlflow_tracking_uri, s3_endpoint_url=s3_endpoint_url)
+        inputs = dict(prepared=prep.outputs["prepared"], splits=spl.outputs["splits"],
+                      weights=cw.outputs["weights"], train_params=train_params,
+                      mlflow_experiment=mlflow_experiment, **services)
+        if distributed:
+            tr = c.train_distributed(**inputs, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                     shared_pvc=shared_pvc, image=image or c.IMAGE,
+                                     s3_secret=s3_secret, mlflow_secret=mlflow_secret)
+            tr.set_display_name(f"train on {train_cfg.nodes} node(s) x "
+                                f"{train_cfg.gpus_per_node} GPU(s)")
+            kubernetes.mount_pvc(tr, pvc_name=shared_pvc, mount_path=TRAINJOB_MOUNT)
+        else:
+            tr = c.train(**inputs)
+            kubernetes.empty_dir_mount(tr, volume_name="dshm", mount_path="/dev/shm",
+                                       medium="Memory", size_limit=SHM_SIZE)
+        ev = c.evaluate(model=tr.outputs["model"], prepared=prep.outputs["prepared"],
+                        splits=spl.outputs["splits"], evaluate_params=evaluate_params, **services)
         reg = c.register(model=tr.outputs["model"], evaluation=ev.outputs["evaluation"],
-                         splits=spl.outputs["splits"], model_name=model_name,
-                         gate_metric=gate_metric, gate_value=ev.outputs["Output"],
-                         preprocess_size=preprocess_size, mlflow_tracking_uri=mlflow_tracking_uri,
-                         mlflow_experiment=mlflow_experiment, s3_endpoint_url=s3_endpoint_url)
-        reg.set_caching_options(False)
+                         splits=spl.outputs["splits"], register_params=register_params,
+                         mlflow_experiment=mlflow_experiment, **services)
+        reg.set_caching_options(False)  # the registry is outside the pipeline's artifacts
 
-    for task in (tr, ev, reg):
-        kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS)
-        # optional: an MLflow server without authentication needs no secret
-        kubernetes.use_secret_as_env(task, secret_name=mlflow_secret,
-                                     secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True)
+        for name, task in (("materialise", data), ("preprocess", prep), ("split", spl),
+                           ("class_weights", cw), ("train", tr), ("evaluate", ev),
+                           ("register", reg)):
+            # a distributed train task only submits and waits: the nodes get the GPUs
+            _apply(task, res["default"] if distributed and name == "train" else res[name])
+        kubernetes.use_secret_as_env(data, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS)
+        for task in (tr, ev, reg):
+            kubernetes.use_secret_as_env(task, secret_name=s3_secret,
+                                         secret_key_to_env=S3_SECRET_KEYS)
+            # optional: an MLflow server without authentication needs no secret
+            kubernetes.use_secret_as_env(task, secret_name=mlflow_secret,
+                                         secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True)
+
+    return skin_lesion_pipeline
 
 
-def compile_pipeline(path: "str | os.PathLike" = "pipeline.yaml", image: "str | None" = None) -> Path:
+# The pipeline with the default params file's values, for importers (tests, notebooks).
+skin_lesion_pipeline = build_pipeline(load_params(params_path() or []))
+
+
+def compile_pipeline(path: "str | os.PathLike" = "pipeline.yaml", image: "str | None" = None,
+                     params: "dict | None" = None) -> Path:
     """Compile the pipeline (with its Kubernetes platform config) to a YAML file.
 
-    `image` replaces every step's container image (default: `pipeline.components.IMAGE`,
-    fixed when that module was imported).
+    `params`: the params dict whose values become the defaults (default: base_params()).
+    `image` replaces every step's container image (default: `pipeline.components.IMAGE`).
     """
     path = Path(path)
-    compiler.Compiler().compile(skin_lesion_pipeline, package_path=str(path))
+    pipeline_fn = build_pipeline(params if params is not None else
+                                 base_params(say=lambda m: print(m, file=sys.stderr)), image)
+    compiler.Compiler().compile(pipeline_fn, package_path=str(path))
     if image:
         docs = list(yaml.safe_load_all(path.read_text()))
         for executor in docs[0]["deploymentSpec"]["executors"].values():

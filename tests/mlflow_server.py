@@ -1,14 +1,11 @@
 """A real `mlflow server` subprocess on 127.0.0.1 for tests (SQLite backend, local artifacts).
 
-Use the fixture by importing it into a test module:
-
-    from mlflow_server import mlflow_server  # noqa: F401  (the fixture)
+conftest.py makes it the session fixture `mlflow_server` (its URI):
 
     def test_x(mlflow_server, monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
 
-The server is started once per test session (it takes seconds) and terminated at the end;
-`start_mlflow_server` does the same outside pytest; `stoppable_mlflow_server` gives a test a
+`start_mlflow_server` starts one outside pytest; `stoppable_mlflow_server` gives a test a
 server of its own that it can kill mid-run.
 """
 from __future__ import annotations
@@ -21,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-import pytest
 
 from procs import free_port, serve
 
@@ -64,10 +60,3 @@ def stoppable_mlflow_server(root: Path) -> Iterator[tuple[str, Callable[[], None
             yield uri, stop
         finally:
             stop()
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> Iterator[str]:
-    """The http URI of a running MLflow server (one per test session)."""
-    with start_mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as uri:
-        yield uri

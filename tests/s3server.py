@@ -5,9 +5,8 @@
     with moto_s3_server() as endpoint:           # "http://127.0.0.1:<port>"
         ...                                      # any bucket, fake credentials
 
-or request the session-wide fixture by importing it into a test module:
+or request conftest.py's session-wide fixture `s3_endpoint`:
 
-    from s3server import s3_endpoint  # noqa: F401
     def test_x(s3_endpoint): ...
 
 Clients need credentials from the environment only; FAKE_AWS_ENV holds fake ones.
@@ -19,8 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
-
-import pytest
 
 from procs import free_port, serve
 
@@ -37,11 +34,4 @@ def moto_s3_server(timeout: float = 30.0) -> Iterator[str]:
     url = f"http://127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]]
     with tempfile.TemporaryDirectory() as logs, serve(cmd, url, Path(logs) / "moto.log", timeout):
-        yield url
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """URL of a moto S3 server shared by the whole test session."""
-    with moto_s3_server() as url:
         yield url

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from components import preprocess, split, train
-from components.labels import CLASSES, LabelError
+from components.common.labels import CLASSES, LabelError
 
 HEADER = "image," + ",".join(CLASSES)
 
@@ -79,3 +79,53 @@ def test_bom_and_crlf_csvs_are_accepted_by_preprocess(tmp_path, text):
     assert result["in_manifest"] == 3
     manifest = (tmp_path / "out" / "manifest.csv").read_text()
     assert "\ufeff" not in manifest and all(f"\n{n}," in manifest for n in "abc")
+
+
+def test_two_files_for_one_image_id_are_an_error_naming_both(tmp_path):
+    images = _images(tmp_path / "img", ["A", "B"])
+    Image.new("RGB", (40, 30)).save(images / "A.png")
+    (tmp_path / "labels.csv").write_text("image,label\nA,0\nB,1\n")
+    with pytest.raises(LabelError, match=r"image 'A' has two files, A\.jpg and A\.png"):
+        preprocess.run(tmp_path / "labels.csv", images, tmp_path / "out", size=32, workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_utf16_labels_file_is_named(tmp_path):
+    (tmp_path / "labels.csv").write_text("image,label\na,0\n", encoding="utf-16")
+    with pytest.raises(LabelError, match=r"labels\.csv: not UTF-8 text \(saved as UTF-16"):
+        split.run(tmp_path / "labels.csv", tmp_path / "out")
+
+
+def test_labels_matching_no_image_stop_preprocess(tmp_path, capsys):
+    _images(tmp_path / "img", ["x", "y"])
+    (tmp_path / "labels.csv").write_text("image,label\na,0\nb,1\n")
+    assert preprocess.main(["--labels", str(tmp_path / "labels.csv"), "--images",
+                            str(tmp_path / "img"), "--out", str(tmp_path / "out")]) == 1
+    assert "none of its 2 images is in" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_write_says_so(tmp_path):
+    """A real full file system: a 64 KiB tmpfs, mounted in a private user and mount namespace
+    (unshare), holds the out dir; the first checkpoint does not fit."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tiny_data import TINY, make_splits
+
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (user and mount namespaces) is not permitted here")
+    data = make_splits(tmp_path / "data")
+    out = tmp_path / "full"
+    out.mkdir()
+    train_cmd = [sys.executable, "-m", "components.train", "--train_csv", str(data["train"]),
+                 "--img_dir", str(data["img_dir"]), "--out_dir", str(out), *TINY,
+                 "--batch_size", "8", "--epochs", "1", "--num_workers", "0", "--no_mlflow"]
+    script = f"mount -t tmpfs -o size=64k tmpfs {out} && exec {' '.join(train_cmd)}"
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"no space left on the device writing {out}/checkpoint_last.pt" in done.stderr
+    assert "Traceback" not in done.stderr and "inline_container" not in done.stderr

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components import checkpoint, train
+from components.training import checkpoint
+
+from components import train
 from tiny_data import TINY, make_splits
 
 COMMON = [*TINY, "--batch_size", "8", "--warmup_epochs", "1", "--num_workers", "0",

@@ -1,4 +1,5 @@
-"""class_weights: balanced inverse-frequency weights from the train split; a missing class is an error."""
+"""class_weights: inverse-frequency, square-root and effective-number weights and the class
+priors from the train split; a missing class is an error."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from components import class_weights
-from components.labels import CLASSES, LabelError
+from components.training.balance import weights_for_counts
+from components.common.labels import CLASSES, LabelError
 
 
 def write_train(path, counts):
@@ -39,3 +41,27 @@ def test_cli(tmp_path, capsys):
     train = write_train(tmp_path / "train.csv", [1] * len(CLASSES))
     assert class_weights.main(["--train", str(train), "--out", str(tmp_path / "w.json")]) == 0
     assert json.loads(capsys.readouterr().out)["weights"] == [1.0] * len(CLASSES)
+
+
+@pytest.mark.parametrize("method", ["sqrt", "effective_number"])
+def test_milder_methods_keep_the_order_and_the_mean_training_weight(tmp_path, method):
+    counts = np.array([100, 4000, 50, 30, 90, 20, 25, 15])
+    result = class_weights.run(write_train(tmp_path / "t.csv", counts), tmp_path / "w.json",
+                               method=method, beta=0.999)
+    weights = np.array(result["weights"])
+    balanced = weights_for_counts(counts, "balanced")
+    assert (np.argsort(weights) == np.argsort(balanced)).all()  # rarer always weighs more
+    # milder: the rarest / commonest ratio is below inverse frequency's
+    assert weights.max() / weights.min() < balanced.max() / balanced.min()
+    assert (counts * weights).sum() == pytest.approx(counts.sum(), rel=1e-5)  # mean 1 per image
+    assert result["priors"] == pytest.approx(counts / counts.sum(), abs=1e-7)
+    assert result["method"] == method
+
+
+def test_effective_number_is_cui_et_al_eq_6():
+    counts = np.array([10, 1000])
+    w = weights_for_counts(counts, "effective_number", beta=0.99)
+    raw = (1 - 0.99) / (1 - 0.99 ** counts)
+    assert w[0] / w[1] == pytest.approx(raw[0] / raw[1])
+    sqrt = weights_for_counts(counts, "sqrt")
+    assert sqrt[0] / sqrt[1] == pytest.approx(10.0)  # sqrt(1000 / 10)

@@ -8,8 +8,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components import checkpoint
-from mlflow_server import mlflow_server  # noqa: F401  (fixture)
+from components.training import checkpoint
 from procs import run_group
 from tiny_data import TINY, make_splits
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from components import synth
-from s3server import FAKE_AWS_ENV, s3_endpoint  # noqa: F401  (fixture)
+from components.tools import synth
+from s3server import FAKE_AWS_ENV
 
 DVC = Path(sys.executable).with_name("dvc")
 BUCKET = "dvc-test"

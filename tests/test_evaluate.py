@@ -1,4 +1,5 @@
-"""The evaluate step end to end on a tiny checkpoint (the training layout) and tiny images."""
+"""The evaluate step end to end on a tiny checkpoint (the training layout) and tiny images:
+metrics with intervals, the melanoma operating point, what was scored, refusals."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from components import checkpoint, evaluate
-from components.labels import CLASSES
-from components.transforms import IMAGENET_MEAN, IMAGENET_STD
+from components.training import checkpoint
+
+from components import evaluate
+from components.common.config import EvaluateConfig
+from components.common.labels import CLASSES
+from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import HybridConvNeXtV2
 
 TINY = dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1))
@@ -56,10 +60,10 @@ def data(tmp_path_factory):
     return root
 
 
-def _run(data, out, **kw):
-    kw = {"bootstrap": 30, "use_mlflow": False, "batch_size": 8, **kw}
-    return evaluate.run(kw.pop("model", data / "checkpoint_last.pt"), data / "test.csv",
-                        data / "images", out, **kw)
+def _run(data, out, model=None, use_mlflow=False, **settings):
+    cfg = EvaluateConfig(**{"bootstrap": 30, "batch_size": 8, **settings})
+    return evaluate.run(model or data / "checkpoint_last.pt", data / "test.csv",
+                        data / "images", out, cfg, use_mlflow=use_mlflow)
 
 
 def test_end_to_end_outputs_are_consistent(data, tmp_path):
@@ -178,6 +182,9 @@ def test_logs_into_the_training_run(data, tmp_path, mlflow_store):
     assert logged["test_balanced_accuracy"] == summary["balanced_accuracy"]
     assert logged["test_raw_balanced_accuracy"] == summary["raw_balanced_accuracy"]
     assert "test_accuracy_ci_low" in logged and "test_roc_auc_MEL" in logged
+    note = mlflow.get_run(mlflow_store).data.tags["mlflow.note.content"]
+    ci = json.loads((tmp_path / "eval" / "metrics.json").read_text())["ci95"]["balanced_accuracy"]
+    assert f"balanced accuracy: {summary['balanced_accuracy']:.3f} [{ci['low']:.3f}," in note
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(mlflow_store, "evaluation")}
     assert {"evaluation/metrics.json", "evaluation/roc.png", "evaluation/raw"} <= artifacts
 
@@ -189,18 +196,72 @@ def test_logs_into_the_training_run(data, tmp_path, mlflow_store):
     assert run.data.metrics["test_n_images"] == N_IMAGES
 
 
-def test_mlflow_model_uri(data, tmp_path, mlflow_store):
-    """The logged model (torch.export "pt2", as training logs it) scores like the checkpoint."""
+def test_registered_model_uri_scores_like_the_checkpoint(data, tmp_path, mlflow_store):
+    """The served model (registry/pyfunc.py, as training logs it) scores like the checkpoint."""
     import mlflow
 
-    from components import tracking
+    from components.registry import pyfunc
 
-    with mlflow.start_run():  # a training run: img_size comes from its params
-        mlflow.log_param("train.img_size", IMG_SIZE)
-        info = tracking.log_model(_tiny_model(1), IMG_SIZE, len(CLASSES))  # the EMA weights
-    summary = _run(data, tmp_path / "eval", model=info.model_uri, bootstrap=5)
-    assert summary["weights"] == "model" and "raw_accuracy" not in summary
+    with mlflow.start_run() as active:
+        run_id = active.info.run_id
+    _, meta = checkpoint.load_model(data / "checkpoint_last.pt", which="ema")
+    uri, _ = pyfunc.log_model(run_id, _tiny_model(1).state_dict(), meta)  # the EMA weights
+    summary = _run(data, tmp_path / "eval", model=uri, bootstrap=5)
+    assert summary["weights"] == "ema" and "raw_accuracy" not in summary
     logged = pd.read_csv(tmp_path / "eval" / "predictions.csv").filter(like="prob_")
     _run(data, tmp_path / "ckpt", bootstrap=5)
     ckpt = pd.read_csv(tmp_path / "ckpt" / "predictions.csv").filter(like="prob_")
     np.testing.assert_allclose(logged.to_numpy(), ckpt.to_numpy(), atol=1e-5)
+    digests = [json.loads((tmp_path / d / "metrics.json").read_text())["weights_digest"]
+               for d in ("eval", "ckpt")]
+    assert digests[0] == digests[1]  # the same EMA tensors, whatever file held them
+
+
+def test_non_finite_weights_are_refused(data, tmp_path, capsys):
+    model = _tiny_model(0)
+    state = {"model_config": model.config, "classes": list(CLASSES), "img_size": IMG_SIZE,
+             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    weights = model.state_dict()
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = torch.full_like(weights[name], float("nan"))  # a diverged training
+    checkpoint.save(tmp_path / "nan.pt", {**state, "ema": weights})
+    assert evaluate.main(["--model", str(tmp_path / "nan.pt"), "--test_csv", str(data / "test.csv"),
+                          "--img_dir", str(data / "images"), "--out", str(tmp_path / "o"),
+                          "--no_mlflow"]) == 1
+    assert "NaN or inf" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_metrics_record_what_was_scored_and_the_melanoma_operating_point(data, tmp_path):
+    _run(data, tmp_path / "e", melanoma_specificity=0.8)
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    state = checkpoint.load(data / "checkpoint_last.pt")
+    assert metrics["weights_digest"] == checkpoint.weights_digest(state["ema"])
+    point = metrics["melanoma_operating_point"]
+    assert point["target_specificity"] == 0.8 and point["specificity"] >= 0.8
+    assert point["n_positive"] == N_IMAGES // len(CLASSES)
+    headline = json.loads((tmp_path / "e" / "headline.json").read_text())
+    assert headline["balanced_accuracy"] == round(metrics["balanced_accuracy"], 4)
+    assert headline["melanoma_sensitivity"] == round(point["sensitivity"], 4)
+    assert "confusion_matrix" not in headline and len(headline) <= 16
+
+
+def test_per_source_metrics_when_the_test_set_has_several_sources(data, tmp_path):
+    test = pd.read_csv(data / "test.csv")
+    test["source"] = np.where(np.arange(len(test)) < 16, "SITE_A", "SITE_B")
+    test.to_csv(tmp_path / "test.csv", index=False)
+    evaluate.run(data / "checkpoint_last.pt", tmp_path / "test.csv", data / "images",
+                 tmp_path / "e", EvaluateConfig(bootstrap=20, batch_size=8), use_mlflow=False)
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    per_source = metrics["per_source"]
+    assert set(per_source) == {"SITE_A", "SITE_B"}
+    assert [per_source[s]["n_images"] for s in ("SITE_A", "SITE_B")] == [16, N_IMAGES - 16]
+    preds = pd.read_csv(tmp_path / "e" / "predictions.csv").iloc[:16]
+    assert per_source["SITE_A"]["accuracy"] == pytest.approx((preds["true"] == preds["predicted"]).mean())
+    for s in per_source.values():
+        ci = s["ci95"]["balanced_accuracy"]
+        assert ci["low"] <= s["balanced_accuracy"] <= ci["high"]
+    scalars = dict(evaluate.kfp_outputs(tmp_path / "e")["scalars"])
+    assert scalars["SITE_B_balanced_accuracy"] == per_source["SITE_B"]["balanced_accuracy"]
+    _run(data, tmp_path / "one")  # one source (none given): no per-source section
+    assert "per_source" not in json.loads((tmp_path / "one" / "metrics.json").read_text())

@@ -20,8 +20,12 @@ import pandas as pd
 import pytest
 import torch
 
-from components import atomic, checkpoint, evaluate, train
-from components.trainer import BEST, EMA_WEIGHTS, LAST
+from components.common import atomic, outputs
+
+from components.training import checkpoint
+
+from components import evaluate, train
+from components.training.trainer import BEST, EMA_WEIGHTS, LAST
 from mlflow_server import stoppable_mlflow_server
 from tiny_data import TINY, make_splits
 
@@ -227,7 +231,7 @@ def test_mlflow_server_dying_mid_run_keeps_training_and_fails_the_step_naming_it
     final = [line for line in text.splitlines() if line.startswith("train: ")]
     assert len(final) == 1 and f"tracking server {uri}" in final[0], text[-3000:]
     assert "incomplete" in final[0] and "Traceback" not in text
-    summary = json.loads((out / train.SUMMARY).read_text())
+    summary = json.loads((out / outputs.TRAINING_SUMMARY).read_text())
     assert summary["completed"] and uri in summary["tracking_error"]
     assert summary["mlflow_run_id"] and summary["paths"]["mlflow_model_uri"] is None
     assert checkpoint.load(out / LAST)["epoch"] == EPOCHS
@@ -270,6 +274,6 @@ def test_a_second_training_into_a_busy_out_dir_refuses_and_overwrites_nothing(
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
         (out / HELD).unlink()  # let the first go on
         assert first.wait(timeout=TIMEOUT_S) == 0, log.read_text()[-3000:]
-    assert json.loads((out / train.SUMMARY).read_text())["completed"]
+    assert json.loads((out / outputs.TRAINING_SUMMARY).read_text())["completed"]
     assert_same_weights(last, reference / LAST)
     assert_same_weights(out / EMA_WEIGHTS, reference / EMA_WEIGHTS)

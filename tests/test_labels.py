@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.labels import CLASSES, LabelError, find_image, read_labels, reconcile
+from components.common.labels import CLASSES, LabelError, find_image, read_labels, reconcile
 
 ONE_HOT_HEADER = "image," + ",".join(CLASSES)
 

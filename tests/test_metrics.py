@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.labels import CLASSES
-from components.metrics import (
+from components.common.labels import CLASSES
+from components.evaluation.metrics import (
     HEADLINE,
     bootstrap_intervals,
     classification_metrics,

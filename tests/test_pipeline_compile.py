@@ -1,6 +1,7 @@
 """`skinlesion pipeline compile`: the compiled KFP v2 YAML's DAG (the six step tasks after the
-data step, their edges, the metric gate), the train task's GPU / toleration / shm, the secret
-references, artifact types, the image, and defaults equal to params.yaml."""
+data step and their edges), every task's CPU/memory and the train task's GPU / toleration /
+shm, the secret references, artifact types, the image, and defaults equal to the committed
+params.yaml."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.cli import main as skinlesion
+from components.tools.cli import main as skinlesion
 from pipeline import components as kfp_components
+from components.common.config import SECTIONS, load_params
 from pipeline.cli import build_arguments
-from pipeline.pipeline import load_params, pipeline_arguments
+from pipeline.pipeline import STEP_SECTIONS, task_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"preprocess", "split", "class-weights", "train", "evaluate", "register"}
@@ -25,32 +27,17 @@ def compiled(tmp_path_factory) -> tuple[dict, dict]:
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
-def _tasks(spec: dict) -> dict[str, dict]:
-    """Every task of the root DAG and of its sub-DAGs (the gate), by name."""
-    tasks = dict(spec["root"]["dag"]["tasks"])
-    for comp in spec["components"].values():
-        tasks.update(comp.get("dag", {}).get("tasks", {}))
-    return tasks
-
-
 def _artifact_edges(task: dict) -> set[tuple[str, str]]:
-    """(producer task, output key) of each artifact input; sub-DAG inputs are named
-    pipelinechannel--<producer>-<key>."""
-    edges = set()
-    for spec in task.get("inputs", {}).get("artifacts", {}).values():
-        if "taskOutputArtifact" in spec:
-            edges.add((spec["taskOutputArtifact"]["producerTask"],
-                       spec["taskOutputArtifact"]["outputArtifactKey"]))
-        else:
-            edges.add(("<gate>", spec["componentInputArtifact"]))
-    return edges
+    """(producer task, output key) of each artifact input."""
+    return {(spec["taskOutputArtifact"]["producerTask"],
+             spec["taskOutputArtifact"]["outputArtifactKey"])
+            for spec in task.get("inputs", {}).get("artifacts", {}).values()}
 
 
 def test_compile_writes_the_six_steps_after_the_data_step(compiled):
     spec, _ = compiled
-    tasks = _tasks(spec)
-    assert STEPS <= set(tasks)
-    assert set(tasks) == STEPS | {"materialise-data", "condition-1"}
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == STEPS | {"materialise-data"}  # no condition: register gates itself
     assert spec["pipelineInfo"]["name"] == "skin-lesion"
 
 
@@ -61,43 +48,35 @@ def test_dag_edges(compiled):
     assert deps == {
         "materialise-data": set(),
         "preprocess": {"materialise-data"},
-        "split": {"materialise-data"},
+        "split": {"preprocess"},  # the labels of the images preprocess kept
         "class-weights": {"split"},
         "train": {"preprocess", "split", "class-weights"},
         "evaluate": {"train", "preprocess", "split"},
-        "condition-1": {"evaluate", "train", "split"},
+        "register": {"evaluate", "train", "split"},
     }
     assert _artifact_edges(root["preprocess"]) == {("materialise-data", "raw")}
-    assert _artifact_edges(root["split"]) == {("materialise-data", "raw")}
+    assert _artifact_edges(root["split"]) == {("preprocess", "prepared")}
     assert _artifact_edges(root["class-weights"]) == {("split", "splits")}
     assert _artifact_edges(root["train"]) == {("preprocess", "prepared"), ("split", "splits"),
                                               ("class-weights", "weights")}
     assert _artifact_edges(root["evaluate"]) == {("train", "model"), ("preprocess", "prepared"),
                                                  ("split", "splits")}
-    register = spec["components"]["comp-condition-1"]["dag"]["tasks"]["register"]
-    assert _artifact_edges(register) == {("<gate>", "pipelinechannel--train-model"),
-                                         ("<gate>", "pipelinechannel--evaluate-evaluation"),
-                                         ("<gate>", "pipelinechannel--split-splits")}
-    gate_inputs = root["condition-1"]["inputs"]["artifacts"]
-    assert {k: (v["taskOutputArtifact"]["producerTask"], v["taskOutputArtifact"]["outputArtifactKey"])
-            for k, v in gate_inputs.items()} == {
-        "pipelinechannel--train-model": ("train", "model"),
-        "pipelinechannel--evaluate-evaluation": ("evaluate", "evaluation"),
-        "pipelinechannel--split-splits": ("split", "splits")}
+    assert _artifact_edges(root["register"]) == {("train", "model"), ("evaluate", "evaluation"),
+                                                 ("split", "splits")}
 
 
-def test_register_runs_only_when_the_metric_clears_the_threshold(compiled):
+def test_every_task_has_cpu_and_memory_requests_and_limits_from_params(compiled):
     spec, _ = compiled
-    gate = spec["root"]["dag"]["tasks"]["condition-1"]
-    assert gate["triggerPolicy"]["condition"] == (
-        "inputs.parameter_values['pipelinechannel--evaluate-Output'] >= "
-        "inputs.parameter_values['pipelinechannel--gate_threshold']")
-    params = gate["inputs"]["parameters"]
-    assert params["pipelinechannel--evaluate-Output"]["taskOutputParameter"] == {
-        "outputParameterKey": "Output", "producerTask": "evaluate"}
-    assert params["pipelinechannel--gate_threshold"]["componentInputParameter"] == "gate_threshold"
-    assert spec["components"]["comp-evaluate"]["outputDefinitions"]["parameters"]["Output"][
-        "parameterType"] == "NUMBER_DOUBLE"
+    executors = spec["deploymentSpec"]["executors"]
+    expected = task_resources(load_params(ROOT / "params.yaml"))
+    for name, executor in executors.items():
+        task = name.removeprefix("exec-").replace("-data", "").replace("-", "_")
+        res = executor["container"]["resources"]
+        want = expected[task]
+        assert res["resourceCpuRequest"] == res["resourceCpuLimit"] == str(want["cpu"]), name
+        assert res["resourceMemoryRequest"] == res["resourceMemoryLimit"] == want["memory"], name
+    with pytest.raises(ValueError, match="unknown tasks"):
+        task_resources({"kubeflow": {"resources": {"trian": {"cpu": "1"}}}})
 
 
 def test_train_asks_for_one_nvidia_gpu_a_toleration_and_shm(compiled):
@@ -141,12 +120,9 @@ def test_mlflow_uri_is_a_pipeline_parameter_wired_to_the_tracking_steps(compiled
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert inputs["mlflow_tracking_uri"]["parameterType"] == "STRING"
     root = spec["root"]["dag"]["tasks"]
-    for task in ("train", "evaluate"):
+    for task in ("train", "evaluate", "register"):
         assert root[task]["inputs"]["parameters"]["mlflow_tracking_uri"] == {
             "componentInputParameter": "mlflow_tracking_uri"}
-    register = spec["components"]["comp-condition-1"]["dag"]["tasks"]["register"]
-    assert register["inputs"]["parameters"]["mlflow_tracking_uri"] == {
-        "componentInputParameter": "pipelinechannel--mlflow_tracking_uri"}
 
 
 def test_artifact_types(compiled):
@@ -188,18 +164,14 @@ def test_every_step_is_a_lightweight_component_on_the_project_image(compiled):
 def test_defaults_come_from_params_yaml(compiled):
     spec, _ = compiled
     inputs = spec["root"]["inputDefinitions"]["parameters"]
-    expected = pipeline_arguments(load_params(ROOT / "params.yaml"))
-    for name, value in expected.items():
-        default = inputs[name]["defaultValue"]
-        if isinstance(value, dict):  # protobuf Struct: every number is a float, no nulls
-            section = load_params(ROOT / "params.yaml")[name.removesuffix("_params")]
-            assert default == {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-                               for k, v in section.items() if v is not None}, name
-        else:
-            assert default == value, name
     params = load_params(ROOT / "params.yaml")
-    assert inputs["train_params"]["defaultValue"]["epochs"] == params["train"]["epochs"]
-    assert inputs["gate_threshold"]["defaultValue"] == params["register"]["gate_threshold"]
+    assert inputs["data_path"]["defaultValue"] == params["data"]["raw"]
+    for name in STEP_SECTIONS:  # protobuf Struct: every number is a float, no nulls
+        default = inputs[f"{name}_params"]["defaultValue"]
+        assert default == {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                           for k, v in params[name].items() if v is not None}, name
+        # and the step's config reads it back to exactly params.yaml's values
+        assert SECTIONS[name].from_dict(default) == SECTIONS[name].from_dict(params[name]), name
 
 
 def test_image_option_rewrites_every_step(tmp_path):
@@ -215,14 +187,14 @@ def test_image_option_rewrites_every_step(tmp_path):
 def test_arguments_merge_params_files_and_overrides(tmp_path):
     demo = tmp_path / "demo.yaml"
     demo.write_text("train:\n  epochs: 2\n  batch_size: 8\nsplit:\n  seed: 3\n")
-    args = build_arguments([str(demo)], ["train.peak_lr=0.005", "gate_threshold=0.25",
+    args = build_arguments([str(demo)], ["train.peak_lr=0.005", "register.gate_threshold=0.25",
                                          "mlflow_tracking_uri=http://mlflow:5000"],
                            params_path=str(ROOT / "params.yaml"))
     defaults = load_params(ROOT / "params.yaml")
     assert args["train_params"]["epochs"] == 2 and args["train_params"]["batch_size"] == 8
     assert args["train_params"]["peak_lr"] == 0.005
     assert args["train_params"]["preset"] == defaults["train"]["preset"]
-    assert args["split_seed"] == 3 and args["gate_threshold"] == 0.25
+    assert args["split_params"]["seed"] == 3 and args["register_params"]["gate_threshold"] == 0.25
     assert args["mlflow_tracking_uri"] == "http://mlflow:5000"
     with pytest.raises(SystemExit, match="no such key"):
         build_arguments([], ["train.epoch=2"], params_path=str(ROOT / "params.yaml"))
@@ -231,20 +203,17 @@ def test_arguments_merge_params_files_and_overrides(tmp_path):
 
 
 def test_demo_override_file_only_sets_known_keys():
-    """params.demo.yaml overrides params.yaml's keys; under `train` it may also set other
-    TrainConfig fields (dims/depths: a narrower model for the CPU demo)."""
-    import dataclasses
-
-    from components.train import TrainConfig
-
-    demo = yaml.safe_load((ROOT / "params.demo.yaml").read_text())
-    params = load_params(ROOT / "params.yaml")
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for section, values in demo.items():
-        assert section in params, f"params.demo.yaml: unknown section {section}"
-        for key in values:
-            known = key in params[section] or (section == "train" and key in train_fields)
-            assert known, f"params.demo.yaml: {section}.{key} is not a known setting"
-    merged = load_params(ROOT / "params.yaml", overrides=[ROOT / "params.demo.yaml"])
-    TrainConfig.resolve(None, **merged["train"])  # a valid training configuration
-    assert merged["train"]["epochs"] < params["train"]["epochs"]
+    """params.demo.yaml and params.paper.yaml set only keys of params.yaml's sections, and the
+    merged result is a valid configuration of every step."""
+    base = load_params(ROOT / "params.yaml")
+    for partial in ("params.demo.yaml", "params.paper.yaml"):
+        override = load_params(ROOT / partial)
+        for section, values in override.items():
+            assert section in base, f"{partial}: unknown section {section}"
+            for key in values:
+                assert key in base[section], f"{partial}: {section}.{key} is not a setting"
+        merged = load_params([ROOT / "params.yaml", ROOT / partial])
+        for name, cls in SECTIONS.items():
+            cls.resolve(merged)  # valid
+    demo = load_params([ROOT / "params.yaml", ROOT / "params.demo.yaml"])
+    assert demo["train"]["epochs"] < base["train"]["epochs"]

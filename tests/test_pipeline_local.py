@@ -1,6 +1,7 @@
 """`skinlesion pipeline run-local`: the KFP pipeline end to end on this machine (kfp.local
-SubprocessRunner, use_venv=False, CPU) on tiny synthetic data with a tiny model, MLflow in a
-SQLite file; and the data step's hash, which is DVC's own directory hash."""
+SubprocessRunner, use_venv=False, CPU) on tiny synthetic data (with two unreadable images,
+skip_corrupt on) with a tiny model, MLflow in a SQLite file; KFP's evaluate gives the DVC
+stage's metrics.json; and the data step's hash, which is DVC's own directory hash."""
 from __future__ import annotations
 
 import json
@@ -12,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.cli import main as skinlesion
+from components.tools.cli import main as skinlesion
 from pipeline.data import dir_md5, materialise, provenance
 
 BIN = Path(sys.executable).parent
 TASKS = ["materialise-data", "preprocess", "split", "class-weights", "train", "evaluate", "register"]
 TINY = {
-    "preprocess": {"size": 40},
+    "preprocess": {"size": 40, "skip_corrupt": True},
     "train": {"img_size": 32, "dims": [8, 16, 24, 32], "depths": [1, 1, 1, 1], "epochs": 1,
               "batch_size": 16, "warmup_epochs": 0, "num_workers": 0, "ema_decay": 0.9,
               "gpu_resident": "off"},
@@ -28,11 +29,20 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
-    from components import synth
+    from components.tools import synth
 
     out = tmp_path_factory.mktemp("data") / "raw"
     synth.run(out, n=160, seed=0)
-    return out
+    return add_unreadable_images(out)
+
+
+def add_unreadable_images(raw: Path) -> Path:
+    """Two labelled images a real archive might hold: a truncated JPEG and a zero-byte file."""
+    images = sorted((raw / "images").glob("*.jpg"))
+    images[0].write_bytes(images[0].read_bytes()[:300])
+    images[1].write_bytes(b"")
+    return raw
+
 
 
 def test_data_hash_is_dvcs_directory_hash(tmp_path):
@@ -129,29 +139,37 @@ def test_run_local_end_to_end_on_cpu(raw, tmp_path, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
+    from components import evaluate
+
     monkeypatch.chdir(tmp_path)  # MLflow's ./mlruns artifacts land here
     override = tmp_path / "tiny.yaml"
     override.write_text(yaml.safe_dump(TINY))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     root = tmp_path / "kfp"
-    assert skinlesion(["pipeline", "run-local", "--data", str(raw), "--pipeline-root", str(root),
-                       "--params-file", str(override), "--param", f"mlflow_tracking_uri={uri}",
-                       "--param", "gate_threshold=0.0"]) == 0
+    assert skinlesion(["pipeline", "run-local", "--data", str(raw), "--pipeline_root", str(root),
+                       "--params_file", str(override), "--param", f"mlflow_tracking_uri={uri}"]) == 0
 
     (run_dir,) = [p for p in root.iterdir() if p.name.startswith("skin-lesion-")]
     assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == sorted(TASKS)
 
     # the step outputs, where the next steps read them
     assert (run_dir / "materialise-data/raw/labels.csv").is_file()
-    assert (run_dir / "preprocess/prepared/manifest.csv").is_file()
-    assert {p.name for p in (run_dir / "split/splits").iterdir()} >= {"train.csv", "val.csv", "test.csv",
-                                                                      "split_report.json"}
+    prepared = run_dir / "preprocess/prepared"
+    assert (prepared / "manifest.csv").is_file()
+    splits = run_dir / "split/splits"
+    assert {p.name for p in splits.iterdir()} >= {"train.csv", "val.csv", "test.csv",
+                                                  "split_report.json"}
+    # skip_corrupt: both unreadable images are reported, and no split holds them
+    report = json.loads((prepared / "preprocess_report.json").read_text())
+    assert sorted(c["image"] for c in report["corrupt"]) == _unreadable(raw)
+    split_images = "".join((splits / f"{n}.csv").read_text() for n in ("train", "val", "test"))
+    assert not any(i in split_images for i in _unreadable(raw))
     assert json.loads((run_dir / "class-weights/weights").read_text())["classes"][0] == "MEL"
     assert (run_dir / "train/model/ema_weights.pt").is_file()
     summary = json.loads((run_dir / "train/model/training_summary.json").read_text())
     assert summary["completed"] and summary["epochs"] == 1
     metrics = json.loads((run_dir / "evaluate/evaluation/metrics.json").read_text())
-    assert metrics["n_images"] > 0
+    assert metrics["n_images"] > 0 and "raw" in metrics  # the training folder: EMA and raw
 
     # the data hash travels in every artifact's metadata
     data_hash = dir_md5(raw)
@@ -162,38 +180,54 @@ def test_run_local_end_to_end_on_cpu(raw, tmp_path, monkeypatch):
             for artifact in artifacts["artifacts"]:
                 assert artifact["metadata"]["data_hash"] == data_hash, f"{task}.{name}"
                 assert artifact["metadata"]["data_source"] == str(raw.resolve())
+    assert _task_outputs(run_dir, "preprocess")["artifacts"]["prepared"]["artifacts"][0][
+        "metadata"]["corrupt"] == 2
 
     # evaluate's KFP metrics: scalars and a confusion matrix over the eight classes
-    evaluate = _task_outputs(run_dir, "evaluate")
-    gate_value = evaluate["parameterValues"]["Output"]
-    assert gate_value == pytest.approx(metrics["balanced_accuracy"])
-    scalars = evaluate["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    kfp_eval = _task_outputs(run_dir, "evaluate")
+    scalars = kfp_eval["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert scalars["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
-    matrix = evaluate["artifacts"]["classification"]["artifacts"][0]["metadata"]["confusionMatrix"]
+    matrix = kfp_eval["artifacts"]["classification"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert len(matrix["rows"]) == 8
     assert sum(sum(row["row"]) for row in matrix["rows"]) == metrics["n_images"]
 
+    # one implementation: the DVC stage's command on the same trained model gives the same file
+    params = tmp_path / "params.yaml"
+    params.write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert evaluate.main(["--params", str(params), "--params_file", str(override), "--model",
+                          str(run_dir / "train/model"), "--test_csv", str(splits / "test.csv"),
+                          "--img_dir", str(prepared / "images"), "--out", str(tmp_path / "dvc"),
+                          "--no_mlflow"]) == 0
+    assert json.loads((tmp_path / "dvc/metrics.json").read_text()) == metrics
+
     # past the gate: a registered model version with alias challenger and the data's hash
     registration = json.loads((run_dir / "register/registration").read_text())
-    assert registration["alias"] == "challenger" and registration["gate_value"] == gate_value
+    assert registration["alias"] == "challenger"
+    assert _task_outputs(run_dir, "register")["parameterValues"]["Output"] == registration["version"]
     client = MlflowClient(uri)
     version = client.get_model_version_by_alias(registration["name"], "challenger")
     assert str(version.version) == registration["version"]
-    assert version.tags["raw_data_hash"] == data_hash
+    assert version.tags["data_hash"] == data_hash
     assert version.tags["data_source"] == str(raw.resolve())
     mlflow.set_tracking_uri(None)
 
 
+def _unreadable(raw: Path) -> list[str]:
+    return [p.stem for p in sorted((raw / "images").glob("*.jpg"))[:2]]
+
+
 @pytest.mark.slow
-def test_run_local_skips_register_below_the_gate(raw, tmp_path, monkeypatch):
+def test_run_local_register_applies_the_gate(raw, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     override = tmp_path / "tiny.yaml"
     override.write_text(yaml.safe_dump(TINY))
     root = tmp_path / "kfp"
-    assert skinlesion(["pipeline", "run-local", "--data", str(raw), "--pipeline-root", str(root),
-                       "--params-file", str(override),
+    assert skinlesion(["pipeline", "run-local", "--data", str(raw), "--pipeline_root", str(root),
+                       "--params_file", str(override),
                        "--param", f"mlflow_tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                       "--param", "gate_threshold=1.01"]) == 0
+                       "--param", "register.gate_threshold=1.01"]) == 0
     (run_dir,) = [p for p in root.iterdir() if p.name.startswith("skin-lesion-")]
     assert (run_dir / "evaluate/evaluation/metrics.json").is_file()
-    assert not (run_dir / "register").exists(), "balanced accuracy <= 1 < 1.01: no registration"
+    registration = json.loads((run_dir / "register/registration").read_text())
+    assert registration["version"] is None and "below the gate 1.01" in registration["skipped"]
+    assert _task_outputs(run_dir, "register")["parameterValues"]["Output"] == ""

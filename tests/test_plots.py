@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from components.labels import CLASSES
-from components.metrics import classification_metrics, expected_calibration_error, reliability_bins
-from components.plots import plot_confusion, plot_reliability, plot_roc
+from components.common.labels import CLASSES
+from components.evaluation.metrics import classification_metrics, expected_calibration_error, reliability_bins
+from components.evaluation.plots import plot_confusion, plot_reliability, plot_roc
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import os
-import sys
-import urllib.request
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -19,49 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from components import predict, register, serving
-from components.labels import CLASSES
-from components.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from model import HybridConvNeXtV2
-from procs import free_port, serve
+from components.common.labels import CLASSES
+from components.registry import serving
+from components.tools import predict
+from components.training.transforms import eval_transform
 
 TINY = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1))
 IMG = 32
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A pyfunc model folder (what the registry stores), built from a tiny random model."""
-    root = tmp_path_factory.mktemp("pyfunc")
-    torch.manual_seed(0)
-    net = HybridConvNeXtV2(num_classes=len(CLASSES), preset="paper", **TINY).eval()
-    meta = {"model_config": net.config, "classes": list(CLASSES), "img_size": IMG,
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    artifacts = serving.write_artifacts(net.state_dict(), meta, root / "staging", prepare_size=40)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MLflow's advice to add an input example
-        mlflow.pyfunc.save_model(str(root / "model"), **register.pyfunc_kwargs(artifacts, list(CLASSES)))
-    return root / "model"
-
-
-@pytest.fixture(scope="module")
 def pyfunc(model_dir):
-    return mlflow.pyfunc.load_model(str(model_dir))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    out = {}
-    for name, size in (("a.jpg", (60, 45)), ("b.png", (40, 40)), ("c.JPG", (200, 150))):
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
-            folder / name, format="PNG" if name.endswith("png") else "JPEG")
-        out[name] = folder / name
-    (folder / "notes.txt").write_text("not an image")
-    out["bad"] = folder / "broken.jpg"
-    out["bad"].write_bytes(b"\xff\xd8 this is not really a jpeg")
-    return out
+    """The model as `skinlesion predict` loads it: local paths allowed."""
+    return mlflow.pyfunc.load_model(str(model_dir), model_config={"allow_paths": True})
 
 
 def test_pyfunc_takes_paths_bytes_and_base64(pyfunc, images):
@@ -78,16 +43,15 @@ def test_pyfunc_takes_paths_bytes_and_base64(pyfunc, images):
     assert (out["predicted"] == CLASSES[int(probs[0].argmax())]).all() and (out["error"] == "").all()
 
 
-def test_bad_rows_get_errors_and_the_rest_is_predicted(pyfunc, images, monkeypatch):
+def test_bad_rows_get_errors_and_the_rest_is_predicted(pyfunc, images):
     table = pd.DataFrame({"image": [str(images["bad"]), str(images["b.png"]), "missing.jpg", 42]})
     out = pyfunc.predict(table, params={"batch_size": 1})
     assert "not a decodable image" in out.loc[0, "error"]
     assert out.loc[1, "error"] == "" and out.loc[1, "predicted"] in CLASSES
-    assert "no such file" in out.loc[2, "error"] and "int" in out.loc[3, "error"]
+    assert "not a base64-encoded image, nor a readable file" in out.loc[2, "error"]
+    assert "expected image bytes" in out.loc[3, "error"]
     assert out.loc[[0, 2, 3], list(CLASSES)].isna().all().all()
-    monkeypatch.setenv("SKINLESION_SERVING_ALLOW_PATHS", "0")
-    refused = pyfunc.predict(pd.DataFrame({"image": [str(images["b.png"])]}))
-    assert "paths are disabled" in refused.loc[0, "error"]
+    # the served model (paths off) answers differently: tests/test_serving.py
 
 
 def test_preprocessing_is_evaluations(model_dir, images):
@@ -111,7 +75,7 @@ def test_cli_files_dir_and_csv(model_dir, images, tmp_path, capsys):
     assert table.loc[0, "error"] == "" and table.loc[0, "predicted"] in CLASSES
     assert "not a decodable image" in table.loc[1, "error"] and "no such file" in table.loc[2, "error"]
     err = capsys.readouterr().err
-    assert f"{images['bad']}: not a decodable image" in err and "predicted 1/3 images" in err
+    assert f"{images['bad']}: 400 not a decodable image" in err and "predicted 1/3 images" in err
 
     assert predict.main(["--model", str(model_dir), "--dir", str(images["a.jpg"].parent),
                          "--out", str(out)]) == 1  # broken.jpg is in the folder
@@ -132,29 +96,6 @@ def test_cli_usage_errors(model_dir):
     with pytest.raises(SystemExit) as err:
         predict.main(["--model", str(model_dir)])
     assert err.value.code == 2
-
-
-def test_mlflow_models_serve_answers_base64_json(model_dir, images, tmp_path):
-    """`mlflow models serve` on the model folder (env-manager local) scores base64 images."""
-    port = free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    # the scoring server is exec'd as `uvicorn` from PATH: the venv's bin folder
-    env = {**os.environ, "SKINLESION_SERVING_ALLOW_PATHS": "0",
-           "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [str(mlflow_bin), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with serve(cmd, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env=env):
-        payload = {"dataframe_split": {"columns": ["image"], "data": [
-            [base64.b64encode(images["a.jpg"].read_bytes()).decode()],
-            [str(images["a.jpg"])]]}}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            rows = json.loads(reply.read())["predictions"]
-        assert rows[0]["predicted"] in CLASSES and rows[0]["error"] == ""
-        assert sum(rows[0][c] for c in CLASSES) == pytest.approx(1.0, rel=1e-5)
-        assert "paths are disabled" in rows[1]["error"] and rows[1]["predicted"] == ""
 
 
 def test_cli_names_a_model_that_does_not_load(tmp_path, images, capsys):

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from components import preprocess
-from components.labels import CLASSES
-from components.preprocess import MANIFEST_COLUMNS, CorruptImageError
+from components.common.images import CorruptImageError, prepare_image
+from components.common.labels import CLASSES
+from components.preprocess import MANIFEST_COLUMNS
 
 SIZE = 64
 
@@ -217,3 +219,68 @@ def test_corrupt_file_stops_a_parallel_run(tmp_path):
     with pytest.raises(CorruptImageError, match="bad.jpg"):
         preprocess.run(labels, src, tmp_path / "out", size=SIZE, workers=2)
     assert not (tmp_path / "out").exists()
+
+
+# -- colour constancy (Shades of Gray) --------------------------------------------------------
+def _minkowski(image, p=6.0):
+    x = np.asarray(image, dtype=np.float64)
+    return np.power(np.mean(np.power(x, p), axis=(0, 1)), 1 / p)
+
+
+def test_shades_of_gray_leaves_a_neutral_image_and_neutralises_a_cast():
+    from components.common.images import shades_of_gray
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(40, 220, (30, 40, 1), dtype=np.uint8).repeat(3, axis=2)
+    neutral = Image.fromarray(grey)  # equal channels: equal p-norms
+    assert np.array_equal(np.asarray(shades_of_gray(neutral)), grey)
+    cast = (grey * np.array([1.0, 0.75, 0.55])).round().astype(np.uint8)  # a warm dermoscope
+    norms = _minkowski(cast)
+    assert norms.max() / norms.min() > 1.7
+    fixed = _minkowski(shades_of_gray(Image.fromarray(cast)))
+    assert fixed.max() / fixed.min() < 1.02, fixed  # the illuminant is grey again
+
+
+def test_colour_constancy_in_preprocess_and_in_the_served_model_gives_the_same_pixels(tmp_path):
+    """The served model prepares an image exactly as preprocess prepared the training images,
+    colour constancy included, by reading the model's own preprocessing.json."""
+    from components.registry import serving
+    from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+    from model import HybridConvNeXtV2
+
+    src = tmp_path / "raw"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    pixels = (rng.integers(0, 255, (90, 120, 3)) * np.array([1.0, 0.7, 0.5])).astype(np.uint8)
+    Image.fromarray(pixels).save(src / "a.png")
+    (tmp_path / "labels.csv").write_text("image,label\na,MEL\n")
+    out = tmp_path / "prep"
+    preprocess.run(tmp_path / "labels.csv", src, out, size=40, workers=1,
+                   color_constancy="shades_of_gray")
+    report = json.loads((out / "preprocess_report.json").read_text())
+    assert report["color_constancy"] == "shades_of_gray" and report["minkowski_p"] == 6.0
+    prepared = Image.open(out / "images" / "a.jpg").convert("RGB")
+    norms = _minkowski(prepared)
+    assert norms.max() / norms.min() < 1.1  # neutralised (JPEG quality 95 adds a little)
+
+    net = HybridConvNeXtV2(num_classes=len(CLASSES), dims=(16, 32, 48, 64),
+                           depths=(1, 1, 1, 1)).eval()
+    meta = {"model_config": net.config, "classes": list(CLASSES), "img_size": 32,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "prepare_size": 40,
+            "color_constancy": report["color_constancy"], "minkowski_p": report["minkowski_p"]}
+    serving.write_artifacts(net.state_dict(), meta, tmp_path / "model")
+    served = serving.load_local(tmp_path / "model").preprocess((src / "a.png").read_bytes())
+    again, _ = prepare_image((src / "a.png").read_bytes(), 40, color="shades_of_gray")
+    torch.testing.assert_close(served, eval_transform(32)(again))
+    # and preprocess wrote exactly that image (as JPEG, quality 95) for training to read
+    buffer = io.BytesIO()
+    again.save(buffer, "JPEG", quality=preprocess.JPEG_QUALITY)
+    assert np.array_equal(np.asarray(Image.open(buffer)), np.asarray(prepared))
+
+
+def test_changing_colour_constancy_redoes_every_image(odd_images, tmp_path):
+    labels, src = odd_images
+    out = tmp_path / "out"
+    preprocess.run(labels, src, out, size=SIZE, workers=1)
+    again = preprocess.run(labels, src, out, size=SIZE, workers=1, color_constancy="shades_of_gray")
+    assert again["unchanged"] == 0 and again["converted"] > 0

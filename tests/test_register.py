@@ -1,6 +1,7 @@
-"""register step on a local SQLite MLflow store: a version with tags, card and alias, idempotent,
-and a pyfunc model that loads and predicts. Training is stood in for by a tiny model saved the
-way training saves it (ema_weights.pt + training_summary.json + an MLflow run)."""
+"""register step on a local SQLite MLflow store: a version with a handful of lineage tags, a
+card and an alias, idempotent, refusing metrics of other weights or splits, and a pyfunc model
+that loads and predicts. Training is stood in for by a tiny model saved the way training saves
+it (ema_weights.pt + training_summary.json + an MLflow run)."""
 from __future__ import annotations
 
 import json
@@ -14,13 +15,20 @@ import pytest
 import torch
 from PIL import Image
 
-from components import atomic, checkpoint, register
-from components.labels import CLASSES
-from components.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from components import register
+from components.common import atomic
+from components.common.config import RegisterConfig
+from components.common.labels import CLASSES
+from components.registry import client as registry
+from components.registry import model_card, pyfunc
+from components.training import checkpoint
+from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from model import HybridConvNeXtV2
 
 TINY = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1))
 IMG = 32
+PREPARE = 40
+SPLIT = "s" * 64
 EXPERIMENT = "skin-lesion"
 
 
@@ -34,22 +42,27 @@ def make_store(root: Path) -> str:
 
 
 def fake_training(root: Path, uri: str, seed: int = 0, run_name: str | None = None,
-                  epochs: int = 1) -> tuple[Path, str]:
+                  epochs: int = 1, log_model: bool = False) -> tuple[Path, str]:
     """What components.train leaves behind: out_dir with ema_weights.pt and
-    training_summary.json, and a run with train.* params and git/data tags."""
+    training_summary.json, and a run with train.* params and git/data tags (and, as a real
+    training does, the serving model when log_model)."""
     torch.manual_seed(seed)
     model = HybridConvNeXtV2(num_classes=len(CLASSES), preset="paper", **TINY)
     out = root / f"train-{seed}-{run_name or 'x'}"
-    checkpoint.save(out / "ema_weights.pt", {
-        "model_config": model.config, "classes": list(CLASSES), "img_size": IMG,
-        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-        "ema": model.state_dict(), "epoch": epochs, "step": 10})
+    meta = {"model_config": model.config, "classes": list(CLASSES), "img_size": IMG,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "prepare_size": PREPARE,
+            "split_hash": SPLIT}
+    checkpoint.save(out / "ema_weights.pt", {**meta, "ema": model.state_dict(), "epoch": epochs,
+                                             "step": 10})
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
     run = client.create_run(exp, run_name=run_name, tags={"git_commit": "abc123", "data_hash": "d" * 32})
     for key, value in {"train.preset": "paper", "train.epochs": epochs, "train.seed": seed,
                        "train.img_size": IMG, "train.batch_size": 8, "train.peak_lr": 0.01}.items():
         client.log_param(run.info.run_id, key, value)
+    if log_model:
+        mlflow.set_tracking_uri(uri)
+        pyfunc.log_model(run.info.run_id, model.state_dict(), meta)
     client.set_terminated(run.info.run_id)
     atomic.write_json(out / "training_summary.json", {
         "completed": True, "mlflow_run_id": run.info.run_id,
@@ -57,14 +70,21 @@ def fake_training(root: Path, uri: str, seed: int = 0, run_name: str | None = No
     return out, run.info.run_id
 
 
-def metrics_json(value: float = 0.5, **extra) -> dict:
+def metrics_json(out: Path, value: float = 0.5, **extra) -> dict:
+    """evaluate's metrics.json for the weights in `out` (their digest, the split trained on)."""
+    weights = checkpoint.load(out / "ema_weights.pt")["ema"]
     return {"weights": "ema", "n_images": 20, "balanced_accuracy": value, "accuracy": value + 0.1,
             "f1_macro": value - 0.1, "ece": 0.1,
             "ci95": {"balanced_accuracy": {"low": value - 0.05, "high": value + 0.05}},
-            "bootstrap": {"resamples": 100, "unit": "lesion"}, **extra}
+            "bootstrap": {"resamples": 100, "unit": "lesion"},
+            "weights_digest": checkpoint.weights_digest(weights), "split_hash": SPLIT, **extra}
 
 
-def split_report(split_hash: str = "s" * 64, mode: str = "grouped") -> dict:
+def cfg(name: str, **settings) -> RegisterConfig:
+    return RegisterConfig(model_name=name, **settings)
+
+
+def split_report(split_hash: str = SPLIT, mode: str = "grouped") -> dict:
     return {"mode": mode, "split_hash": split_hash, "sizes": {"train": 70, "val": 15, "test": 20}}
 
 
@@ -88,8 +108,9 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def registered(store):
     root, uri = store
-    out, run_id = fake_training(root, uri, seed=1, run_name="paper-grouped-e1-s1")
-    result = register.run(out, metrics_json(0.5), split_report(), model_name="m-reg", tracking_uri=uri)
+    out, run_id = fake_training(root, uri, seed=1, run_name="paper-grouped-e1-s1", log_model=True)
+    result = register.run(out, metrics_json(out, 0.5), split_report(), cfg("m-reg"),
+                          tracking_uri=uri)
     return out, run_id, result
 
 
@@ -103,12 +124,22 @@ def test_register_creates_version_with_tags_card_and_alias(store, registered):
     tags = version.tags
     assert version.run_id == run_id
     assert tags["source_run_id"] == run_id and tags["git_commit"] == "abc123"
-    assert tags["data_hash"] == "d" * 32 and tags["split_hash"] == "s" * 64
-    assert tags["split_mode"] == "grouped" and len(tags["params_hash"]) == 16
+    assert tags["data_hash"] == "d" * 32 and tags["split_hash"] == SPLIT
+    assert len(tags["params_hash"]) == 16 and len(tags["weights_hash"]) == 64
     assert float(tags["test_balanced_accuracy"]) == pytest.approx(0.5)
     assert float(tags["test_balanced_accuracy_ci_low"]) == pytest.approx(0.45)
+    assert len(tags) <= 10, f"a handful of lineage tags, not {sorted(tags)}"
     assert "not a medical device" in version.description
     assert "lesion-grouped" in version.description and "0.4500 - 0.5500" in version.description
+    # the rest is in model_card.json beside the model, and the version reuses the run's
+    # logged serving model instead of logging a second one
+    card = client.download_artifacts(run_id, f"registry/m-reg-v1/{pyfunc.CARD_ARTIFACT}")
+    details = json.loads(Path(card).read_text())
+    assert details["test_metrics"]["accuracy"] == pytest.approx(0.6)
+    assert details["preprocessing"]["prepare_size"] == PREPARE
+    logged = client.search_logged_models(experiment_ids=[client.get_run(run_id).info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'")
+    assert len(logged) == 1
     # the training run learns its split and its registered version
     run_tags = client.get_run(run_id).data.tags
     assert run_tags["split_hash"] == "s" * 64 and run_tags["registered_model"] == "m-reg/1"
@@ -117,9 +148,9 @@ def test_register_creates_version_with_tags_card_and_alias(store, registered):
 def test_register_same_run_twice_is_one_version(store, registered):
     _, uri = store
     out, run_id, _ = registered
-    again = register.run(out, metrics_json(0.5), split_report(), model_name="m-reg", tracking_uri=uri)
+    again = register.run(out, metrics_json(out, 0.5), split_report(), cfg("m-reg"),
+                         tracking_uri=uri)
     assert again["version"] == "1" and again["created"] is False
-    # and from the run id alone (no weights needed: it is found before they are read)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     assert len(client.search_model_versions("name = 'm-reg'")) == 1
 
@@ -138,7 +169,7 @@ def test_registered_pyfunc_matches_evaluation_preprocessing(store, registered, t
     tf = eval_transform(IMG)
     # pyfunc first resizes the short side to prepare_size, as the preprocess step did to
     # the images evaluate reads: the same two stages here
-    from components.preprocess import prepare_image
+    from components.common.images import prepare_image
     info = model.unwrap_python_model().info
     batch = torch.stack([tf(prepare_image(p.read_bytes(), info["prepare_size"])[0]) for p in images])
     with torch.inference_mode():
@@ -151,7 +182,8 @@ def test_registered_pyfunc_matches_evaluation_preprocessing(store, registered, t
 def test_second_run_moves_challenger(store, registered):
     root, uri = store
     out2, run2 = fake_training(root, uri, seed=2, run_name="paper-grouped-e1-s2")
-    result = register.run(out2, metrics_json(0.6), split_report(), model_name="m-reg", tracking_uri=uri)
+    result = register.run(out2, metrics_json(out2, 0.6), split_report(), cfg("m-reg"),
+                          tracking_uri=uri)
     assert result["version"] == "2" and result["created"] and result["run_id"] == run2
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     assert str(client.get_model_version_by_alias("m-reg", "challenger").version) == "2"
@@ -160,9 +192,32 @@ def test_second_run_moves_challenger(store, registered):
 def test_gate_skips_registration(store):
     root, uri = store
     out, _ = fake_training(root, uri, seed=3)
-    result = register.run(out, metrics_json(0.2), split_report(), model_name="m-gate",
-                          tracking_uri=uri, gate_metric="balanced_accuracy", gate_threshold=0.3)
+    result = register.run(out, metrics_json(out, 0.2), split_report(),
+                          cfg("m-gate", gate_threshold=0.3), tracking_uri=uri)
     assert result["version"] is None and "below the gate" in result["skipped"]
+    nan = register.run(out, metrics_json(out, float("nan")), split_report(),
+                       cfg("m-gate", gate_threshold=0.0), tracking_uri=uri)
+    assert nan["version"] is None  # NaN never clears a gate
+
+
+def test_metrics_of_other_weights_or_another_split_are_refused(store, tmp_path, capsys):
+    root, uri = store
+    out, _ = fake_training(root, uri, seed=7)
+    other, _ = fake_training(root, uri, seed=8)
+    with pytest.raises(register.LineageError, match="evaluate these weights first"):
+        register.run(out, metrics_json(other), split_report(), cfg("m-lineage"), tracking_uri=uri)
+    with pytest.raises(register.LineageError, match="split hashes differ"):
+        register.run(out, metrics_json(out), split_report("t" * 64), cfg("m-lineage"),
+                     tracking_uri=uri)
+    stale = {k: v for k, v in metrics_json(out).items() if k != "weights_digest"}
+    (tmp_path / "m.json").write_text(json.dumps(stale))
+    (tmp_path / "s.json").write_text(json.dumps(split_report()))
+    assert register.main(["--train_dir", str(out), "--metrics", str(tmp_path / "m.json"),
+                          "--split_report", str(tmp_path / "s.json"), "--tracking_uri", uri,
+                          "--model_name", "m-lineage"]) == 1
+    assert "re-run evaluate" in capsys.readouterr().err
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    assert registry.versions(client, "m-lineage") == []
 
 
 def test_unreachable_server_fails_naming_the_uri(store):
@@ -172,8 +227,9 @@ def test_unreachable_server_fails_naming_the_uri(store):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     uri = f"http://user:hunter2@127.0.0.1:{port}"
-    with pytest.raises(register.RegistryUnavailable) as err:
-        register.run(out, metrics_json(), split_report(), tracking_uri=uri, retries=1, backoff_s=0.01)
+    with pytest.raises(registry.RegistryUnavailable) as err:
+        register.run(out, metrics_json(out), split_report(), cfg("m", retries=1, backoff_s=0.01),
+                     tracking_uri=uri)
     assert f"127.0.0.1:{port}" in str(err.value) and "hunter2" not in str(err.value)
 
 
@@ -186,14 +242,14 @@ def test_retries_then_succeeds(monkeypatch):
             raise ConnectionError("Connection refused")
         return "ok"
 
-    assert register.with_retries(flaky, "http://x", retries=3, backoff_s=0.001) == "ok"
+    assert registry.with_retries(flaky, "http://x", retries=3, backoff_s=0.001) == "ok"
     assert len(calls) == 3
     with pytest.raises(ValueError):  # not a connection problem: no retry
-        register.with_retries(lambda: (_ for _ in ()).throw(ValueError("bad")), "http://x", 3, 0.001)
+        registry.with_retries(lambda: (_ for _ in ()).throw(ValueError("bad")), "http://x", 3, 0.001)
 
 
 def test_tags_carry_no_secrets():
-    tags = register.clean_tags({"data_source": "s3://key:secretvalue@bucket/x", "aws_secret_access_key": "x",
+    tags = model_card.clean_tags({"data_source": "s3://key:secretvalue@bucket/x", "aws_secret_access_key": "x",
                                 "MLFLOW_TRACKING_PASSWORD": "p", "data_rev": "v1"})
     assert tags == {"data_source": "s3://***@bucket/x", "data_rev": "v1"}
 
@@ -202,8 +258,8 @@ def test_cli_main_reads_params(store, tmp_path, capsys):
     root, uri = store
     out, run_id = fake_training(root, uri, seed=5)
     (tmp_path / "params.yaml").write_text("register:\n  model_name: m-cli\n  gate_metric: balanced_accuracy\n"
-                                          "  gate_threshold: 0.0\npreprocess:\n  size: 40\n")
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics_json(0.4)))
+                                          "  gate_threshold: 0.0\n")
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics_json(out, 0.4)))
     (tmp_path / "split.json").write_text(json.dumps(split_report()))
     rc = register.main(["--train_dir", str(out), "--metrics", str(tmp_path / "metrics.json"),
                         "--split_report", str(tmp_path / "split.json"), "--params",
@@ -214,16 +270,23 @@ def test_cli_main_reads_params(store, tmp_path, capsys):
     assert result["name"] == "m-cli" and result["run_id"] == run_id
     mlflow.set_tracking_uri(uri)
     info = mlflow.pyfunc.load_model("models:/m-cli@challenger").unwrap_python_model().info
-    assert info["prepare_size"] == 40 and info["img_size"] == IMG and info["classes"] == list(CLASSES)
+    # the preprocess size travels with the weights (the checkpoint), not through params
+    assert info["prepare_size"] == PREPARE and info["img_size"] == IMG
+    assert info["classes"] == list(CLASSES)
 
 
 def test_run_id_source(store, registered):
-    """A run id finds its existing version without any weights; a run without an
-    ema_weights.pt artifact and no version is a clear error."""
+    """A run id registers the serving model its training logged; a run without one is a
+    clear error."""
     root, uri = store
-    _, run_id, _ = registered
-    again = register.run(run_id, metrics_json(0.5), split_report(), model_name="m-reg", tracking_uri=uri)
+    out, run_id, _ = registered
+    again = register.run(run_id, metrics_json(out, 0.5), split_report(), cfg("m-reg"),
+                         tracking_uri=uri)
     assert again["version"] == "1" and again["created"] is False
-    _, other = fake_training(root, uri, seed=6)
-    with pytest.raises(FileNotFoundError, match="ema_weights.pt artifact"):
-        register.run(other, metrics_json(0.5), split_report(), model_name="m-reg", tracking_uri=uri)
+    fresh = register.run(run_id, metrics_json(out, 0.5), split_report(), cfg("m-by-run"),
+                         tracking_uri=uri)
+    assert fresh["version"] == "1" and fresh["created"] and fresh["run_id"] == run_id
+    other_out, other = fake_training(root, uri, seed=6)
+    with pytest.raises(FileNotFoundError, match="no logged `classifier` model"):
+        register.run(other, metrics_json(other_out, 0.5), split_report(), cfg("m-reg"),
+                     tracking_uri=uri)

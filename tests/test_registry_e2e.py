@@ -7,6 +7,7 @@ pyfunc model predicts two images in-process; the artifacts are in the bucket."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -15,8 +16,11 @@ import mlflow
 import pandas as pd
 import pytest
 
-from components import evaluate, promote, predict, register, runs, train
-from components.labels import CLASSES
+from components import evaluate, register, train
+from components.common.config import EvaluateConfig
+
+from components.tools import promote, predict, runs
+from components.common.labels import CLASSES
 from mlflow_server import start_mlflow_server
 from s3server import FAKE_AWS_ENV, moto_s3_server
 from tiny_data import make_splits
@@ -55,7 +59,8 @@ def _train_and_evaluate(data: dict, out: Path, seed: int, epochs: int) -> Path:
                             batch_size=8, warmup_epochs=1, num_workers=0, epochs=epochs,
                             seed=seed, gpu_resident="off")
     train.run(data["train"], data["img_dir"], out / "train", val_csv=data["val"], config=cfg)
-    evaluate.run(out / "train", data["test"], data["img_dir"], out / "eval", bootstrap=50)
+    evaluate.run(out / "train", data["test"], data["img_dir"], out / "eval",
+                 EvaluateConfig(bootstrap=50))
     return out / "eval" / "metrics.json"
 
 
@@ -99,10 +104,19 @@ def test_train_register_promote_predict_on_real_services(services, tmp_path, mon
     images = [data["img_dir"] / "test_0000.jpg", data["img_dir"] / "test_0005.jpg"]
     result = predict.run(f"models:/{NAME}@champion", [str(p) for p in images], tmp_path / "p.csv")
     table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
-    assert result["n_failed"] == 0 and len(table) == 2 and set(table["predicted"]) <= set(CLASSES)
+    assert result["n_failed"] == 0, result["failed"]
+    assert len(table) == 2 and set(table["predicted"]) <= set(CLASSES)
 
-    # pyfunc in-process on two images, one as a path and one as bytes
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    # evaluate scores the registered model itself (the pyfunc's weights, as the run scored them)
+    evaluate.run(f"models:/{NAME}@champion", data["test"], data["img_dir"], tmp_path / "reg_eval",
+                 EvaluateConfig(bootstrap=50), use_mlflow=False)
+    by_uri = json.loads((tmp_path / "reg_eval" / "metrics.json").read_text())
+    by_file = json.loads(metrics2.read_text())
+    assert by_uri["weights_digest"] == by_file["weights_digest"]
+    assert by_uri["balanced_accuracy"] == pytest.approx(by_file["balanced_accuracy"], abs=1e-6)
+
+    # pyfunc in-process on two images, one as a path and one as bytes (paths: a local use)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion", model_config={"allow_paths": True})
     out = model.predict(pd.DataFrame({"image": [str(images[0]), images[1].read_bytes()]}))
     assert (out["error"] == "").all()
     pd.testing.assert_frame_equal(out[list(CLASSES)], table[list(CLASSES)], atol=1e-5,
@@ -111,7 +125,7 @@ def test_train_register_promote_predict_on_real_services(services, tmp_path, mon
     # the registered files are in the bucket, not on a local disk
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=PREFIX)
             for o in page.get("Contents", [])]
-    assert sum(k.endswith("weights.safetensors") for k in keys) == 2
+    assert sum(k.endswith("weights.safetensors") for k in keys) == 2  # one model per run
     assert any(k.endswith("/serving.py") for k in keys) and any(k.endswith("/MLmodel") for k in keys)
 
     # the comparison table knows both runs and their versions

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from components import runs
+from components.tools import runs
 
 
 @pytest.fixture(scope="module")

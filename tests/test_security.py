@@ -23,9 +23,12 @@ import pytest
 import torch
 import yaml
 
-from components import checkpoint, evaluate, register, serving, train
-from components.register import SECRETISH
-from mlflow_server import mlflow_server  # noqa: F401  (fixture)
+from components import evaluate, register, train
+from components.common import outputs
+from components.common.config import RegisterConfig
+from components.registry import serving
+from components.registry.model_card import SECRETISH
+from components.training import checkpoint
 from procs import run_group
 from tiny_data import TINY, make_splits
 
@@ -76,7 +79,7 @@ def test_no_secret_in_logs_outputs_or_mlflow(mlflow_server, tmp_path, monkeypatc
     logs = captured.out + captured.err
     assert "done: 1 epochs" in logs  # the capture holds the steps' output
 
-    summary = json.loads((out / train.SUMMARY).read_text())
+    summary = json.loads((out / outputs.TRAINING_SUMMARY).read_text())
     assert summary["tracking_uri"] == mlflow_server.replace("http://", "http://***@")
     client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
     records = []
@@ -226,11 +229,11 @@ def test_mlflow_artifacts_on_a_refusing_endpoint_fail_naming_it(refusing_s3, aws
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location="s3://bucket/mlruns")
     out, _ = fake_training(tmp_path, uri)
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics_json()))
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics_json(out)))
     (tmp_path / "split.json").write_text(json.dumps(split_report()))
     assert register.main(["--train_dir", str(out), "--metrics", str(tmp_path / "metrics.json"),
                           "--split_report", str(tmp_path / "split.json"), "--tracking_uri", uri,
-                          "--params", str(tmp_path / "none.yaml"), "--no-gate"]) == 1
+                          "--no-gate"]) == 1
     captured = capfd.readouterr()
     text = captured.out + captured.err
     assert f"register: the MLflow artifact store at {refusing_s3} refused" in captured.err, text
@@ -266,8 +269,8 @@ def test_a_pickle_payload_is_refused_by_every_loader(tmp_path, capsys):
     ema = tmp_path / "out" / "ema_weights.pt"
     ema.write_bytes(bad.read_bytes())
     with pytest.raises(checkpoint.CheckpointError):  # register reads it the same way
-        register.run(tmp_path / "out", {}, {}, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
-                     retries=0)
+        register.run(tmp_path / "out", {}, {}, RegisterConfig(retries=0), use_gate=False,
+                     tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
 
     # The registered model's loader reads safetensors only: a pickle under its name is refused,
     # and a folder with only a .pt file is not a model.
@@ -289,3 +292,17 @@ def test_a_pickle_payload_is_refused_by_every_loader(tmp_path, capsys):
     with contextlib.suppress(Exception):  # the payload is live: a plain pickle load runs it
         torch.load(bad, weights_only=False)
     assert marker.exists()
+
+
+def test_evaluate_of_a_registered_model_masks_the_password_when_the_server_is_down(
+        tmp_path, monkeypatch, capsys):
+    from procs import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{URI_PASSWORD}@127.0.0.1:{free_port()}")
+    data = make_splits(tmp_path / "data")
+    assert evaluate.main(["--model", "models:/skin-lesion-hybrid@champion", "--test_csv",
+                          str(data["test"]), "--img_dir", str(data["img_dir"]),
+                          "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err
+    assert "127.0.0.1" in err and "unreachable" in err
+    assert URI_PASSWORD not in err and "alice" not in err

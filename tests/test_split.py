@@ -1,4 +1,5 @@
-"""split: lesion-grouped and paper (image-level) splits, their report, determinism, real ISIC 2019 checks."""
+"""split: lesion-grouped, paper (image-level) and source (cross-site) splits, their report,
+determinism, real ISIC 2019 checks."""
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +8,10 @@ import json
 import pandas as pd
 import pytest
 
-from components import split, synth
-from components.labels import CLASSES
+from components import split
+
+from components.tools import synth
+from components.common.labels import CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def read_splits(out):
 def test_grouped_split_keeps_lesions_together_and_every_class_everywhere(synthetic, tmp_path):
     report = split.run(synthetic / "labels.csv", tmp_path, metadata=synthetic / "metadata.csv")
     parts = read_splits(tmp_path)
-    assert all(list(df.columns) == ["image", "label", "lesion_id"] for df in parts.values())
+    assert all(list(df.columns) == ["image", "label", "lesion_id", "source"] for df in parts.values())
     lesions = {name: set(df["lesion_id"]) for name, df in parts.items()}
     assert not lesions["train"] & lesions["val"] and not lesions["train"] & lesions["test"]
     assert not lesions["val"] & lesions["test"]
@@ -62,7 +65,8 @@ def test_without_metadata_there_is_no_lesion_column(synthetic, tmp_path):
     assert "lesions_shared" not in report
 
 
-@pytest.mark.parametrize("kwargs", [dict(mode="random"), dict(val_frac=0.5, test_frac=0.5), dict(test_frac=0)])
+@pytest.mark.parametrize("kwargs", [dict(mode="random"), dict(val_frac=0.5, test_frac=0.5),
+                                    dict(test_frac=0), dict(mode="source")])
 def test_bad_options(synthetic, tmp_path, kwargs):
     with pytest.raises(ValueError):
         split.run(synthetic / "labels.csv", tmp_path, **kwargs)
@@ -103,3 +107,46 @@ def test_shared_isic_paper(isic, tmp_path):
         assert abs(report["sizes"][name] - expected) <= 2, name
     assert 0.50 <= report["test_lesion_leakage"] <= 0.66
     assert report["lesions_shared"]["train_test"] > 1000
+
+
+def test_source_split_holds_out_whole_sources(tmp_path):
+    """Two sources in a `source` metadata column; the test split is one of them, entire."""
+    rows, meta = [], []
+    for i in range(240):
+        site = "SITE_A" if (i // 2) % 3 else "SITE_B"  # a lesion's two images: one site
+        rows.append(f"img{i:03d},{i % len(CLASSES)}")
+        meta.append(f"img{i:03d},L{i // 2},{site}")
+    (tmp_path / "labels.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "meta.csv").write_text("image,lesion_id,source\n" + "\n".join(meta) + "\n")
+    report = split.run(tmp_path / "labels.csv", tmp_path / "out", metadata=tmp_path / "meta.csv",
+                       mode="source", test_sources=["SITE_B"], val_frac=0.2)
+    parts = read_splits(tmp_path / "out")
+    assert set(parts["test"]["source"]) == {"SITE_B"} and len(parts["test"]) == 80
+    assert set(parts["train"]["source"]) == set(parts["val"]["source"]) == {"SITE_A"}
+    assert report["sources"] == {"train": {"SITE_A": report["sizes"]["train"]},
+                                 "val": {"SITE_A": report["sizes"]["val"]}, "test": {"SITE_B": 80}}
+    assert report["lesions_shared"] == {"train_val": 0, "train_test": 0, "val_test": 0}
+    assert report["test_sources"] == ["SITE_B"]
+    (tmp_path / "bad.csv").write_text("image,lesion_id,source\n" + "\n".join(
+        m if not m.startswith("img001,") else "img001,L0,SITE_A" for m in meta) + "\n")
+    with pytest.raises(ValueError, match="lesion L0 has images from several sources"):
+        split.run(tmp_path / "labels.csv", tmp_path / "o3", metadata=tmp_path / "bad.csv",
+                  mode="source", test_sources=["SITE_B"])
+    with pytest.raises(ValueError, match=r"test sources \['SITE_C'\] are not in the data"):
+        split.run(tmp_path / "labels.csv", tmp_path / "o2", metadata=tmp_path / "meta.csv",
+                  mode="source", test_sources=["SITE_C"])
+
+
+def test_shared_isic_source_split_by_lesion_prefix(isic, tmp_path, capsys):
+    """The official metadata has no source column: the lesion id's prefix is the source."""
+    labels, metadata = isic
+    assert split.main(["--labels", str(labels), "--metadata", str(metadata), "--out",
+                       str(tmp_path), "--mode", "source", "--test_source", "BCN"]) == 0
+    report = json.loads((tmp_path / "split_report.json").read_text())
+    assert report["sources"]["test"] == {"BCN": 12413}
+    rest = {**report["sources"]["train"]}
+    for source, n in report["sources"]["val"].items():
+        rest[source] = rest.get(source, 0) + n
+    assert rest == {"HAM": 10015, "MSK4": 819, "unknown": 2084}
+    assert report["lesions_shared"] == {"train_val": 0, "train_test": 0, "val_test": 0}
+    assert 0.12 <= report["sizes"]["val"] / (report["sizes"]["train"] + report["sizes"]["val"]) <= 0.18

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from components.cli import main as skinlesion
+from components.tools.cli import main as skinlesion
 
 EXPERIMENT_ID = "6f1c2a4e-0000-4000-8000-000000000001"
 RUN_ID = "9d2b7c1f-0000-4000-8000-000000000002"
@@ -104,7 +104,7 @@ def _submit(url: str, *extra: str) -> int:
 def test_submit_contract_creates_the_experiment_and_a_run_of_the_compiled_pipeline(capsys):
     with FakeKFP() as kfp_api:
         assert _submit(kfp_api.url, "--experiment", "skin-lesion-ci", "--run-name", "ci-run",
-                       "--param", "train.epochs=3", "--param", "gate_threshold=0.55",
+                       "--param", "train.epochs=3", "--param", "register.gate_threshold=0.55",
                        "--param", "mlflow_tracking_uri=http://mlflow.mlflow:5000",
                        "--param", "data_repo=https://git.example.com/skinlesion.git",
                        "--param", "data_rev=v1.0") == 0
@@ -124,21 +124,24 @@ def test_submit_contract_creates_the_experiment_and_a_run_of_the_compiled_pipeli
     spec = run["pipeline_spec"]
     pipeline_spec = spec.get("pipeline_spec", spec)
     assert pipeline_spec["pipelineInfo"]["name"] == "skin-lesion"
-    assert {"train", "evaluate", "condition-1"} <= set(pipeline_spec["root"]["dag"]["tasks"])
+    assert {"train", "evaluate", "register"} <= set(pipeline_spec["root"]["dag"]["tasks"])
     platform = spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert "emptyDirMounts" in platform["exec-train"] and "tolerations" in platform["exec-train"]
 
     parameters = run["runtime_config"]["parameters"]
     assert parameters["train_params"]["epochs"] == 3
     assert parameters["train_params"]["peak_lr"] == 0.01, "untouched keys keep params.yaml's values"
-    assert parameters["gate_threshold"] == 0.55
+    assert parameters["register_params"]["gate_threshold"] == 0.55
     assert parameters["mlflow_tracking_uri"] == "http://mlflow.mlflow:5000"
     assert parameters["data_repo"] == "https://git.example.com/skinlesion.git"
     assert parameters["data_rev"] == "v1.0"
     assert "local_data" not in parameters or parameters["local_data"] == ""
 
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.strip().splitlines()[-1])
     assert printed["run_id"] == RUN_ID and printed["experiment"] == "skin-lesion-ci"
+    url = f"{kfp_api.url}/#/runs/details/{RUN_ID}"
+    assert printed["url"] == url and url in captured.err  # where to look, printed for people
 
 
 def test_submit_contract_reuses_an_existing_experiment_and_sends_the_token(monkeypatch, tmp_path):
@@ -155,7 +158,7 @@ def test_submit_contract_reuses_an_existing_experiment_and_sends_the_token(monke
     run = run_calls[0]["body"]
     assert run["experiment_id"] == EXPERIMENT_ID
     parameters = run["runtime_config"]["parameters"]
-    assert parameters["train_params"]["epochs"] == 2 and parameters["split_seed"] == 7
+    assert parameters["train_params"]["epochs"] == 2 and parameters["split_params"]["seed"] == 7
     # --no-cache: every task's caching is switched off in the submitted spec
     spec = run["pipeline_spec"]
     tasks = spec.get("pipeline_spec", spec)["root"]["dag"]["tasks"]

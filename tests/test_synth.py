@@ -10,8 +10,10 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from components import split, synth
-from components.labels import CLASSES, UNKNOWN, read_labels
+from components import split
+
+from components.tools import synth
+from components.common.labels import CLASSES, UNKNOWN, read_labels
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +91,21 @@ def test_learnable_on_a_lesion_grouped_split(dataset, tmp_path):
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, train["label"])
     score = balanced_accuracy_score(test["label"], model.predict(x_test))
     assert score > 0.5, f"balanced accuracy {score:.2f} (chance {1 / len(CLASSES):.2f})"
+
+
+def test_several_sources_with_their_colour_casts(tmp_path):
+    from components.common.labels import read_labels, sources
+
+    synth.run(tmp_path / "raw", n=160, seed=0, sources=2)
+    table = read_labels(tmp_path / "raw" / "labels.csv", metadata=tmp_path / "raw" / "metadata.csv")
+    site = sources(table)
+    assert set(site) == {"SITEA", "SITEB"} and site.value_counts().min() >= 60
+    for name in ("SITEA", "SITEB"):  # every class at every site
+        assert set(table["label"][site == name]) == set(range(8))
+    red_blue = {}
+    for name in ("SITEA", "SITEB"):
+        pixels = np.stack([np.asarray(Image.open(tmp_path / "raw" / "images" / f"{i}.jpg")
+                                      .resize((64, 48))).mean(axis=(0, 1))
+                           for i in table["image"][site == name][:20]])
+        red_blue[name] = pixels[:, 0].mean() / pixels[:, 2].mean()
+    assert red_blue["SITEB"] > 1.2 * red_blue["SITEA"]  # SITEB's dermoscope casts warm

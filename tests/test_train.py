@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from components import checkpoint, train
-from components.labels import CLASSES
-from components.samplers import DistributedWeightedSampler, make_sampler
-from components.transforms import eval_transform, train_transform
+from components import train
+from components.common.labels import CLASSES
+from components.training import checkpoint
+from components.training.balance import class_balance
+from components.training.out_dir import exclusive
+from components.training.samplers import DistributedWeightedSampler, make_sampler
+from components.training.transforms import eval_transform, train_transform
 from tiny_data import TINY, make_images, make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +80,7 @@ def test_refuses_to_overwrite_an_out_dir_with_a_checkpoint(data, tmp_path, capsy
 
 def test_a_second_training_into_the_same_out_dir_refuses(data, tmp_path):
     out = tmp_path / "out"
-    with train._exclusive(out):  # as a running training holds it
+    with exclusive(out):  # as a running training holds it
         with pytest.raises(train.TrainingRefused, match="in use by another training"):
             train.run(data["train"], data["img_dir"], out, mlflow=False,
                       config=_tiny_config(epochs=1))
@@ -89,41 +91,47 @@ def _tiny_config(**overrides) -> train.TrainConfig:
                              batch_size=8, warmup_epochs=1, num_workers=0, **overrides)
 
 
-def test_settings_come_from_defaults_then_params_yaml_then_flags(tmp_path):
-    # params.yaml's train section is exactly TrainConfig's fields, with the paper's values.
-    from_file = train.TrainConfig.resolve(ROOT / "params.yaml")
-    assert from_file == train.TrainConfig(), "params.yaml train section drifted from the recipe"
+def test_settings_come_from_params_yaml_then_flags_in_either_spelling():
     args = train.build_parser().parse_args(
-        ["--train_csv", "t", "--img_dir", "i", "--epochs", "3", "--no-weighted_sampler",
-         "--dims", "8,16,24,32", "--pretrained", "w.safetensors"])
+        ["--train_csv", "t", "--img-dir", "i", "--epochs", "3", "--no-weighted_sampler",
+         "--dims", "8,16,24,32", "--pretrained", "w.safetensors", "--logit-adjust-tau", "1"])
     cfg = train.TrainConfig.resolve(ROOT / "params.yaml",
                                     **{k: getattr(args, k) for k in train.HP_FLAGS})
     assert (cfg.epochs, cfg.weighted_sampler, cfg.dims, cfg.pretrained) == (
         3, False, (8, 16, 24, 32), "w.safetensors")
-    assert cfg.peak_lr == 0.01 and cfg.class_weighted_loss
-    bad = tmp_path / "p.yaml"
-    bad.write_text(yaml.safe_dump({"train": {"epoch": 3}}))
-    with pytest.raises(ValueError, match="unknown train settings"):
-        train.TrainConfig.resolve(bad)
+    assert args.img_dir == "i" and cfg.logit_adjust_tau == 1.0
+    assert cfg.peak_lr == 0.01  # from params.yaml
 
 
-def test_class_weights_from_json_or_inverse_frequency(tmp_path):
+def test_bad_settings_stop_before_any_work(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    for flags, key in ((["--peak_lr", "nan"], "train.peak_lr"), (["--epochs", "0"], "train.epochs"),
+                       (["--img_size", "7"], "train.img_size"),
+                       (["--ema_decay", "1.5"], "train.ema_decay")):
+        assert train.main(_args(data, out, *flags)) == 1
+        assert key in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_class_balance_from_json_or_inverse_frequency(tmp_path):
     import pandas as pd
     frame = pd.DataFrame({"label": [0, 0, 0, 1]})
-    weights = train._class_weights(None, frame)
+    with pytest.warns(UserWarning, match="no image of class BCC"):
+        weights, priors = class_balance(None, frame)
     assert weights[0] == pytest.approx(4 / (2 * 3)) and weights[1] == pytest.approx(2.0)
     assert weights[2:].eq(0).all()  # absent classes: never a target, never sampled
+    assert priors[0] == pytest.approx(3 / 4) and 0 < priors[2] < priors[1]  # finite log prior
     path = tmp_path / "w.json"
     path.write_text(json.dumps({"classes": list(CLASSES), "counts": [1] * 8,
                                 "weights": [float(i) for i in range(8)]}))
-    assert train._class_weights(path, frame).tolist() == list(range(8))
+    assert class_balance(path, frame)[0].tolist() == list(range(8))
     path.write_text(json.dumps({"classes": list(reversed(CLASSES)), "weights": [1.0] * 8}))
     with pytest.raises(ValueError, match="classes"):
-        train._class_weights(path, frame)
+        class_balance(path, frame)
 
 
 def test_transforms_give_normalised_tensors_of_the_requested_size(tmp_path):
-    from components.dataset import load_rgb
+    from components.training.dataset import load_rgb
     img_dir, frame = make_images(tmp_path, n_per_class=1, size=48)
     image = load_rgb(next(img_dir.iterdir()))
     for transform in (train_transform(32), eval_transform(32)):
@@ -166,15 +174,28 @@ def _benchmark(name: str):
     return module
 
 
-def test_ham10000_benchmark_smoke(shared_data, tmp_path):
+def test_ham10000_study_smoke_resumes_and_writes_its_table(shared_data, tmp_path):
     ham = _benchmark("ham10000")
-    assert ham.main(["--smoke", "--out", str(tmp_path), "--data",
-                     str(shared_data / "ham10000-200x150")]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"paper", "sampler_only", "loss_only"}
-    assert all(0 <= r["balanced_accuracy"] <= 1 for r in results.values())
-    report = json.loads((tmp_path / "splits" / "split_report.json").read_text())
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Results\n\nkept text\n")
+    argv = ["--smoke", "--out", str(tmp_path / "study"), "--data",
+            str(shared_data / "ham10000-200x150"), "--variants", "paper,logit_adjusted",
+            "--no_mlflow", "--results", str(results_md)]
+    assert ham.main(argv) == 0
+    runs = sorted((tmp_path / "study" / "runs").glob("*/result.json"))
+    assert [p.parent.name for p in runs] == ["logit_adjusted-s0", "paper-s0"]
+    result = json.loads(runs[1].read_text())
+    assert result["weighted_sampler"] and result["class_weighted_loss"]
+    assert 0 <= result["test"]["balanced_accuracy"] <= 1
+    ci = result["val"]["ci95"]["balanced_accuracy"]
+    assert ci["low"] <= result["val"]["balanced_accuracy"] <= ci["high"]
+    report = json.loads((tmp_path / "study" / "splits" / "split_report.json").read_text())
     assert report["mode"] == "grouped" and report["seed"] == 0
+    text = results_md.read_text()
+    assert "kept text" in text and text.count("| paper | 0 |") == 1
+    mtime = runs[1].stat().st_mtime
+    assert ham.main(argv) == 0  # finished runs are skipped, the section replaced, not appended
+    assert runs[1].stat().st_mtime == mtime and results_md.read_text().count("| paper | 0 |") == 1
 
 
 @pytest.mark.slow
@@ -186,3 +207,16 @@ def test_throughput_benchmark_runs_on_cpu(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["input"] for r in rows] == ["model step", "dataloader", "resident"]
     assert all(r["img_per_s"] > 0 and r["device"] == "cpu" for r in rows)
+
+
+def test_resume_is_exact_with_dataloader_workers(data, tmp_path):
+    """Augmentations are seeded per sample from (seed, epoch, position): a run stopped after
+    epoch 1 and resumed with fresh DataLoader workers ends on the uninterrupted run's weights."""
+    extra = ["--epochs", "3", "--num_workers", "2", "--gpu_resident", "off", "--augment"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train.main(_args(data, whole, *extra)) == 0
+    assert train.main(_args(data, parts, *extra, "--stop_after_epoch", "1")) == 0
+    assert train.main(_args(data, parts, *extra, "--resume", str(parts / "checkpoint_last.pt"))) == 0
+    a = checkpoint.load(whole / "checkpoint_last.pt")["ema"]
+    b = checkpoint.load(parts / "checkpoint_last.pt")["ema"]
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-6

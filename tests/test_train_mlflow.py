@@ -7,11 +7,14 @@ import time
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components import tracking, train
-from mlflow_server import free_port, mlflow_server  # noqa: F401  (fixture)
+from components.common import tracking
+
+from components import train
+from procs import free_port
 from tiny_data import TINY, make_splits
 
 FAST = [*TINY, "--batch_size", "8", "--warmup_epochs", "1", "--num_workers", "0"]
@@ -43,8 +46,14 @@ def test_one_run_with_params_metrics_tags_datasets_and_model(data, tmp_path, mlf
     assert params["train_csv"] == str(data["train"])
     tags = run.data.tags
     assert {"git_commit", "data_hash", "device"} <= set(tags)
-    # tiny_data writes no split report: the name still says preset, epochs, seed and size
-    assert run.info.run_name == "paper-unknown-e2-s0-i32" == tags["mlflow.runName"]
+    # the name says what differs from params.yaml's recipe (tiny_data writes no split report)
+    assert run.info.run_name == tags["mlflow.runName"]
+    assert run.info.run_name.startswith("paper unsplit ")
+    for part in ("ep=2", "img=32", "dims=16-32-48-64", "bs=8"):
+        assert part in run.info.run_name.split(), part
+    assert "dims 16-32-48-64" in tags["mlflow.note.content"]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not GenAI
     for name in ("train_loss", "lr", "epoch_seconds", "train_img_per_s", "val_accuracy",
                  "val_balanced_accuracy", "val_macro_f1", "val_ema_accuracy",
                  "val_ema_balanced_accuracy", "val_ema_macro_f1"):
@@ -55,14 +64,29 @@ def test_one_run_with_params_metrics_tags_datasets_and_model(data, tmp_path, mlf
     assert set(inputs) == {"training", "validation"}
     assert {d.digest for d in inputs.values()} == {tags["data_hash"]}
 
+    # one model per run: the serving model that register later registers
     model_uri = summary["paths"]["mlflow_model_uri"]
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          output_format="list")
-    assert [m.name for m in models if m.source_run_id == run.info.run_id] == ["model"]
+    assert [m.name for m in models if m.source_run_id == run.info.run_id] == ["classifier"]
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model(model_uri)
-    logits = model.predict(np.zeros((3, 3, 32, 32), dtype=np.float32))
-    assert logits.shape == (3, 8)
+    images = sorted(data["img_dir"].iterdir())[:3]
+    probs = model.predict(pd.DataFrame({"image": [str(p) for p in images]}))
+    assert probs.shape == (3, 10) and (probs["error"] == "").all()
+    np.testing.assert_allclose(probs.iloc[:, :8].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_run_names_tell_apart_runs_that_differ_in_any_setting():
+    from components.common.config import TrainConfig
+    from components.training.run_record import run_name
+
+    base = TrainConfig(dims=(32, 64, 96, 128), epochs=3, img_size=64)
+    names = {run_name(base, "grouped"), run_name(TrainConfig(**{**base.as_dict(), "peak_lr": 0.005}), "grouped"),
+             run_name(TrainConfig(**{**base.as_dict(), "seed": 1}), "grouped"),
+             run_name(TrainConfig(**{**base.as_dict(), "num_workers": 0}), "grouped")}
+    assert len(names) == 3  # num_workers changes speed, not the result: not in the name
+    assert run_name(TrainConfig(), "grouped") == "paper grouped"
 
 
 def test_resume_continues_the_same_run(data, tmp_path, mlflow_server, monkeypatch):

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from components.labels import CLASSES
+from components.common.labels import CLASSES
 
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40),
            (200, 40, 200), (40, 200, 200), (230, 230, 230), (90, 90, 90)]

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                 assert artifact["metadata"]["data_source"] == str(args.raw.resolve()), f"{task}.{name}"
 
     evaluate = out("evaluate")
-    gate_value = evaluate["parameterValues"]["Output"]
-    assert abs(gate_value - metrics["balanced_accuracy"]) < 1e-9
+    scalars = evaluate["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert abs(scalars["balanced_accuracy"] - metrics["balanced_accuracy"]) < 1e-9
     matrix = evaluate["artifacts"]["classification"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert len(matrix["rows"]) == 8
     assert sum(sum(row["row"]) for row in matrix["rows"]) == metrics["n_images"]
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     assert registration["alias"] == "challenger"
     version = MlflowClient(args.mlflow).get_model_version_by_alias(registration["name"], "challenger")
     assert str(version.version) == registration["version"]
-    assert version.tags["raw_data_hash"] == data_hash
+    assert out("register")["parameterValues"]["Output"] == registration["version"]
+    assert version.tags["data_hash"] == data_hash
 
     print(json.dumps({
         "tasks": len(TASKS), "epochs": summary["epochs"], "data_hash": data_hash,

@@ -10,10 +10,13 @@ scaled, rotated), as in ISIC, which makes lesion-grouped splits matter.
 Class counts follow ISIC 2019's imbalance (NV most common) above a floor of 6% per class and
 at least 20 lesions per class where the class has 20 images, so that at n=400 a 70/15/15
 lesion-grouped split (20 folds) has every class in every split. Same seed, same bytes.
+
+`--sources K` spreads the lesions over K sites (SITEA, SITEB, ...: the lesion ids' prefix, as
+ISIC's BCN_/HAM_/MSK4_) and gives each site its dermoscope's colour cast, so that cross-site
+evaluation and colour constancy have something to measure.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -26,8 +29,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from components import atomic
-from components.labels import CLASSES, UNKNOWN
+from components.common import atomic, cli_args
+from components.common.labels import CLASSES, UNKNOWN
 
 # ISIC 2019 training counts per class (CLASSES order), for the imbalance.
 ISIC_COUNTS = np.array([4522, 12875, 3323, 867, 2624, 239, 253, 628])
@@ -159,8 +162,15 @@ def _jpeg(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def run(out: str | os.PathLike, n: int = 400, seed: int = 0, overwrite: bool = False) -> dict:
-    """Write an n-image synthetic dataset into `out` (must be empty unless `overwrite`)."""
+SITE_CASTS = ((1.0, 1.0, 1.0), (1.08, 0.92, 0.78), (0.85, 0.95, 1.12), (1.0, 0.82, 0.9))
+
+
+def run(out: str | os.PathLike, n: int = 400, seed: int = 0, overwrite: bool = False,
+        sources: int = 1) -> dict:
+    """Write an n-image synthetic dataset into `out` (must be empty unless `overwrite`);
+    `sources` > 1: lesions spread over that many sites, each with its own colour cast."""
+    if not 1 <= sources <= len(SITE_CASTS):
+        raise ValueError(f"sources must be 1 to {len(SITE_CASTS)}, got {sources}")
     start = time.perf_counter()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -180,6 +190,7 @@ def run(out: str | os.PathLike, n: int = 400, seed: int = 0, overwrite: bool = F
     image_lesion = [image_lesion[i] for i in order]
 
     lesions = {key: _lesion_params(rng, CLASSES[key[0]]) for key in sorted(set(image_lesion))}
+    site_of = {key: i % sources for i, key in enumerate(lesions)}  # every class at every site
     patients = {key: (int(rng.integers(4, 18) * 5), SITES[rng.integers(len(SITES))], ("male", "female")[rng.integers(2)])
                 for key in lesions}
     sizes = [SIZES[i] for i in rng.choice(len(SIZES), n, p=SIZE_P)]
@@ -190,10 +201,15 @@ def run(out: str | os.PathLike, n: int = 400, seed: int = 0, overwrite: bool = F
     labels, metadata = [], []
     for i, ((k, j), (width, height), child) in enumerate(zip(image_lesion, sizes, rng.spawn(n))):
         image = f"SYN_{i:06d}"
-        atomic.write_bytes(image_dir / f"{image}.jpg", _jpeg(picture(child, lesions[k, j], width, height)))
+        pixels = picture(child, lesions[k, j], width, height)
+        if sources > 1:  # the site's dermoscope
+            cast = np.asarray(SITE_CASTS[site_of[k, j]], dtype=np.float32)
+            pixels = np.clip(pixels * cast, 0, 255).astype(np.uint8)
+        atomic.write_bytes(image_dir / f"{image}.jpg", _jpeg(pixels))
         labels.append([image] + [float(c == k) for c in range(len(CLASSES))] + [0.0])
         age, site, sex = patients[k, j]
-        metadata.append([image, f"SYNL_{k}{j:04d}", age, site, sex])
+        prefix = f"SITE{chr(65 + site_of[k, j])}" if sources > 1 else "SYNL"
+        metadata.append([image, f"{prefix}_{k}{j:04d}", age, site, sex])
 
     with atomic.atomic_path(out / "labels.csv") as tmp:
         pd.DataFrame(labels, columns=["image", *CLASSES, UNKNOWN]).to_csv(tmp, index=False)
@@ -206,13 +222,16 @@ def run(out: str | os.PathLike, n: int = 400, seed: int = 0, overwrite: bool = F
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="skinlesion synth", description=__doc__.splitlines()[0])
+    parser = cli_args.ArgumentParser(prog="skinlesion synth", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=400, help="number of images (default 400)")
     parser.add_argument("--out", required=True, help="output folder (must be empty)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace a dataset already in --out")
+    parser.add_argument("--sources", type=int, default=1,
+                        help="sites the lesions come from, each with its colour cast (1-4)")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.out, n=args.n, seed=args.seed, overwrite=args.force), indent=2))
+    print(json.dumps(run(args.out, n=args.n, seed=args.seed, overwrite=args.force,
+                         sources=args.sources), indent=2))
     return 0
 
 

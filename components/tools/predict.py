@@ -1,9 +1,10 @@
 """`skinlesion predict`: class probabilities and the top class for image files.
 
     skinlesion predict [--model models:/skin-lesion-hybrid@champion] \
-        (FILES... | --dir DIR | --csv CSV [--dir IMAGES]) [--out CSV] [--batch-size 32]
+        (FILES... | --dir DIR | --csv CSV [--dir IMAGES]) [--out CSV] [--batch_size 32]
 
-`--model` is any MLflow model URI of the registered pyfunc model (`models:/NAME@ALIAS`,
+`--model` (default `models:/<register.model_name>@champion`) is any MLflow model URI of the
+registered pyfunc model (`models:/NAME@ALIAS`,
 `models:/NAME/VERSION`, `runs:/RUN/classifier`, `models:/m-<id>`) or a local model folder.
 Preprocessing (sizes, mean/std, class names) comes from the model itself (see
 components/serving.py), never from this command's options.
@@ -20,17 +21,16 @@ some were not (the CSV is still written), 2 for usage errors or a model that doe
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from . import atomic
-from .labels import IMAGE_SUFFIXES, find_image
-
-DEFAULT_MODEL = "models:/skin-lesion-hybrid@champion"
+from components.common import atomic, cli_args, tracking
+from components.common.config import RegisterConfig
+from components.common.labels import IMAGE_SUFFIXES, find_image
+from components.registry.client import CHAMPION
 
 
 def list_dir(folder: str | os.PathLike) -> list[str]:
@@ -72,14 +72,13 @@ def load(model_uri: str, tracking_uri: str | None = None):
     sqlite:///mlflow.db in the current folder)."""
     import mlflow
 
-    from . import tracking
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not Path(model_uri).exists():
         uri = tracking_uri or tracking.tracking_uri()
         tracking.check_reachable(uri)
         mlflow.set_tracking_uri(uri)
-    return mlflow.pyfunc.load_model(model_uri)
+    # paths are this local command's own input; a served model never reads them
+    return mlflow.pyfunc.load_model(model_uri, model_config={"allow_paths": True})
 
 
 def predict_paths(model, paths: list[str], batch_size: int = 32) -> pd.DataFrame:
@@ -105,6 +104,8 @@ def run(model_uri: str, images: list[str], out: str | os.PathLike | None = None,
         batch_size: int = 32, tracking_uri: str | None = None) -> dict:
     """Predict `images` (paths) with the model at `model_uri`; write the CSV to `out` when
     given. Returns {"table": DataFrame, "n_images", "n_failed", "failed": {path: error}, "out"}."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model = load(model_uri, tracking_uri)
     table = predict_paths(model, list(images), batch_size)
     if out is not None:
@@ -115,19 +116,25 @@ def run(model_uri: str, images: list[str], out: str | os.PathLike | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="skinlesion predict", description=__doc__.split("\n\n")[0],
-                                     epilog="Exit status: 0 all predicted, 1 some images failed, 2 usage / model not loadable.")
+    parser = cli_args.ArgumentParser(
+        prog="skinlesion predict", description=__doc__.split("\n\n")[0],
+        epilog="Exit status: 0 all predicted, 1 some images failed, 2 usage / model not loadable.")
     parser.add_argument("files", nargs="*", help="image files")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"MLflow model URI or local model folder (default {DEFAULT_MODEL})")
+    parser.add_argument("--model", help="MLflow model URI or local model folder (default "
+                                        f"models:/<register.model_name>@{CHAMPION})")
     parser.add_argument("--dir", help="every .jpg/.jpeg/.png in this folder; with --csv, where ids are looked up")
     parser.add_argument("--csv", help="CSV whose `image` column (else first column) names the images")
     parser.add_argument("--out", help="output CSV (default: stdout)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--tracking_uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    cli_args.add_params_flags(parser)
     args = parser.parse_args(argv)
     if sum(bool(x) for x in (args.files, args.csv, args.dir and not args.csv)) != 1:
         parser.error("give image FILES, --dir DIR or --csv CSV (exactly one)")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    model_uri = args.model or \
+        f"models:/{RegisterConfig.resolve(cli_args.params_paths(args)).model_name}@{CHAMPION}"
     try:
         if args.files:
             paths = list(args.files)
@@ -139,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skinlesion predict: {err}", file=sys.stderr)
         return 2
     try:
-        result = run(args.model, paths, args.out, batch_size=args.batch_size,
+        result = run(model_uri, paths, args.out, batch_size=args.batch_size,
                      tracking_uri=args.tracking_uri)
     except Exception as err:  # noqa: BLE001 - model not found / store unreachable: one line
-        print(f"skinlesion predict: cannot load {args.model}: {str(err).splitlines()[0]}", file=sys.stderr)
+        print(f"skinlesion predict: cannot load {model_uri}: "
+              f"{tracking.scrub(str(err).splitlines()[0])}", file=sys.stderr)
         return 2
     for path, error in result["failed"].items():
         print(f"skinlesion predict: {path}: {error}", file=sys.stderr)

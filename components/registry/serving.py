@@ -7,36 +7,48 @@ code": MLflow stores the file itself, never a pickle of the object) next to two 
 
     weights          weights.safetensors  the EMA state dict (safetensors: no pickle)
     preprocessing    preprocessing.json   {"format", "model_config", "classes", "img_size",
-                                           "resize_size", "prepare_size", "mean", "std",
-                                           "interpolation", "source"}
+                                           "resize_size", "prepare_size", "color_constancy",
+                                           "minkowski_p", "mean", "std", "interpolation",
+                                           "source"}
 
 and the `model/` and `components/` packages as code paths, so the model directory loads in a
 process that has only torch, torchvision, timm, Pillow, pandas, safetensors and mlflow.
 
 Input (``predict``): a DataFrame with a column ``image`` (or, without one, its first column);
-each value is a file path, raw encoded bytes (JPEG/PNG/...), or a base64 string of those bytes
-(plain or a `data:image/...;base64,` URI: the way to send images through `mlflow models
-serve` JSON). Params: ``batch_size`` (32).
+each value is raw encoded bytes (JPEG/PNG/...), a base64 string of those bytes (plain or a
+`data:image/...;base64,` URI: the way to send images through `mlflow models serve` JSON), or,
+where paths are allowed, a file path. Params: ``batch_size`` (32, at least 1).
 
 Output: a DataFrame, one row per input row, in input order: one float column per class (the
 softmax probabilities, classes in training order), ``predicted`` (the top class name) and
-``error`` ("" when the row was predicted; otherwise why not, with probabilities NaN and
-``predicted`` ""). A bad image never fails the other rows.
+``error`` ("" when the row was predicted; otherwise why not, with probabilities null and
+``predicted`` ""). A bad image never fails the other rows. When a row failed, the probability
+columns hold None rather than NaN, so that the scoring server's JSON has `null` (bare NaN is
+not JSON).
+
+Security model of the served model (`mlflow models serve`, `skinlesion serve`):
+- no file paths: a string is base64 or an error, whether or not a file of that name exists
+  (no file-existence oracle); `skinlesion predict` turns paths on for its own, local use
+  (model_config {"allow_paths": true}), and SKINLESION_SERVING_ALLOW_PATHS=1 does for a server
+  explicitly meant to read its own disk;
+- limits, each an error naming it: MAX_ROWS rows per request (HTTP 400 for the request),
+  MAX_IMAGE_BYTES encoded bytes and MAX_PIXELS decoded pixels per image (an error row each);
+  memory per request is bounded by batch_size x MAX_PIXELS decoded images;
+- error texts are fixed sentences: never an exception's repr, a path or a heap address.
+The limits are environment settings (SKINLESION_SERVING_MAX_ROWS, _MAX_IMAGE_BYTES,
+_MAX_PIXELS); a reverse proxy in front should cap the request body as well.
 
 Preprocessing is the pipeline's, read from preprocessing.json: decode, EXIF-rotate, RGB,
-resize the short side to `prepare_size` (what the preprocess step did to training images:
-Pillow LANCZOS, JPEG draft), then the evaluation transform (resize the short side to
+resize the short side to `prepare_size` and apply the colour constancy (what the preprocess
+step did to training images, by the same function: components/common/images.py), then the
+evaluation transform (resize the short side to
 `resize_size`, centre-crop `img_size`, scale to [0, 1], normalise with mean/std).
 
-Reading file paths is allowed by default (in-process use, `skinlesion predict`). When the
-model is served to anyone who should not read the server's files, set
-SKINLESION_SERVING_ALLOW_PATHS=0: then only bytes / base64 are accepted.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import os
 from pathlib import Path
@@ -48,6 +60,11 @@ import pandas as pd
 import torch
 
 PREPROCESSING_FORMAT = "skinlesion-pyfunc/1"
+ALLOW_PATHS_ENV = "SKINLESION_SERVING_ALLOW_PATHS"
+# Limits per request and per image (environment overrides, read when the model loads)
+MAX_ROWS = 256
+MAX_IMAGE_BYTES = 20 * 2**20       # ISIC's largest JPEGs are about 10 MB
+MAX_PIXELS = 40_000_000            # ISIC's largest images are 6000 x 4000 = 24 MP
 WEIGHTS_FILE = "weights.safetensors"
 PREPROCESSING_FILE = "preprocessing.json"
 INPUT_COLUMN = "image"
@@ -61,12 +78,15 @@ class ImageInputError(ValueError):
 # ---------------------------------------------------------------- artifacts (write side)
 
 def write_artifacts(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: str | os.PathLike,
-                    *, prepare_size: int | None = None, source: str = "") -> dict[str, str]:
+                    *, source: str = "") -> dict[str, str]:
     """Write weights.safetensors + preprocessing.json into `out_dir`; return the pyfunc
     `artifacts` mapping {"weights": path, "preprocessing": path}.
 
-    `meta` needs model_config, classes, img_size, mean, std (what checkpoint.load_model gives).
+    `meta` needs model_config, classes, img_size, mean, std, and has prepare_size when the
+    training images came from the preprocess step (what checkpoint.load_model gives).
     """
+    from components.training.transforms import resize_size
+
     from safetensors.torch import save_file
 
     for key in ("model_config", "classes", "img_size", "mean", "std"):
@@ -75,14 +95,16 @@ def write_artifacts(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     img_size = int(meta["img_size"])
-    resize = round(img_size * 256 / 224)  # components.transforms.resize_size
+    resize = resize_size(img_size)
     preprocessing = {
         "format": PREPROCESSING_FORMAT,
         "model_config": _jsonable(meta["model_config"]),
         "classes": list(meta["classes"]),
         "img_size": img_size,
         "resize_size": resize,
-        "prepare_size": int(prepare_size) if prepare_size else resize,
+        "prepare_size": int(meta.get("prepare_size") or resize),
+        "color_constancy": meta.get("color_constancy") or "none",
+        "minkowski_p": float(meta.get("minkowski_p") or 6.0),
         "mean": [float(v) for v in meta["mean"]],
         "std": [float(v) for v in meta["std"]],
         "interpolation": "bilinear",
@@ -120,16 +142,26 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: image paths / bytes / base64 in, class probabilities out."""
 
     def load_context(self, context) -> None:
-        self.load(context.artifacts["weights"], context.artifacts["preprocessing"])
+        config = getattr(context, "model_config", None) or {}
+        self.load(context.artifacts["weights"], context.artifacts["preprocessing"],
+                  allow_paths=bool(config.get("allow_paths")))
 
     def load(self, weights: str | os.PathLike, preprocessing: str | os.PathLike,
-             device: str | None = None) -> "SkinLesionClassifier":
-        """Build the network from preprocessing.json and load the safetensors weights."""
+             device: str | None = None, allow_paths: bool = False) -> "SkinLesionClassifier":
+        """Build the network from preprocessing.json and load the safetensors weights.
+
+        allow_paths: accept file paths as input (local use); the environment variable
+        SKINLESION_SERVING_ALLOW_PATHS=1 turns them on as well."""
         from safetensors.torch import load_file
         from torchvision.transforms import v2
 
         from model import HybridConvNeXtV2
 
+        self.allow_paths = allow_paths or os.environ.get(ALLOW_PATHS_ENV, "0").lower() in (
+            "1", "true", "yes")
+        self.max_rows = int(os.environ.get("SKINLESION_SERVING_MAX_ROWS", MAX_ROWS))
+        self.max_bytes = int(os.environ.get("SKINLESION_SERVING_MAX_IMAGE_BYTES", MAX_IMAGE_BYTES))
+        self.max_pixels = int(os.environ.get("SKINLESION_SERVING_MAX_PIXELS", MAX_PIXELS))
         self.info = json.loads(Path(preprocessing).read_text())
         if self.info.get("format") != PREPROCESSING_FORMAT:
             raise ValueError(f"{preprocessing}: not a {PREPROCESSING_FORMAT} file")
@@ -140,7 +172,7 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
         net = HybridConvNeXtV2(**{**self.info["model_config"], "pretrained": False})
         net.load_state_dict(load_file(str(weights), device="cpu"))  # strict: every key
         self.net = net.to(self.device).eval()
-        # Same ops as components.transforms.eval_transform, with the stored mean/std.
+        # Same ops as components.training.transforms.eval_transform, with the stored mean/std.
         self.transform = v2.Compose([
             v2.Resize(int(self.info["resize_size"]), antialias=True),
             v2.CenterCrop(int(self.info["img_size"])),
@@ -153,49 +185,83 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
 
     def _image_bytes(self, value: Any) -> bytes:
         if isinstance(value, (bytes, bytearray, memoryview)):
-            return bytes(value)
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        if not isinstance(value, str) or not value:
-            raise ImageInputError(f"expected a path, bytes or base64 string, got {type(value).__name__}")
-        allow_paths = os.environ.get("SKINLESION_SERVING_ALLOW_PATHS", "1") not in ("0", "false", "no")
-        if allow_paths and len(value) < 4096 and os.path.isfile(value):
-            try:
-                return Path(value).read_bytes()
-            except OSError as err:
-                raise ImageInputError(f"cannot read {value}: {err}") from None
+            data = bytes(value)
+        else:
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if not isinstance(value, str) or not value:
+                raise ImageInputError("expected image bytes or a base64 string"
+                                      + (" or a file path" if self.allow_paths else ""))
+            data = self._path_bytes(value) if self.allow_paths else None
+            if data is None:
+                data = self._base64_bytes(value)
+        if len(data) > self.max_bytes:
+            raise ImageInputError(f"413 image too large: {len(data):,} bytes, the limit is "
+                                  f"{self.max_bytes:,}")
+        return data
+
+    def _path_bytes(self, value: str) -> bytes | None:
+        """The file's bytes when `value` names a readable file (paths allowed), else None."""
+        path = Path(value) if len(value) < 4096 else None
+        if path is None or not path.is_file():
+            return None
+        if path.stat().st_size > self.max_bytes:
+            raise ImageInputError(f"413 image too large: the limit is {self.max_bytes:,} bytes")
+        try:
+            return path.read_bytes()
+        except OSError:
+            raise ImageInputError("400 the file cannot be read") from None
+
+    def _base64_bytes(self, value: str) -> bytes:
         if value.startswith("data:") and "," in value:  # data:image/jpeg;base64,...
             value = value.split(",", 1)[1]
+        if len(value) > self.max_bytes * 4 // 3 + 4:  # before decoding anything
+            raise ImageInputError(f"413 image too large: the limit is {self.max_bytes:,} bytes")
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            pass
-        if allow_paths:
-            raise ImageInputError(f"no such file, and not base64: {value[:200]!r}")
-        raise ImageInputError("not base64 (file paths are disabled: SKINLESION_SERVING_ALLOW_PATHS=0)")
+            raise ImageInputError("400 not a base64-encoded image"
+                                  + (", nor a readable file" if self.allow_paths else "")) from None
 
     def preprocess(self, value: Any) -> torch.Tensor:
         """One input value -> normalised CHW tensor; ImageInputError when it is not an image."""
         from PIL import Image
 
-        from components.preprocess import CorruptImageError, prepare_image
+        from components.common.images import CorruptImageError, prepare_image
 
         data = self._image_bytes(value)
         try:
-            image, _ = prepare_image(data, int(self.info["prepare_size"]))
-        except (CorruptImageError, Image.UnidentifiedImageError, OSError, ValueError) as err:
-            raise ImageInputError(f"not a decodable image: {err}") from None
+            image, _ = prepare_image(data, int(self.info["prepare_size"]),
+                                     max_pixels=self.max_pixels,
+                                     color=self.info.get("color_constancy", "none"),
+                                     minkowski_p=float(self.info.get("minkowski_p", 6.0)))
+        except CorruptImageError as err:
+            if "decompression bomb" in str(err):
+                raise ImageInputError(f"413 image too large: over {self.max_pixels:,} "
+                                      f"pixels") from None
+            raise ImageInputError("400 not a decodable image") from None
+        except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise ImageInputError("400 not a decodable image") from None
         return self.transform(image)
 
     # -- prediction
 
     def predict(self, context, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # HTTP 400
+
         values = _column(model_input)
-        batch_size = int((params or {}).get("batch_size") or DEFAULT_BATCH_SIZE)
+        batch_size = (params or {}).get("batch_size") or DEFAULT_BATCH_SIZE
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise MlflowException(f"batch_size must be an integer of at least 1, got "
+                                  f"{batch_size!r}", error_code=INVALID_PARAMETER_VALUE)
+        if len(values) > self.max_rows:
+            raise MlflowException(f"{len(values)} rows in one request; the limit is "
+                                  f"{self.max_rows}", error_code=INVALID_PARAMETER_VALUE)
         probs = np.full((len(values), len(self.classes)), np.nan, dtype=np.float64)
         errors = [""] * len(values)
-        for start in range(0, len(values), max(1, batch_size)):
+        for start in range(0, len(values), batch_size):
             tensors, rows = [], []
             for i in range(start, min(start + batch_size, len(values))):
                 try:
@@ -205,7 +271,13 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
                     errors[i] = str(err)
             if tensors:
                 probs[rows] = self.predict_tensor(torch.stack(tensors))
+        for i in np.flatnonzero(~np.isfinite(probs).all(axis=1)):
+            if not errors[i]:  # a broken model answers nothing rather than class 0
+                errors[i] = "500 the model's output is not a number"
+                probs[i] = np.nan
         out = pd.DataFrame(probs, columns=self.classes)
+        if any(errors):  # None, not NaN: the scoring server's JSON then holds null
+            out = out.astype(object).where(pd.notna(out), None)
         out["predicted"] = [self.classes[int(np.argmax(p))] if not e else ""
                             for p, e in zip(probs, errors)]
         out["error"] = errors
@@ -236,17 +308,19 @@ def _column(model_input) -> list:
     return [model_input]
 
 
-def load_local(model_dir: str | os.PathLike, device: str | None = None) -> SkinLesionClassifier:
+def load_local(model_dir: str | os.PathLike, device: str | None = None,
+               allow_paths: bool = False) -> SkinLesionClassifier:
     """Load a downloaded model directory (or a folder with the two artifacts) without MLflow's
-    pyfunc wrapper: for benchmarks and tests."""
+    pyfunc wrapper: for evaluation, benchmarks and tests."""
     model_dir = Path(model_dir)
     for folder in (model_dir, model_dir / "artifacts"):
         if (folder / WEIGHTS_FILE).is_file():
-            return SkinLesionClassifier().load(folder / WEIGHTS_FILE, folder / PREPROCESSING_FILE, device)
+            return SkinLesionClassifier().load(folder / WEIGHTS_FILE, folder / PREPROCESSING_FILE,
+                                               device, allow_paths)
     raise FileNotFoundError(f"no {WEIGHTS_FILE} in {model_dir} or {model_dir / 'artifacts'}")
 
 
 # MLflow "models from code": when MLflow executes this file (as code_model_<uuid>) to log or to
-# load the model, hand it the model object. A plain `import components.serving` does not.
+# load the model, hand it the model object. A plain `import components.registry.serving` does not.
 if not __name__.startswith("components."):
     mlflow.models.set_model(SkinLesionClassifier())

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .labels import image_index, read_labels
+from components.common.labels import image_index, read_labels
 
 
 def read_split(csv_path: str | os.PathLike) -> pd.DataFrame:
@@ -58,8 +58,16 @@ class SplitDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """item: an index, or (index, seed) from inputs.SeededSampler: the transform's random
+        draws then come from that seed, and the process's own generator is left as it was."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         image = load_rgb(self.paths[index])
         if self.transform is not None:
-            image = self.transform(image)
+            if seed is None:
+                image = self.transform(image)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    image = self.transform(image)
         return image, int(self.targets[index])

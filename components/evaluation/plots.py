@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
-from .atomic import atomic_path  # noqa: E402
+from components.common.atomic import atomic_path  # noqa: E402
 
 
 def plot_confusion(cm, classes: Sequence[str], path: str | os.PathLike,

@@ -24,7 +24,8 @@ CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
 # The official ground truth's "unknown" column: never a valid training label.
 UNKNOWN = "UNK"
 # Columns a one-hot or integer file may carry besides the labels themselves.
-PASSTHROUGH = ("lesion_id",)
+PASSTHROUGH = ("lesion_id", "source")
+UNKNOWN_SOURCE = "unknown"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -46,6 +47,10 @@ def _read_csv(path: Path) -> pd.DataFrame:
     """Read a CSV as strings; `utf-8-sig` drops a BOM and pandas accepts CRLF line ends."""
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise LabelError(path, None, f"not UTF-8 text (saved as UTF-16 or another encoding? "
+                                     f"save it as UTF-8 CSV): {err.reason} at byte {err.start}"
+                         ) from None
     except pd.errors.EmptyDataError:
         raise LabelError(path, None, "empty file") from None
     except pd.errors.ParserError as err:
@@ -123,21 +128,40 @@ def _parse(path: Path, table: pd.DataFrame) -> pd.DataFrame:
     labels = _integer_labels(path, table["label"]) if integer else _one_hot_labels(path, table)
     out = pd.DataFrame({"image": table["image"], "label": labels})
     out["class_name"] = [CLASSES[k] for k in labels]
-    if "lesion_id" in table.columns:
-        out["lesion_id"] = table["lesion_id"].replace("", pd.NA).astype("string")
+    for column in PASSTHROUGH:
+        if column in table.columns:
+            out[column] = table[column].replace("", pd.NA).astype("string")
     return out
 
 
 def _attach_lesions(labels: pd.DataFrame, metadata: Path) -> pd.DataFrame:
-    """Add `lesion_id` from a metadata CSV; an image it does not list gets none (<NA>)."""
+    """Add `lesion_id` (and `source`, when it has one) from a metadata CSV; an image it does
+    not list gets none (<NA>)."""
     meta = _read_csv(metadata)
     for column in ("image", "lesion_id"):
         if column not in meta.columns:
             raise LabelError(metadata, 1, f"metadata has no {column!r} column")
     _check_ids(metadata, meta["image"])
-    lesions = meta.set_index("image")["lesion_id"].replace("", pd.NA).astype("string")
-    return labels.drop(columns="lesion_id", errors="ignore").assign(
-        lesion_id=labels["image"].map(lesions).astype("string"))
+    meta = meta.set_index("image")
+    columns = [c for c in PASSTHROUGH if c in meta.columns]
+    out = labels.drop(columns=columns, errors="ignore")
+    for column in columns:
+        out[column] = labels["image"].map(meta[column].replace("", pd.NA)).astype("string")
+    return out
+
+
+def sources(table: pd.DataFrame) -> pd.Series:
+    """Where each image comes from: its `source` column, else its lesion id's prefix (ISIC
+    2019: BCN, HAM, MSK4), else "unknown" (the older ISIC Archive collections have no lesion
+    id)."""
+    if "source" in table.columns:
+        given = table["source"]
+    else:
+        given = pd.Series(pd.NA, index=table.index, dtype="string")
+    if "lesion_id" in table.columns:
+        prefix = table["lesion_id"].str.extract(r"^([A-Za-z0-9]+)_", expand=False)
+        given = given.fillna(prefix)
+    return given.fillna(UNKNOWN_SOURCE).astype(str)
 
 
 def image_index(images_dir: str | os.PathLike) -> dict[str, Path]:
@@ -146,12 +170,14 @@ def image_index(images_dir: str | os.PathLike) -> dict[str, Path]:
     if not images_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {images_dir}")
     index: dict[str, Path] = {}
-    # Sorted by suffix preference so that `<id>.jpg` wins over `<id>.png` deterministically.
-    entries = sorted(os.scandir(images_dir), key=lambda e: (Path(e.name).suffix.lower() != ".jpg", e.name))
-    for entry in entries:
+    for entry in sorted(os.scandir(images_dir), key=lambda e: e.name):
         path = Path(entry.path)
         if path.suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
-            index.setdefault(path.stem, path)
+            if path.stem in index:  # A.jpg and A.png, or B.jpg and B.JPG: which is the image?
+                raise LabelError(images_dir, None, f"image {path.stem!r} has two files, "
+                                                   f"{index[path.stem].name} and {path.name}; "
+                                                   f"keep one")
+            index[path.stem] = path
     return index
 
 

@@ -1,9 +1,12 @@
-"""MLflow glue for training: where the tracking store is, whether it answers, the run, its
-params, tags, datasets and the logged model.
+"""MLflow glue: where the tracking store is, whether it answers, the training's run (params,
+tags, datasets, metrics), and keeping secrets out of every message.
 
 The tracking URI comes from MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the current
 folder (the project). A server that does not answer fails within seconds, naming the URI
 (with any password in it masked), rather than after MLflow's minutes of retries.
+
+mlflow is imported inside the functions that use it: `skinlesion train --no_mlflow` and the
+benchmarks run where mlflow is not installed (a bare GPU box, a slim training image).
 """
 from __future__ import annotations
 
@@ -20,12 +23,10 @@ import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import mlflow
-import numpy as np
-import pandas as pd
 import yaml
 
 DEFAULT_EXPERIMENT = "skin-lesion"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 REACH_TIMEOUT_S = 5.0
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 
@@ -74,7 +75,7 @@ def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
             problem = str(getattr(err, "reason", err))
         raise TrackingUnreachable(
             f"MLflow tracking server {redact(uri)} is unreachable ({problem}); start it, point "
-            f"MLFLOW_TRACKING_URI elsewhere, or pass --no-mlflow")
+            f"MLFLOW_TRACKING_URI elsewhere, or pass --no_mlflow")
     if scheme == "sqlite":
         folder = Path(urlsplit(uri).path).parent
         if not folder.is_dir():
@@ -120,6 +121,8 @@ def data_hash(img_dir: str | os.PathLike, split_csvs: list[str | os.PathLike]) -
 def use_uri(uri: str) -> None:
     """Point MLflow at `uri`. With user:password in it, stop MLflow printing "View run at
     <tracking URI>" links, which would show the password."""
+    import mlflow
+
     parts = urlsplit(uri)
     if parts.username is not None or parts.password is not None:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
@@ -128,15 +131,23 @@ def use_uri(uri: str) -> None:
 
 def start_run(uri: str, run_id: str | None, experiment: str, tags: dict | None = None):
     """Start (or, given run_id, resume) a run; returns MLflow's active-run context."""
+    import mlflow
+
     use_uri(uri)
     if run_id is not None:
         return mlflow.start_run(run_id=run_id, tags=tags)
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment)
+    found = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment)
+    if EXPERIMENT_KIND_TAG not in (found.tags or {}):
+        # Without it, MLflow 3's UI opens an experiment in its GenAI mode (traces, prompts).
+        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG,
+                                                 EXPERIMENT_KIND)
     return mlflow.start_run(tags=tags)
 
 
-def log_datasets(frames: dict[str, tuple[pd.DataFrame, str]], digest: str) -> None:
-    """Log each split (context -> (frame, csv path)) as an MLflow dataset input."""
+def log_datasets(frames: dict, digest: str) -> None:
+    """Log each split (context -> (DataFrame, csv path)) as an MLflow dataset input."""
+    import mlflow
+
     for context, (frame, source) in frames.items():
         with warnings.catch_warnings():
             # MLflow registers two equivalent local-file sources and warns about the tie, and
@@ -148,41 +159,15 @@ def log_datasets(frames: dict[str, tuple[pd.DataFrame, str]], digest: str) -> No
             mlflow.log_input(dataset, context=context)
 
 
-def log_model(model, img_size: int, num_classes: int, name: str = "model"):
-    """Log the model with a tensor signature (N x 3 x H x W float32 -> N x classes logits).
-
-    Saved as "pt2" (torch.export), MLflow 3's default: loading it runs no pickle.
-    """
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, img_size, img_size))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
-    )
-    # Batch of 2: torch.export would fix a batch dimension of 1 as a constant.
-    example = np.zeros((2, 3, img_size, img_size), dtype=np.float32)
-    return mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=example,
-                                    serialization_format="pt2", pip_requirements=_requirements())
-
-
-def _requirements() -> list[str]:
-    # Pinned explicitly: MLflow's own inference imports the model in a subprocess (slow).
-    import timm
-    import torch
-    return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}",
-            f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
-
-
 class Run:
-    """The training's MLflow run, or a stand-in that logs nothing (--no-mlflow, DDP rank > 0).
+    """The training's MLflow run, or a stand-in that logs nothing (--no_mlflow, DDP rank > 0).
 
     A logging call that fails (the server went away mid-run) does not stop training: the
     failure is kept in `failure` and warned about once, later calls are skipped, and the step
     exits non-zero at the end naming the server (components.train.main).
     """
 
-    def __init__(self, active: mlflow.ActiveRun | None = None, uri: str | None = None):
+    def __init__(self, active=None, uri: str | None = None):
         self.active, self.uri = active, uri
         self.failure: str | None = None
 
@@ -190,6 +175,8 @@ class Run:
     @contextlib.contextmanager
     def open(cls, uri: str, run_id: str | None, experiment: str):
         """Start (or resume) the run; end it FINISHED, or FAILED after an error or a failure."""
+        import mlflow
+
         run = cls(start_run(uri, run_id, experiment), uri)
         ok = False
         try:
@@ -207,7 +194,9 @@ class Run:
     def run_id(self) -> str | None:
         return self.active.info.run_id if self.active else None
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def call(self, what: str, fn, *args, **kwargs):
+        """fn(*args, **kwargs) as a logging call of this run: None without a run or after a
+        failure (recorded in `failure`)."""
         if self.active is None or self.failure is not None:
             return None
         try:
@@ -228,22 +217,26 @@ class Run:
               f"checkpoints; the step will exit non-zero at the end", file=sys.stderr, flush=True)
 
     def log_params(self, params: dict) -> None:
-        self._call("logging params", mlflow.log_params, flatten(params))
+        self.call("logging params", _mlflow("log_params"), flatten(params))
 
     def set_tags(self, tags: dict) -> None:
-        self._call("setting tags", mlflow.set_tags, tags)
+        self.call("setting tags", _mlflow("set_tags"), tags)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        self._call(f"logging the metrics of epoch {step}", mlflow.log_metrics,
+        self.call(f"logging the metrics of epoch {step}", _mlflow("log_metrics"),
                    {k: float(v) for k, v in metrics.items()}, step=step)
 
-    def log_datasets(self, frames: dict[str, tuple[pd.DataFrame, str]], digest: str) -> None:
-        self._call("logging the datasets", log_datasets, frames, digest)
+    def log_datasets(self, frames: dict, digest: str) -> None:
+        self.call("logging the datasets", log_datasets, frames, digest)
 
-    def log_model(self, model, img_size: int, num_classes: int) -> str | None:
-        """Log the model; returns its models:/ URI (None without a run, or on failure)."""
-        info = self._call("logging the model", log_model, model, img_size, num_classes)
-        return info.model_uri if info is not None else None
+
+def _mlflow(name: str):
+    """mlflow.<name>, imported only when a run is active (a Run without one never calls it)."""
+    def call(*args, **kwargs):
+        import mlflow
+
+        return getattr(mlflow, name)(*args, **kwargs)
+    return call
 
 
 def artifact_store_failure(err: BaseException) -> str | None:

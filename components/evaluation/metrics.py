@@ -228,6 +228,27 @@ def roc_points(y_true, probs, classes: Sequence[str], grid: int = 101) -> dict:
     return out
 
 
+def operating_point(y_true, probs, positive: int, specificity: float = 0.9) -> dict | None:
+    """One-vs-rest operating point of class `positive` at a fixed specificity: the highest
+    threshold on its probability whose specificity is at least `specificity`, and the
+    sensitivity there (melanoma-versus-rest is the decision that matters clinically).
+
+    Returns {target_specificity, threshold, sensitivity, specificity, n_positive, n_negative},
+    or None when the test set has no positive or no negative image.
+    """
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
+    pos = y_true == positive
+    if not 0 < pos.sum() < len(y_true):
+        return None
+    fpr, tpr, thresholds = roc_curve(pos, probs[:, positive])
+    ok = np.flatnonzero(1 - fpr >= specificity)  # roc_curve's fpr rises: the last ok is best
+    i = int(ok[-1])
+    return {"target_specificity": float(specificity),
+            "threshold": float(min(thresholds[i], 1.0)),  # roc_curve's first threshold is inf
+            "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i]),
+            "n_positive": int(pos.sum()), "n_negative": int((~pos).sum())}
+
+
 def kfp_metrics(metrics: dict, y_true=None, probs=None, max_points: int = 200) -> dict:
     """What KFP's Metrics and ClassificationMetrics artifacts take, from a metrics dict
     (metrics.json) and optionally the predictions behind it.
@@ -245,6 +266,13 @@ def kfp_metrics(metrics: dict, y_true=None, probs=None, max_points: int = 200) -
                 metrics.get("ci95", {}).items() for end in ("low", "high") if ci[end] is not None]
     scalars += [(f"roc_auc_{c}", float(v)) for c, v in
                 metrics.get("roc_auc_per_class", {}).items() if v is not None]
+    if point := metrics.get("melanoma_operating_point"):
+        scalars += [("melanoma_sensitivity", point["sensitivity"]),
+                    ("melanoma_specificity", point["specificity"]),
+                    ("melanoma_threshold", point["threshold"])]
+    for source, sm in (metrics.get("per_source") or {}).items():
+        scalars += [(f"{source}_{k}", float(v)) for k, v in sm.items()
+                    if isinstance(v, float)]
     out = {"scalars": scalars,
            "confusion_matrix": {"categories": list(metrics["classes"]),
                                 "matrix": [list(map(int, r)) for r in metrics["confusion_matrix"]]},

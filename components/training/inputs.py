@@ -2,7 +2,9 @@
 `epoch(epoch)` yields (normalised float images, labels) on the device.
 
 - LoaderInput: the CPU DataLoader (PIL decode + torchvision v2 transforms in workers, pinned
-  memory, persistent workers). The fallback, and what evaluation uses.
+  memory, persistent workers). The fallback, and what evaluation uses. Each training sample's
+  augmentation is seeded from (run seed, epoch, position in the epoch) (SeededSampler), so a
+  resumed run draws exactly what an uninterrupted one would, with any number of workers.
 - ResidentInput: the set kept decoded on the device, augmented there (gpu_augment).
 
 `choose_resident` picks the resident path when the set fits the configured share of free GPU
@@ -15,10 +17,10 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .dataset import SplitDataset
-from .gpu_augment import GpuAugment, ResidentImages, fits_on_device
-from .samplers import epoch_seed
-from .transforms import eval_transform, train_transform
+from components.training.dataset import SplitDataset
+from components.training.gpu_augment import GpuAugment, ResidentImages, fits_on_device
+from components.training.samplers import epoch_seed
+from components.training.transforms import eval_transform, train_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -32,18 +34,46 @@ def choose_resident(mode: str, n_images: int, img_size: int, device: torch.devic
     return mode == "on"
 
 
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Wraps a training sampler: yields (index, augmentation seed) with the seed a function of
+    (run seed, epoch, position in the epoch), never of which worker draws it or when.
+
+    torch's DataLoader seeds each worker once, so with persistent workers the augmentations
+    depend on the worker's history, and a resumed run (fresh workers) drew differently from
+    an uninterrupted one; per-sample seeds make them equal.
+    """
+
+    def __init__(self, sampler: Sampler[int], seed: int):
+        self.sampler, self.seed, self.epoch = sampler, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = epoch_seed(self.seed, self.epoch) * 1_000_003
+        for position, index in enumerate(self.sampler):
+            yield int(index), (base + position) % 2**63
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class LoaderInput:
     """Batches from a DataLoader over `dataset` (whose transform augments or not)."""
 
     def __init__(self, dataset: SplitDataset, batch_size: int, device: torch.device, *,
                  sampler: Sampler | None = None, drop_last: bool = False, num_workers: int = 0,
                  seed: int = 0):
-        self.sampler, self.device, self.seed = sampler, device, seed
+        self.sampler = SeededSampler(sampler, seed) if sampler is not None else None
+        self.device = device
         workers = dict(persistent_workers=True, prefetch_factor=4) if num_workers > 0 else {}
+        # A generator of its own: starting workers draws their base seed from it, not from the
+        # global generator that dropout and drop path draw from (a resume starts them anew).
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-            num_workers=num_workers, pin_memory=device.type == "cuda",
-            generator=torch.Generator(), **workers)
+            dataset, batch_size=batch_size, sampler=self.sampler, shuffle=False,
+            drop_last=drop_last, num_workers=num_workers, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed), **workers)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -51,8 +81,6 @@ class LoaderInput:
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-        # Seeds the workers' augmentation RNG (for persistent workers: only their first start).
-        self.loader.generator.manual_seed(epoch_seed(self.seed, epoch))
         for images, labels in self.loader:
             yield (images.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))

@@ -7,6 +7,9 @@ weights-only load would refuse):
     model_config  HybridConvNeXtV2 constructor kwargs (`model.config`)
     classes       class names, in output order
     img_size, mean, std    the input the model expects
+    prepare_size, color_constancy, minkowski_p   how the preprocess step prepared the training
+                  images (None: not known)
+    split_hash    the split_report.json hash of the split trained on (or None)
     model, ema    state dicts of the raw and the EMA weights
     optimizer, scheduler, scaler    their state dicts (training checkpoints only)
     rng           torch / cuda / numpy / python generator states
@@ -25,7 +28,10 @@ renamed into place: no copy, and no moment without a readable checkpoint_last.pt
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import shutil
 import random
 import sys
 from pathlib import Path
@@ -36,11 +42,16 @@ from torch import nn
 
 from model import HybridConvNeXtV2
 
-from . import atomic
+from components.common import atomic, outputs
 
 FORMAT = "skinlesion-checkpoint/1"
+# What load_model returns beside the network: the input contract and where it came from.
+# What the inputs were made with (training/out_dir.lineage), stored with the weights so that
+# the served model prepares an image as the training images were prepared.
+LINEAGE_KEYS = ("prepare_size", "color_constancy", "minkowski_p", "split_hash")
+META_KEYS = ("model_config", "classes", "img_size", "mean", "std", *LINEAGE_KEYS, "epoch", "step")
 WEIGHT_KEYS = ("model", "ema")
-PREV = "checkpoint_prev.pt"
+PREV = outputs.CHECKPOINT_PREV
 
 
 class CheckpointError(RuntimeError):
@@ -54,7 +65,18 @@ def save(path: str | os.PathLike, state: dict, keep_previous: str | None = None)
     """
     path = Path(path)
     with atomic.atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+        try:
+            torch.save({"format": FORMAT, **state}, tmp)
+        except (RuntimeError, OSError) as err:
+            # torch reports a full disk as "enforce fail at inline_container.cc": say it plainly.
+            free = shutil.disk_usage(path.parent).free
+            if isinstance(err, OSError) and err.errno != errno.ENOSPC and free > 1 << 20:
+                raise
+            if free < 1 << 26 or getattr(err, "errno", None) == errno.ENOSPC:
+                raise CheckpointError(
+                    f"no space left on the device writing {path} ({free / 2**20:.1f} MiB free); "
+                    f"the previous checkpoint is intact: free space and --resume it") from err
+            raise
         if keep_previous and path.exists():
             previous = path.with_name(keep_previous)
             link = previous.with_name(f".{keep_previous}.link")
@@ -127,9 +149,27 @@ def load_model(path: str | os.PathLike, which: str = "ema",
     # pretrained=False: the stored weights replace any initialisation anyway.
     model = HybridConvNeXtV2(**{**state["model_config"], "pretrained": False})
     model.load_state_dict(state[which])
-    meta = {key: state.get(key) for key in
-            ("model_config", "classes", "img_size", "mean", "std", "epoch", "step")}
+    meta = {key: state.get(key) for key in META_KEYS}
     return model.eval(), meta
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors (names, dtypes, shapes, values), whatever file holds them: the
+    EMA weights in checkpoint_last.pt, ema_weights.pt and the served safetensors agree."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """A CheckpointError naming the first tensor holding NaN or inf (a diverged training)."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: weights {name} hold NaN or inf values (training "
+                                  f"diverged?); refusing to use them")
 
 
 def rng_state() -> dict:

@@ -26,13 +26,17 @@ from tqdm import tqdm
 
 from model import HybridConvNeXtV2
 
-from . import checkpoint
-from .labels import CLASSES
-from .losses import WeightedSoftTargetCrossEntropy
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from components.common import outputs
+from components.training import checkpoint
+from components.common.labels import CLASSES
+from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 BEST_METRIC = "val_ema_balanced_accuracy"  # the EMA weights are the model that ships
-LAST, BEST, EMA_WEIGHTS = "checkpoint_last.pt", "checkpoint_best.pt", "ema_weights.pt"
+LAST, BEST, EMA_WEIGHTS = outputs.CHECKPOINT_LAST, outputs.CHECKPOINT_BEST, outputs.EMA_WEIGHTS
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or inf: the run stops before writing that epoch."""
 
 
 @dataclass
@@ -83,15 +87,16 @@ class Trainer:
 
     Args:
         train_input / val_input: components.inputs objects (val_input None: no validation).
-        class_weights: loss weights (None: unweighted loss).
+        criterion: the loss of (logits, hard or mixup targets); losses.SoftTargetCrossEntropy.
         run: the tracking.Run to log to.
     """
 
-    def __init__(self, cfg, rt: Runtime, train_input, val_input, class_weights, run,
-                 out_dir: Path, run_config: dict):
+    def __init__(self, cfg, rt: Runtime, train_input, val_input, criterion: nn.Module, run,
+                 out_dir: Path, run_config: dict, lineage: dict | None = None):
         self.cfg, self.rt, self.run, self.out_dir = cfg, rt, run, Path(out_dir)
         self.train_input, self.val_input = train_input, val_input
         self.run_config = run_config
+        self.lineage = lineage or {}  # prepare_size, split_hash: stored with the weights
         self.state = State()
 
         self.model = HybridConvNeXtV2(
@@ -109,10 +114,13 @@ class Trainer:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
+        # peak_lr is for one process's batch; with W processes the effective batch is
+        # W * batch_size and, with lr_scaling "linear" (Goyal et al. 2017), the rate W * peak_lr.
+        self.lr_scale = rt.world_size if cfg.lr_scaling == "linear" else 1
         # No weight decay on norms and biases (timm's practice; the paper gives one value).
         self.optimizer = torch.optim.SGD(
-            param_groups_weight_decay(self.model, cfg.weight_decay), lr=cfg.peak_lr,
-            momentum=cfg.momentum)
+            param_groups_weight_decay(self.model, cfg.weight_decay),
+            lr=cfg.peak_lr * self.lr_scale, momentum=cfg.momentum)
         self.steps_per_epoch = len(train_input)
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training split gives no full batch of {cfg.batch_size}")
@@ -121,14 +129,11 @@ class Trainer:
         warmup = cfg.warmup_epochs * self.steps_per_epoch
         self.scheduler = CosineLRScheduler(
             self.optimizer, t_initial=max(1, cfg.epochs * self.steps_per_epoch - warmup),
-            lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=cfg.warmup_lr,
+            lr_min=cfg.min_lr * self.lr_scale, warmup_t=warmup, warmup_lr_init=cfg.warmup_lr,
             warmup_prefix=True, t_in_epochs=False)
         # Loss scaling only matters for fp16; with bf16 or fp32 the scaler is a no-op.
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-        # Unweighted, nn.CrossEntropyLoss takes hard and soft (mixup) targets alike; weighted,
-        # it scales soft targets' loss by the class weights (see losses.py).
-        self.criterion = (nn.CrossEntropyLoss() if class_weights is None
-                          else WeightedSoftTargetCrossEntropy(class_weights).to(rt.device))
+        self.criterion = criterion.to(rt.device)
         self.mixup = (Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=0.0, label_smoothing=0.0,
                             num_classes=len(CLASSES)) if cfg.mixup_alpha > 0 else None)
 
@@ -152,6 +157,7 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         self.train_model.train()
         loss_sum = torch.zeros((), device=rt.device)
+        finite = torch.ones((), dtype=torch.bool, device=rt.device)
         seen, start = 0, time.perf_counter()
         bar = tqdm(self.train_input.epoch(epoch), total=self.steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not rt.is_main or None,
@@ -174,10 +180,18 @@ class Trainer:
             self.scaler.update()
             self.state.step += 1
             self.scheduler.step_update(self.state.step)
-            self.ema.update(self.model, step=self.state.step)
+            if rt.is_main:  # only rank 0 validates, saves and ships the EMA weights
+                self.ema.update(self.model, step=self.state.step)
             loss_sum += loss.detach() * len(images)
+            finite &= torch.isfinite(loss.detach())
             seen += len(images)
             if i % 10 == 0 or i == self.steps_per_epoch - 1:  # .item() syncs: not every step
+                if not finite.item():
+                    raise NonFiniteLoss(
+                        f"the training loss became {loss.item()} in epoch {epoch + 1} (by step "
+                        f"{self.state.step}); nothing of this epoch was saved. Lower --peak_lr, "
+                        f"set --grad_clip, or check the inputs; --resume continues from the last "
+                        f"checkpoint")
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.lr():.2e}",
                                 img_s=f"{seen * rt.world_size / (time.perf_counter() - start):.0f}")
         if rt.device.type == "cuda":
@@ -234,7 +248,8 @@ class Trainer:
     def model_meta(self) -> dict:
         return {"model_config": self.model.config, "classes": list(CLASSES),
                 "img_size": self.cfg.img_size, "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD)}
+                "std": list(IMAGENET_STD),
+                **{k: self.lineage.get(k) for k in checkpoint.LINEAGE_KEYS}}
 
     def checkpoint_state(self) -> dict:
         return {

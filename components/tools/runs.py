@@ -15,13 +15,12 @@ training's own test pass), `val_ema_<metric>` (validation).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import pandas as pd
 
-from . import tracking
+from components.common import cli_args, tracking
 
 KEY_PARAMS = {"preset": "train.preset", "epochs": "train.epochs", "img": "train.img_size",
               "seed": "train.seed", "bs": "train.batch_size", "lr": "train.peak_lr"}
@@ -122,13 +121,13 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="skinlesion runs", description=__doc__.split("\n\n")[0])
+    parser = cli_args.ArgumentParser(prog="skinlesion runs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--metric", default="balanced_accuracy")
     parser.add_argument("--sort", choices=("metric", "recent"), default="metric")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    parser.add_argument("--tracking-uri")
+    parser.add_argument("--tracking_uri")
     args = parser.parse_args(argv)
     try:
         table = run(args.experiment, args.top, args.metric, args.sort, args.tracking_uri)

@@ -1,12 +1,12 @@
 """`skinlesion info`: build a preset, print its parameter report and time a forward pass."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
+from components.common import cli_args
 from model import PRESETS, HybridConvNeXtV2
 
 
@@ -23,10 +23,10 @@ def run(preset: str = "paper", num_classes: int = 8, img_size: int = 224, batch_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="skinlesion info", description=__doc__)
+    parser = cli_args.ArgumentParser(prog="skinlesion info", description=__doc__)
     parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
-    parser.add_argument("--num-classes", type=int, default=8)
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--num_classes", type=int, default=8)
+    parser.add_argument("--img_size", type=int, default=224)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     report = run(args.preset, args.num_classes, args.img_size)

@@ -2,7 +2,7 @@
 augmented a whole batch at a time where the model runs.
 
 A 1024x1024 JPEG decodes at tens to hundreds per second per core, far under what the GPU
-eats (shared/DESIGN.md), so the CPU DataLoader would starve a compiled model. Here each image
+eats (docs/DESIGN.md), so the CPU DataLoader would starve a compiled model. Here each image
 is decoded once, resized so its short side is img_size*256/224 and cut to a square around
 the centre (the framing `eval_transform` uses), and stored. Per batch, one affine grid per sample
 does the random resized crop, both flips and the rotation in a single `grid_sample`; colour
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .dataset import SplitDataset, load_rgb
-from .transforms import (IMAGENET_MEAN, IMAGENET_STD, JITTER, ROTATION_DEGREES, RRC_SCALE,
+from components.training.dataset import SplitDataset, load_rgb
+from components.training.transforms import (IMAGENET_MEAN, IMAGENET_STD, JITTER, ROTATION_DEGREES, RRC_SCALE,
                          resize_size)
 
 RRC_RATIO = (3 / 4, 4 / 3)

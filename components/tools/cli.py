@@ -10,19 +10,25 @@ import sys
 
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("components.model_info", "build the model and print its parameter report"),
-    "synth": ("components.synth", "write a synthetic ISIC-format dataset (images, labels, metadata)"),
+    # the pipeline's steps (components/)
     "preprocess": ("components.preprocess", "resize every labelled image once, with a manifest"),
     "split": ("components.split", "lesion-grouped (or paper) train/val/test split with a report"),
-    "class_weights": ("components.class_weights", "inverse-frequency class weights from the train split"),
-    "train": ("components.train", "train the model (paper recipe; checkpoints, MLflow run, EMA model)"),
-    "evaluate": ("components.evaluate", "score a model on the test split: metrics, intervals, tables, figures"),
-    "demo": ("pipeline.demo", "the whole pipeline on a synthetic dataset with dvc (make demo)"),
-    "pipeline": ("pipeline.cli", "compile, submit or run the Kubeflow pipeline"),
+    "class_weights": ("components.class_weights", "class weights and priors from the train split"),
+    "train": ("components.train", "train the model (checkpoints, MLflow run, EMA model)"),
+    "evaluate": ("components.evaluate", "score a model on the test split: metrics, intervals, figures"),
     "register": ("components.register", "register the trained EMA model in MLflow (alias challenger)"),
-    "promote": ("components.promote", "move alias champion to the challenger through a metric gate"),
-    "predict": ("components.predict", "class probabilities for image files with a registered model"),
-    "runs": ("components.runs", "table of recent training runs with metrics and registered versions"),
+    # running them together
+    "demo": ("components.tools.demo", "the whole pipeline on a synthetic dataset with dvc (make demo)"),
+    "exp": ("components.tools.experiments", "DVC experiments on the committed params.yaml"),
+    "pipeline": ("pipeline.cli", "compile, submit or run the Kubeflow pipeline"),
+    # the registered model
+    "promote": ("components.tools.promote", "move alias champion to the challenger through a metric gate"),
+    "predict": ("components.tools.predict", "class probabilities for image files with a registered model"),
+    "serve": ("components.tools.serve", "the registered model behind an HTTP scoring server"),
+    "runs": ("components.tools.runs", "table of recent training runs with metrics and registered versions"),
+    # data and model helpers
+    "synth": ("components.tools.synth", "write a synthetic ISIC-format dataset (images, labels, metadata)"),
+    "info": ("components.tools.model_info", "build the model and print its parameter report"),
 }
 
 

@@ -1,0 +1,3 @@
+"""Basics every layer uses: params and step configs (config.py), the file names between
+steps (outputs.py), the command-line flag style (cli_args.py), atomic writes (atomic.py),
+label files (labels.py) and MLflow connection handling (tracking.py)."""

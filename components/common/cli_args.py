@@ -1,0 +1,83 @@
+"""One flag style for every command: `--snake_case`, as the paper repository's `train.py`
+spells its flags (`--train_csv`, `--out_dir`). Every flag also answers to its dashed spelling
+(`--train-csv`), which help does not list.
+
+Every step takes its settings from params files the same way:
+
+    --params params.yaml                 the full params file (default: ./params.yaml if any)
+    --params_file params.demo.yaml ...   partial files merged over it, in order
+
+and `params_paths(args)` is the list of files to hand to config.load_params.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from components.common.config import PARAMS_FILE
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Lists each option under its first (snake_case) spelling only."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or len(action.option_strings) == 1:
+            return super()._format_action_invocation(action)
+        first = argparse.Action(action.option_strings[:1], action.dest, nargs=action.nargs,
+                                metavar=action.metavar)
+        return super()._format_action_invocation(first)
+
+
+def _dashed(option: str) -> str | None:
+    """--train_csv -> --train-csv (None when there is no underscore)."""
+    if option.startswith("--") and "_" in option[2:]:
+        return "--" + option[2:].replace("_", "-")
+    return None
+
+
+class _Aliasing:
+    """add_argument that registers the dashed alias of every snake_case option."""
+
+    def add_argument(self, *names, **kwargs):
+        aliases = [d for d in map(_dashed, names) if d and d not in names]
+        return super().add_argument(*names, *aliases, **kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = _Group(self, *args, **kwargs)
+        self._action_groups.append(group)
+        return group
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        group = _Exclusive(self, **kwargs)
+        self._mutually_exclusive_groups.append(group)
+        return group
+
+
+class _Group(_Aliasing, argparse._ArgumentGroup):
+    pass
+
+
+class _Exclusive(_Aliasing, argparse._MutuallyExclusiveGroup):
+    pass
+
+
+class ArgumentParser(_Aliasing, argparse.ArgumentParser):
+    """argparse with the project's flag style (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def add_params_flags(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    """--params FILE and --params_file FILE... (see the module docstring)."""
+    parser.add_argument("--params", *aliases, metavar="FILE",
+                        help=f"params file (default: ./{PARAMS_FILE} when there is one)")
+    parser.add_argument("--params_file", action="append", metavar="FILE",
+                        help="partial params file merged over it (repeatable)")
+
+
+def params_paths(args: argparse.Namespace) -> list[str]:
+    """The params files the flags name, base first (see the module docstring)."""
+    base = args.params or (PARAMS_FILE if Path(PARAMS_FILE).is_file() else None)
+    return [p for p in (base, *(args.params_file or ())) if p]

@@ -1,0 +1,2 @@
+"""Evaluation internals, called by components/evaluate.py: metrics with bootstrap intervals
+(metrics.py) and figures (plots.py)."""

@@ -1,0 +1,9 @@
+"""The MLflow model registry and the served model.
+
+    client.py      the registry client, connection retries, alias names, version look-ups
+    model_card.py  a version's lineage tags and its model card (description)
+    pyfunc.py      logging the serving model into a run; loading it back
+    serving.py     the served model itself: an mlflow.pyfunc PythonModel, logged as code
+
+register, promote, predict and evaluate share these; nothing here imports a step.
+"""

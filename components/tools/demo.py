@@ -1,0 +1,152 @@
+"""`skinlesion demo` (README's first command): the whole pipeline on this machine, on CPU,
+leaving the project exactly as it was.
+
+1. a scratch copy of the project in `.demo/<name>/` (its tracked files as they are in the
+   workspace, a git repository of its own; `.demo/` is ignored by git and DVC);
+2. `data/raw` there: the project's own data/raw when it has one (hard links, no copy), else a
+   synthetic ISIC-format dataset (`skinlesion synth`); `dvc add data/raw` and a commit;
+3. `skinlesion exp run --params_file params.demo.yaml` there: the six stages as a DVC
+   experiment on params.yaml + the demo's small settings, MLflow in the project's ./mlflow.db
+   (unless MLFLOW_TRACKING_URI is set);
+4. the test metrics, the registered model version and alias, and where to look next.
+
+The project's params.yaml, data/ and outputs/ are never written (tests/test_dvc_pipeline.py
+checks `git status`); the copy stays for inspection (`cd .demo/<name> && dvc exp show`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from components.common import cli_args
+from components.common.config import PARAMS_FILE
+from components.tools import experiments
+
+HEADLINE = (("accuracy", "accuracy", 0.9348), ("balanced_accuracy", "balanced accuracy", None),
+            ("precision_macro", "precision (macro)", 0.9324), ("recall_macro", "recall (macro)", 0.9070),
+            ("f1_macro", "F1 (macro)", 0.9182), ("roc_auc_macro", "ROC-AUC (macro)", None),
+            ("ece", "calibration error", None))
+SCRATCH = ".demo"
+
+
+def _sh(cwd: Path, env: dict, *command: str) -> None:
+    subprocess.run(command, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def make_copy(root: Path, dest: Path, env: dict) -> None:
+    """The project's tracked files, as they are in the workspace, as a fresh git + DVC repo."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    for rel in filter(None, tracked):
+        src = root / rel
+        if src.is_file() and not rel.startswith(".dvc/"):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    _sh(dest, env, "git", "init", "-q")
+    _sh(dest, env, str(Path(sys.executable).parent / "dvc"), "init", "-q")
+    _sh(dest, env, "git", "add", "-A")
+    _sh(dest, env, "git", "commit", "-qm", "the project, as in the workspace")
+
+
+def add_data(root: Path, dest: Path, env: dict, n: int, seed: int) -> str:
+    """data/raw in the copy, tracked by DVC and committed; returns where it came from."""
+    from components.tools import synth
+
+    raw, own = dest / "data" / "raw", root / "data" / "raw"
+    if (own / "labels.csv").is_file():
+        shutil.copytree(own, raw, copy_function=os.link)
+        source = f"the project's {own}"
+    else:
+        synth.run(raw, n=n, seed=seed)
+        source = f"a synthetic dataset of {n} images"
+    _sh(dest, env, str(Path(sys.executable).parent / "dvc"), "add", "--quiet", "data/raw")
+    _sh(dest, env, "git", "add", "data/raw.dvc", "data/.gitignore")
+    _sh(dest, env, "git", "commit", "-qm", "data/raw")
+    return source
+
+
+def run(root: str | os.PathLike = ".", n: int = 400, seed: int = 0,
+        override: str = "params.demo.yaml", name: str | None = None) -> dict:
+    """Run the demo from the project at `root`; returns metrics, registration and where."""
+    root = Path(root).resolve()
+    if not (root / ".git").exists() or not (root / ".dvc").is_dir():
+        raise SystemExit(f"{root} is not a git + DVC checkout of this project; clone it first")
+    name = name or time.strftime("demo-%Y%m%d-%H%M%S")
+    dest = root / SCRATCH / name
+    if dest.exists():
+        raise SystemExit(f"{dest} exists: choose another --name")
+    dest.mkdir(parents=True)
+    env = experiments.environment(root)  # MLflow: the project's mlflow.db, not the copy's
+    print(f"scratch copy of the project: {dest}", flush=True)
+    make_copy(root, dest, env)
+    print(f"data/raw: {add_data(root, dest, env, n, seed)}", flush=True)
+    # the stage commands and the experiment run inside the copy, with this interpreter
+    subprocess.run([sys.executable, "-m", "components.tools.cli", "exp", "run", "--name", name,
+                    "--params_file", override], cwd=dest, env=env, check=True)
+    [row] = [r for r in experiments.experiments(dest) if r["name"] == name]
+    show = lambda rel: json.loads(subprocess.run(  # noqa: E731 - a file of the experiment
+        ["git", "show", f"{row['rev']}:{rel}"], cwd=dest, capture_output=True, text=True,
+        check=True).stdout)
+    return {"experiment": name, "copy": str(dest), "metrics": show("outputs/eval/metrics.json"),
+            "registration": show(experiments.REGISTRATION_FILE),
+            "tracking_uri": env["MLFLOW_TRACKING_URI"]}
+
+
+def _report(result: dict) -> str:
+    metrics, ci = result["metrics"], result["metrics"].get("ci95", {})
+    lines = [f"\nTest metrics of the EMA model ({metrics.get('n_images')} images, "
+             "95% bootstrap intervals; the paper's ISIC 2019 figures for scale):",
+             f"  {'metric':<20}{'value':>8}   {'95% interval':<17}{'paper':>7}"]
+    for key, label, paper in HEADLINE:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        low_high = ci.get(key)
+        interval = f"[{low_high['low']:.3f}, {low_high['high']:.3f}]" if low_high else ""
+        lines.append(f"  {label:<20}{value:>8.3f}   {interval:<17}"
+                     f"{'' if paper is None else f'{paper:.3f}':>7}")
+    if point := metrics.get("melanoma_operating_point"):
+        lines.append(f"  melanoma sensitivity {point['sensitivity']:.3f} at specificity "
+                     f"{point['specificity']:.3f} (threshold {point['threshold']:.3f})")
+    reg = result["registration"]
+    if reg.get("version"):
+        lines.append(f"\nRegistered: {reg['name']} version {reg['version']}, "
+                     f"alias {reg.get('alias')} (run {reg.get('run_id')})")
+    else:
+        lines.append(f"\nNot registered: {reg.get('skipped', reg)}")
+    lines += [
+        f"Experiment {result['experiment']} ran in {result['copy']}; this project's "
+        f"{PARAMS_FILE}, data/ and outputs/ are untouched (`cd {result['copy']} && "
+        f"skinlesion exp show` lists it).",
+        "",
+        "Next (after `source .venv/bin/activate`, which puts skinlesion, dvc and mlflow on PATH):",
+        f"  mlflow ui --backend-store-uri {result['tracking_uri']}      # runs, metrics, the registry",
+        "  skinlesion promote --metric balanced_accuracy                 # challenger -> champion",
+        f"  skinlesion predict --model models:/{reg.get('name') or 'skin-lesion-hybrid'}@challenger "
+        f"--dir {result['copy']}/data/raw/images --out predictions.csv",
+        "  skinlesion serve --model models:/skin-lesion-hybrid@challenger   # HTTP scoring server",
+        "  skinlesion pipeline compile -o pipeline.yaml                  # the same steps on Kubeflow",
+        "  skinlesion pipeline submit --host http://<kfp-host> --params_file params.demo.yaml",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli_args.ArgumentParser(prog="skinlesion demo", description=__doc__)
+    parser.add_argument("--n", type=int, default=400, help="synthetic images (when the project "
+                                                           "has no data/raw)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--override", default="params.demo.yaml", help="partial params file to apply")
+    parser.add_argument("--name", default=None, help="experiment name (default demo-<time>)")
+    args = parser.parse_args(argv)
+    print(_report(run(".", n=args.n, seed=args.seed, override=args.override, name=args.name)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""What a training's MLflow run records about itself: a name and description that say what
+differs from the default recipe, its tags and inputs, and the serving model at the end.
+
+Every call goes through tracking.Run, which logs nothing without a run (--no_mlflow, DDP
+ranks > 0) and never lets a tracking failure stop training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from components.common import tracking
+from components.common.config import TrainConfig
+
+# Settings that change how fast a run goes, not what it learns: left out of its name.
+RUNTIME_SETTINGS = {"num_workers", "compile", "gpu_resident", "gpu_resident_max_share"}
+# nodes / gpus_per_node do change the effective batch: they stay in the name
+SHORT = {"peak_lr": "lr", "img_size": "img", "epochs": "ep", "batch_size": "bs",
+         "weighted_sampler": "sampler", "class_weighted_loss": "loss_weights",
+         "logit_adjust_tau": "tau", "mixup_alpha": "mixup", "ema_decay": "ema"}
+
+
+def differences(cfg: TrainConfig) -> dict:
+    """The recipe settings in which cfg differs from the default (params.yaml's) recipe."""
+    default = TrainConfig()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.name not in RUNTIME_SETTINGS and getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def _value(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return "-".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def run_name(cfg: TrainConfig, split_mode: str | None) -> str:
+    """`paper grouped` plus what differs, e.g. `paper grouped ep=3 img=64 dims=32-64-96-128 s1`:
+    two runs that differ in a setting never share a name."""
+    diff = differences(cfg)
+    seed = diff.pop("seed", None)
+    diff.pop("preset", None)
+    parts = [cfg.preset, split_mode or "unsplit"]
+    parts += [f"{SHORT.get(k, k)}={_value(v)}" for k, v in diff.items()]
+    if seed is not None:
+        parts.append(f"s{seed}")
+    return " ".join(parts)
+
+
+def description(cfg: TrainConfig, split_mode: str | None) -> str:
+    """The run's note (mlflow.note.content): the recipe in words; evaluate adds the metrics."""
+    diff = differences(cfg)
+    changed = ", ".join(f"{k} {_value(v)}" for k, v in diff.items()) or "none"
+    widths = f"widths {_value(cfg.dims)}" if cfg.dims else "the preset's widths"
+    return (f"Hybrid ConvNeXtV2 preset `{cfg.preset}` ({widths}), {cfg.img_size} px, "
+            f"{cfg.epochs} epochs, {split_mode or 'unknown'} split, seed {cfg.seed}.\n\n"
+            f"Differs from params.yaml's recipe in: {changed}.\n")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def log_start(run_, cfg: TrainConfig, run_config: dict, device: torch.device, world_size: int,
+              lineage: dict, img_dir, frames: dict) -> None:
+    """Params, tags, name, description and datasets of a new training run."""
+    csvs = [source for _, source in frames.values()]
+    digest = tracking.data_hash(img_dir, csvs)
+    run_.log_params(run_config)
+    run_.set_tags({"mlflow.runName": run_name(cfg, lineage.get("split_mode")),
+                   "mlflow.note.content": description(cfg, lineage.get("split_mode")),
+                   "split_mode": lineage.get("split_mode") or "unknown",
+                   "split_hash": lineage.get("split_hash") or "unknown",
+                   "recipe_differs": ",".join(differences(cfg)) or "none",
+                   "color_constancy": lineage.get("color_constancy") or "none",
+                   "preprocess_corrupt": str(lineage.get("preprocess_corrupt") or 0),
+                   "git_commit": tracking.git_commit(), "data_hash": digest,
+                   "device": device_name(device), "world_size": str(world_size)})
+    run_.log_datasets(frames, digest)
+
+
+def log_served_model(run_, ema_weights) -> str | None:
+    """Log the serving model (registry/pyfunc.py) of the saved EMA weights into the run; the
+    register step reuses it. Returns its models:/ URI (None without a run or on failure)."""
+    if run_.run_id is None:
+        return None
+    from components.registry import pyfunc
+    from components.training import checkpoint
+
+    model, meta = checkpoint.load_model(ema_weights)  # from the file: a check that it loads
+    logged = run_.call("logging the model", pyfunc.log_model, run_.run_id, model.state_dict(),
+                       meta)
+    return logged[0] if logged else None
