@@ -252,7 +252,7 @@ class TrainConfig(StepConfig):
     mixup_alpha: float = 0.4         # 0 disables mixup
     ema_decay: float = 0.9999
     ema_warmup: bool = True          # timm's decay warm-up: short runs still get a useful EMA
-    class_weighted_loss: bool = True  # loss weights from the class_weights step
+    class_weighted_loss: bool = False  # loss weights from the class_weights step
     weighted_sampler: bool = True     # sample each image with its class's weight
     logit_adjust_tau: float = 0.0     # logit-adjusted loss (Menon et al. 2021); 0 disables
     augment: bool = True
