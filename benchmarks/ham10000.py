@@ -2,7 +2,8 @@
 
     python benchmarks/ham10000.py --config benchmarks/ham10000_cpu.yaml --out outputs/ham_study \\
         --no_mlflow --results benchmarks/RESULTS.md                      # CPU: narrow model, 64 px
-    python benchmarks/ham10000.py --out outputs/ham_gpu --variants paper,default --compile  # GPU
+    python benchmarks/ham10000.py --config benchmarks/ham10000_gpu.yaml --out outputs/ham_gpu \\
+        --variants sampler_only,paper --compile --no_mlflow       # GPU: benchmarks/gpu_check.sh
     python benchmarks/ham10000.py --smoke --out /tmp/ham_smoke --no_mlflow   # checks the script
 
 One lesion-grouped 70/15/15 split (seed 0) and the images prepared once at the training size
@@ -14,9 +15,10 @@ intervals.
 
 Resumable: a finished run (its result.json) is skipped, a killed one resumes from its last
 checkpoint. `--results FILE` rewrites the study's section of FILE (a Markdown table of every
-finished run under --out, with this command). `--smoke` trains a tiny model at 32 px on a few
-images per class for one epoch: it checks the script, not the numbers. Images: HAM10000,
-CC BY-NC-SA 4.0, test use only.
+finished run under --out, each with the command that made it). `--color_constancy
+shades_of_gray` prepares the images with the preprocess step's colour constancy. `--smoke`
+trains a tiny model at 32 px on a few images per class for one epoch: it checks the script,
+not the numbers. Images: HAM10000, CC BY-NC-SA 4.0, test use only.
 """
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ def make_splits(data: Path, out: Path, smoke: bool) -> dict[str, Path]:
 
 
 def run_one(name: str, seed: int, cfg: TrainConfig, splits: dict, img_dir: Path,
-            out: Path, use_mlflow: bool, beta: float, evaluation: EvaluateConfig) -> dict:
+            out: Path, use_mlflow: bool, beta: float, evaluation: EvaluateConfig,
+            color_constancy: str, command: str) -> dict:
     """Train (or resume, or skip) one variant with one seed; evaluate it on val and test."""
     result_file = out / "result.json"
     if result_file.is_file():
@@ -99,7 +102,8 @@ def run_one(name: str, seed: int, cfg: TrainConfig, splits: dict, img_dir: Path,
         scores[part] = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
         scores[part]["ci95"] = {k: full["ci95"][k] for k in scores[part]}
     result = {"variant": name, "seed": seed, "method": method, **variant_overrides(name),
-              "epochs": cfg.epochs, "train_seconds": summary["seconds"], **scores}
+              "color_constancy": color_constancy, "epochs": cfg.epochs,
+              "train_seconds": summary["seconds"], "command": command, **scores}
     write_json(result_file, result)
     return result
 
@@ -111,12 +115,18 @@ def table(results: list[dict]) -> str:
         return f"{r[part][key]:.3f} ({ci['low']:.2f}-{ci['high']:.2f})"
 
     lines = ["| variant | seed | epochs | val bal. acc. | test acc. | test bal. acc. | "
-             "test macro F1 | train min |", "|---|---|---|---|---|---|---|---|"]
+             "test macro F1 | train min | command |", "|---|---|---|---|---|---|---|---|---|"]
+    commands = sorted({r.get("command", "") for r in results})
     for r in sorted(results, key=lambda r: (-r["val"]["balanced_accuracy"], r["seed"])):
-        lines.append(f"| {r['variant']} | {r['seed']} | {r['epochs']} | "
+        cc = r.get("color_constancy", "none")
+        lines.append(f"| {r['variant']}{'' if cc == 'none' else ' + ' + cc} | {r['seed']} | "
+                     f"{r['epochs']} | "
                      f"{cell(r, 'val', 'balanced_accuracy')} | {cell(r, 'test', 'accuracy')} | "
                      f"{cell(r, 'test', 'balanced_accuracy')} | {cell(r, 'test', 'f1_macro')} | "
-                     f"{r['train_seconds'] / 60:.0f} |")
+                     f"{r['train_seconds'] / 60:.0f} | "
+                     f"{commands.index(r.get('command', '')) + 1} |")
+    lines.append("")
+    lines += [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
     return "\n".join(lines)
 
 
@@ -145,8 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--results", type=Path, help="Markdown file whose study section to rewrite")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the script")
+    p.add_argument("--color_constancy", choices=("none", "shades_of_gray"), default="none",
+                   help="prepare the images with colour constancy (the preprocess step's)")
     p.add_argument("--no_mlflow", dest="mlflow", action="store_false")
     args = p.parse_args(argv)
+    command = "python benchmarks/ham10000.py " + shlex.join(argv if argv is not None
+                                                             else sys.argv[1:])
     if unknown := set(args.variants.split(",")) - set(VARIANTS):
         p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
 
@@ -156,18 +170,20 @@ def main(argv: list[str] | None = None) -> int:
                                                **{k: v for k, v in flags.items() if v}})
     # Prepared once at the training size, so that an epoch is bound by the model, not by JPEG
     # decoding (with the resident input path, decoded once more into memory).
-    img_dir = args.out / f"prepared_{resize_size(base.img_size)}"
+    cc = args.color_constancy
+    img_dir = args.out / f"prepared_{resize_size(base.img_size)}{'' if cc == 'none' else '_' + cc}"
     preprocess.run(args.data / "labels.csv", args.data / "images", img_dir,
-                   size=resize_size(base.img_size))
+                   size=resize_size(base.img_size), color_constancy=cc)
     img_dir = img_dir / "images"
 
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.variants.split(","):
             cfg = TrainConfig.from_dict({**base.as_dict(), **variant_overrides(name),
                                          "seed": seed})
-            r = run_one(name, seed, cfg, splits, img_dir, args.out / "runs" / f"{name}-s{seed}",
+            run_dir = f"{name}{'' if cc == 'none' else '-' + cc}-e{cfg.epochs}-s{seed}"
+            r = run_one(name, seed, cfg, splits, img_dir, args.out / "runs" / run_dir,
                         args.mlflow and not args.smoke, args.beta,
-                        EvaluateConfig(bootstrap=50 if args.smoke else 1000))
+                        EvaluateConfig(bootstrap=50 if args.smoke else 1000), cc, command)
             print(f"{name} seed {seed}: val bal acc {r['val']['balanced_accuracy']:.3f}, test acc "
                   f"{r['test']['accuracy']:.3f} bal acc {r['test']['balanced_accuracy']:.3f}",
                   flush=True)
@@ -176,10 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     body = table(results)
     print(body)
     if args.results:
-        command = "python benchmarks/ham10000.py " + shlex.join(argv if argv is not None
-                                                                 else sys.argv[1:])
-        write_section(args.results, f"Made by `{command}` (variants: see VARIANTS in "
-                                    f"benchmarks/ham10000.py; config {args.params}).\n\n{body}")
+        write_section(args.results, "Every finished run under the study's --out, made by the "
+                      "numbered command (variants: VARIANTS in benchmarks/ham10000.py). "
+                      f"Written by `{command}`.\n\n{body}")
     return 0
 
 

@@ -183,7 +183,7 @@ def test_ham10000_study_smoke_resumes_and_writes_its_table(shared_data, tmp_path
             "--no_mlflow", "--results", str(results_md)]
     assert ham.main(argv) == 0
     runs = sorted((tmp_path / "study" / "runs").glob("*/result.json"))
-    assert [p.parent.name for p in runs] == ["logit_adjusted-s0", "paper-s0"]
+    assert [p.parent.name for p in runs] == ["logit_adjusted-e1-s0", "paper-e1-s0"]
     result = json.loads(runs[1].read_text())
     assert result["weighted_sampler"] and result["class_weighted_loss"]
     assert 0 <= result["test"]["balanced_accuracy"] <= 1
