@@ -4,6 +4,7 @@ that loads and predicts. Training is stood in for by a tiny model saved the way 
 it (ema_weights.pt + training_summary.json + an MLflow run)."""
 from __future__ import annotations
 
+import base64
 import json
 import socket
 from pathlib import Path
@@ -163,7 +164,8 @@ def test_registered_pyfunc_matches_evaluation_preprocessing(store, registered, t
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/m-reg@challenger")
     images = write_images(tmp_path / "img", 2, size=(IMG + 5, IMG + 3))
-    got = model.predict(pd.DataFrame({"image": [str(p) for p in images]}))
+    got = model.predict(pd.DataFrame(
+        {"image": [base64.b64encode(p.read_bytes()).decode() for p in images]}))
     assert list(got.columns) == [*CLASSES, "predicted", "error"]
     net, meta = checkpoint.load_model(out / "ema_weights.pt")
     tf = eval_transform(IMG)

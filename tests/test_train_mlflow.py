@@ -2,6 +2,7 @@
 datasets and the EMA model; resume continues the run; an unreachable server fails fast."""
 from __future__ import annotations
 
+import base64
 import json
 import time
 
@@ -72,7 +73,8 @@ def test_one_run_with_params_metrics_tags_datasets_and_model(data, tmp_path, mlf
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model(model_uri)
     images = sorted(data["img_dir"].iterdir())[:3]
-    probs = model.predict(pd.DataFrame({"image": [str(p) for p in images]}))
+    probs = model.predict(pd.DataFrame(
+        {"image": [base64.b64encode(p.read_bytes()).decode() for p in images]}))
     assert probs.shape == (3, 10) and (probs["error"] == "").all()
     np.testing.assert_allclose(probs.iloc[:, :8].sum(axis=1), 1.0, atol=1e-5)
 
