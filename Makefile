@@ -44,3 +44,10 @@ image-test: image setup
 
 image-name:
 	@echo $(IMAGE)
+
+# The MLflow UI in headless Chromium (Debian's package): a real server, two tiny real runs, a
+# registered model with both aliases; checks the pages and keeps their screenshots for the
+# README (tools/ui_pictures.py; tests/test_mlflow_ui.py runs it, marked slow).
+.PHONY: ui-pictures
+ui-pictures: setup
+	$(PY) tools/ui_pictures.py --out docs/images
