@@ -1,10 +1,11 @@
-"""How fast does preprocess turn large JPEGs into 256-px images, with and without JPEG draft mode?
+"""How fast does preprocess turn large JPEGs into 256-px images: JPEG draft mode on and off,
+and what shades-of-grey colour constancy adds.
 
     .venv/bin/python benchmarks/preprocess_throughput.py [--count 8] [--workers 1]
 
 Makes `count` 4000x3000 JPEGs (camera-like size, smooth content plus noise) in a temporary
-folder, then runs components.preprocess.run on them twice, with draft on and off, and prints
-images/s. Takes well under a minute on two cores.
+folder, then runs components.preprocess.run on them three times (draft; no draft; draft with
+colour constancy) and prints images/s. Takes about a minute on two cores.
 """
 from __future__ import annotations
 
@@ -49,13 +50,16 @@ def main(argv: list[str] | None = None) -> None:
         labels = make_images(tmp, args.count)
         mb = sum(p.stat().st_size for p in (tmp / "images").iterdir()) / 1e6
         print(f"made {args.count} JPEGs of 4000x3000 ({mb:.1f} MB) in {time.perf_counter() - start:.1f} s")
-        print(f"{'mode':<10} {'workers':>7} {'seconds':>8} {'images/s':>9}")
-        for draft in (True, False):
-            out = tmp / f"out-{'draft' if draft else 'full'}"
+        print(f"{'mode':<18} {'workers':>7} {'seconds':>8} {'images/s':>9}")
+        runs = (("draft", True, "none"), ("full", False, "none"),
+                ("draft + sog", True, "shades_of_gray"))
+        for i, (mode, draft, colour) in enumerate(runs):
             start = time.perf_counter()
-            preprocess.run(labels, tmp / "images", out, size=args.size, workers=args.workers, draft=draft)
+            preprocess.run(labels, tmp / "images", tmp / f"out-{i}",
+                           size=args.size, workers=args.workers, draft=draft,
+                           color_constancy=colour)
             seconds = time.perf_counter() - start
-            print(f"{'draft' if draft else 'full':<10} {args.workers:>7} {seconds:>8.2f} {args.count / seconds:>9.2f}")
+            print(f"{mode:<18} {args.workers:>7} {seconds:>8.2f} {args.count / seconds:>9.2f}")
 
 
 if __name__ == "__main__":
