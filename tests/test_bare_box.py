@@ -62,6 +62,6 @@ def test_the_ham10000_study_without_the_tracking_stack(shared_data, tmp_path):
     done = subprocess.run(cmd, env=_bare(tmp_path), capture_output=True, text=True, timeout=900,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "study/runs/sampler_only-s0/result.json").read_text())
+    result = json.loads((tmp_path / "study/runs/sampler_only-e1-s0/result.json").read_text())
     assert 0 <= result["test"]["balanced_accuracy"] <= 1
     assert "no figures" in done.stderr  # matplotlib absent: metrics, not pictures

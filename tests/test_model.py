@@ -14,8 +14,8 @@ TINY = dict(dims=(16, 32, 48, 64), depths=(1, 1, 2, 1))
 
 @pytest.mark.parametrize("preset, expected", [
     ("paper", 21.92e6),          # the paper's Table 3
-    ("paper-depth12", 44.3e6),   # shared/DESIGN.md
-    ("seed-readme", 95.3e6),     # shared/DESIGN.md
+    ("paper-depth12", 44.3e6),   # docs/DESIGN.md
+    ("seed-readme", 95.3e6),     # docs/DESIGN.md
 ])
 def test_parameter_count_matches_reference(preset, expected):
     counts = HybridConvNeXtV2(num_classes=8, preset=preset).count_parameters()

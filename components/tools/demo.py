@@ -66,7 +66,9 @@ def add_data(root: Path, dest: Path, env: dict, n: int, seed: int) -> str:
         source = f"a synthetic dataset of {n} images"
     _sh(dest, env, str(Path(sys.executable).parent / "dvc"), "add", "--quiet", "data/raw")
     _sh(dest, env, "git", "add", "data/raw.dvc", "data/.gitignore")
-    _sh(dest, env, "git", "commit", "-qm", "data/raw")
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=dest, env=env)
+    if staged.returncode:  # else the project's own data/raw.dvc, copied, already says this
+        _sh(dest, env, "git", "commit", "-qm", "data/raw")
     return source
 
 
