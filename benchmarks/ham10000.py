@@ -15,10 +15,11 @@ intervals.
 
 Resumable: a finished run (its result.json) is skipped, a killed one resumes from its last
 checkpoint. `--results FILE` rewrites the study's section of FILE (a Markdown table of every
-finished run under --out, each with the command that made it). `--color_constancy
-shades_of_gray` prepares the images with the preprocess step's colour constancy. `--smoke`
-trains a tiny model at 32 px on a few images per class for one epoch: it checks the script,
-not the numbers. Images: HAM10000, CC BY-NC-SA 4.0, test use only.
+finished run under --out, each with the command that reproduces it; `--report_only` trains
+nothing and only writes it). `--color_constancy shades_of_gray` prepares the images with the
+preprocess step's colour constancy. `--smoke` trains a tiny model at 32 px on a few images per
+class for one epoch: it checks the script, not the numbers. Images: HAM10000, CC BY-NC-SA
+4.0, test use only.
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def table(results: list[dict]) -> str:
         return f"{r[part][key]:.3f} ({ci['low']:.2f}-{ci['high']:.2f})"
 
     lines = ["| variant | seed | epochs | val bal. acc. | test acc. | test bal. acc. | "
-             "test macro F1 | train min | command |", "|---|---|---|---|---|---|---|---|---|"]
+             "test macro F1 | command |", "|---|---|---|---|---|---|---|---|"]
     commands = sorted({r.get("command", "") for r in results})
     for r in sorted(results, key=lambda r: (-r["val"]["balanced_accuracy"], r["seed"])):
         cc = r.get("color_constancy", "none")
@@ -123,7 +124,6 @@ def table(results: list[dict]) -> str:
                      f"{r['epochs']} | "
                      f"{cell(r, 'val', 'balanced_accuracy')} | {cell(r, 'test', 'accuracy')} | "
                      f"{cell(r, 'test', 'balanced_accuracy')} | {cell(r, 'test', 'f1_macro')} | "
-                     f"{r['train_seconds'] / 60:.0f} | "
                      f"{commands.index(r.get('command', '')) + 1} |")
     lines.append("")
     lines += [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
@@ -158,12 +158,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--color_constancy", choices=("none", "shades_of_gray"), default="none",
                    help="prepare the images with colour constancy (the preprocess step's)")
     p.add_argument("--no_mlflow", dest="mlflow", action="store_false")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: print (and with --results write) the finished runs' table")
     args = p.parse_args(argv)
     command = "python benchmarks/ham10000.py " + shlex.join(argv if argv is not None
                                                              else sys.argv[1:])
     if unknown := set(args.variants.split(",")) - set(VARIANTS):
         p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
 
+    if not args.report_only:
+        train_variants(args)
+    results = [json.loads(f.read_text()) for f in sorted(args.out.glob("runs/*/result.json"))]
+    body = table(results)
+    print(body)
+    if args.results:
+        write_section(args.results, "Every finished run under the study's --out, with the "
+                      "command that reproduces it (variants: VARIANTS in "
+                      f"benchmarks/ham10000.py). Written by `{command}`.\n\n{body}")
+    return 0
+
+
+def row_command(args, name: str, seed: int) -> str:
+    """The command that reproduces one (variant, seed) run of this invocation."""
+    argv = ["--config", args.params, "--data", str(args.data), "--out", str(args.out)]
+    argv += ["--smoke"] if args.smoke else []
+    argv += ["--variants", name, "--seeds", str(seed)]
+    argv += ["--epochs", str(args.epochs)] if args.epochs else []
+    argv += ["--color_constancy", args.color_constancy] if args.color_constancy != "none" else []
+    argv += ["--compile"] if args.compile else []
+    argv += [] if args.mlflow else ["--no_mlflow"]
+    return "python benchmarks/ham10000.py " + shlex.join(argv)
+
+
+def train_variants(args) -> None:
+    """Train and score every (variant, seed) not finished yet."""
     splits = make_splits(args.data, args.out / "splits", args.smoke)
     flags = {"epochs": args.epochs, "compile": args.compile or None}
     base = TrainConfig.resolve(args.params, **{**(SMOKE if args.smoke else {}),
@@ -183,19 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = f"{name}{'' if cc == 'none' else '-' + cc}-e{cfg.epochs}-s{seed}"
             r = run_one(name, seed, cfg, splits, img_dir, args.out / "runs" / run_dir,
                         args.mlflow and not args.smoke, args.beta,
-                        EvaluateConfig(bootstrap=50 if args.smoke else 1000), cc, command)
+                        EvaluateConfig(bootstrap=50 if args.smoke else 1000), cc,
+                        row_command(args, name, seed))
             print(f"{name} seed {seed}: val bal acc {r['val']['balanced_accuracy']:.3f}, test acc "
                   f"{r['test']['accuracy']:.3f} bal acc {r['test']['balanced_accuracy']:.3f}",
                   flush=True)
-
-    results = [json.loads(f.read_text()) for f in sorted(args.out.glob("runs/*/result.json"))]
-    body = table(results)
-    print(body)
-    if args.results:
-        write_section(args.results, "Every finished run under the study's --out, made by the "
-                      "numbered command (variants: VARIANTS in benchmarks/ham10000.py). "
-                      f"Written by `{command}`.\n\n{body}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -193,6 +193,9 @@ def test_ham10000_study_smoke_resumes_and_writes_its_table(shared_data, tmp_path
     assert report["mode"] == "grouped" and report["seed"] == 0
     text = results_md.read_text()
     assert "kept text" in text and text.count("| paper | 0 |") == 1
+    # every row names the command that reproduces it
+    assert "--variants paper --seeds 0 --no_mlflow`" in text
+    assert result["command"].endswith("--variants paper --seeds 0 --no_mlflow")
     mtime = runs[1].stat().st_mtime
     assert ham.main(argv) == 0  # finished runs are skipped, the section replaced, not appended
     assert runs[1].stat().st_mtime == mtime and results_md.read_text().count("| paper | 0 |") == 1
