@@ -20,13 +20,10 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
 from components.common import atomic, cli_args, outputs, tracking
@@ -38,7 +35,7 @@ from components.training.dataset import SplitDataset, read_split
 from components.training.inputs import choose_resident, make_input
 from components.training.losses import SoftTargetCrossEntropy
 from components.training.out_dir import TrainingRefused, exclusive, lineage, refuse_clobbering
-from components.training.samplers import epoch_seed, make_sampler
+from components.training.samplers import make_sampler, seed_everything
 from components.training.trainer import NonFiniteLoss, Runtime, Trainer, init_runtime
 
 __all__ = ["TrainConfig", "TrainingRefused", "run", "main"]
@@ -65,7 +62,7 @@ def run(train_csv, img_dir, out_dir, *, val_csv=None, test_csv=None, class_weigh
         resume = auto_resume(out_dir, settings_fingerprint(cfg, train_csv, val_csv,
                                                            class_weights, img_dir, overfit_n))
     rt = init_runtime()
-    _seed_everything(cfg.seed)  # the same initial weights on every rank
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     started = time.time()
 
     with contextlib.ExitStack() as stack:
@@ -96,9 +93,7 @@ def run(train_csv, img_dir, out_dir, *, val_csv=None, test_csv=None, class_weigh
         trainer = Trainer(cfg, rt, train_input, val_input, criterion, run_, out_dir, run_config,
                           lineage=inputs)
         if ckpt is not None:
-            trainer.restore(ckpt)  # rank 0's generators too
-        if not rt.is_main:  # other ranks draw their own augmentations from here
-            _seed_everything(epoch_seed(cfg.seed + rt.rank, trainer.state.epoch))
+            trainer.restore(ckpt)  # rank 0's generators too; other ranks reseed every epoch
         if ckpt is None and rt.is_main:
             frames = {"training": (train_frame, train_csv)}
             if val_frame is not None and val_csv:
@@ -209,12 +204,6 @@ def _collective(rt: Runtime, fn):
     if error is not None:
         raise error
     return result
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _print_start(rt, cfg, resident, n_train, n_val, trainer) -> None:

@@ -6,8 +6,10 @@ resumed run draws exactly what an uninterrupted one would have.
 from __future__ import annotations
 
 import math
+import random
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DistributedSampler, Sampler, WeightedRandomSampler
 
@@ -15,6 +17,13 @@ from torch.utils.data import DistributedSampler, Sampler, WeightedRandomSampler
 def epoch_seed(seed: int, epoch: int) -> int:
     """One seed per (run seed, epoch) for every per-epoch generator."""
     return seed * 100_003 + epoch
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global generators (mixup and drop path draw from them)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 class EpochWeightedRandomSampler(WeightedRandomSampler):

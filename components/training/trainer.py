@@ -28,6 +28,7 @@ from model import HybridConvNeXtV2
 
 from components.common import outputs
 from components.training import checkpoint
+from components.training.samplers import epoch_seed, seed_everything
 from components.common.labels import CLASSES
 from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -143,6 +144,10 @@ class Trainer:
         and logging after every epoch."""
         last_epoch = min(self.cfg.epochs, stop_after_epoch or self.cfg.epochs)
         for epoch in range(self.state.epoch, last_epoch):
+            if not self.rt.is_main:
+                # Rank 0's generators travel in the checkpoint; the others' draws (mixup, drop
+                # path) are a function of (seed, rank, epoch), so a resumed run repeats them.
+                seed_everything(epoch_seed(self.cfg.seed + self.rt.rank, epoch))
             metrics = self.train_one_epoch(epoch)
             if self.val_input is not None and self.rt.is_main:
                 metrics |= self.validate(self.model, "val")
