@@ -72,6 +72,7 @@ in_image() {
 passed=() failed=()
 check() {   # check NAME FUNCTION: run FUNCTION with `set -e`, record and time it
     local name=$1 t0=$SECONDS rc
+    [[ " ${CHECKS:-$name} " == *" $name "* ]] || return 0   # CHECKS="pipeline ...": only those
     echo "== $name"
     set +e
     ( set -e; "$2" )
@@ -126,7 +127,7 @@ pipeline() {
     # from /app with the image's own params.yaml, as on a cluster; outputs and MLflow on /work
     in_image --app -- skinlesion pipeline run-local --data /work/data/raw --pipeline-root /work/kfp \
         --params-file /in/params.demo.yaml \
-        --param mlflow_tracking_uri=sqlite:////work/mlflow.db --param gate_threshold=0.0
+        --param mlflow_tracking_uri=sqlite:////work/mlflow.db --param register.gate_threshold=0.0
     in_image -- python3 /tools/image_check_pipeline.py --root /work/kfp --raw /work/data/raw \
         --mlflow sqlite:////work/mlflow.db
 }
