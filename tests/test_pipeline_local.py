@@ -204,7 +204,7 @@ def test_run_local_end_to_end_on_cpu(raw, tmp_path, monkeypatch):
     registration = json.loads((run_dir / "register/registration").read_text())
     assert registration["alias"] == "challenger"
     assert _task_outputs(run_dir, "register")["parameterValues"]["Output"] == registration["version"]
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)  # not a registry URI set by an earlier test
     version = client.get_model_version_by_alias(registration["name"], "challenger")
     assert str(version.version) == registration["version"]
     assert version.tags["data_hash"] == data_hash
