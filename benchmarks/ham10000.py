@@ -14,7 +14,8 @@ accuracy) and on the test split (reported, never used to choose), with lesion-le
 intervals.
 
 Resumable: a finished run (its result.json) is skipped, a killed one resumes from its last
-checkpoint. `--results FILE` rewrites the study's section of FILE (a Markdown table of every
+checkpoint. `--param train.KEY=VALUE` changes one more setting of the recipe for every run of
+the invocation (`train.mixup_alpha=0`); the runs' folders and table rows name it. `--results FILE` rewrites the study's section of FILE (a Markdown table of every
 finished run under --out, each with the command that reproduces it; `--report_only` trains
 nothing and only writes it). `--color_constancy shades_of_gray` prepares the images with the
 preprocess step's colour constancy. `--smoke` trains a tiny model at 32 px on a few images per
@@ -83,7 +84,7 @@ def make_splits(data: Path, out: Path, smoke: bool) -> dict[str, Path]:
 
 def run_one(name: str, seed: int, cfg: TrainConfig, splits: dict, img_dir: Path,
             out: Path, use_mlflow: bool, beta: float, evaluation: EvaluateConfig,
-            color_constancy: str, command: str) -> dict:
+            color_constancy: str, command: str, changes: dict) -> dict:
     """Train (or resume, or skip) one variant with one seed; evaluate it on val and test."""
     result_file = out / "result.json"
     if result_file.is_file():
@@ -103,7 +104,7 @@ def run_one(name: str, seed: int, cfg: TrainConfig, splits: dict, img_dir: Path,
         scores[part] = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
         scores[part]["ci95"] = {k: full["ci95"][k] for k in scores[part]}
     result = {"variant": name, "seed": seed, "method": method, **variant_overrides(name),
-              "color_constancy": color_constancy, "epochs": cfg.epochs,
+              "color_constancy": color_constancy, "changes": changes, "epochs": cfg.epochs,
               "train_seconds": summary["seconds"], "command": command, **scores}
     write_json(result_file, result)
     return result
@@ -120,7 +121,9 @@ def table(results: list[dict]) -> str:
     commands = sorted({r.get("command", "") for r in results})
     for r in sorted(results, key=lambda r: (-r["val"]["balanced_accuracy"], r["seed"])):
         cc = r.get("color_constancy", "none")
-        lines.append(f"| {r['variant']}{'' if cc == 'none' else ' + ' + cc} | {r['seed']} | "
+        extra = [] if cc == "none" else [cc]
+        extra += [f"{k}={v}" for k, v in r.get("changes", {}).items()]
+        lines.append(f"| {' + '.join([r['variant'], *extra])} | {r['seed']} | "
                      f"{r['epochs']} | "
                      f"{cell(r, 'val', 'balanced_accuracy')} | {cell(r, 'test', 'accuracy')} | "
                      f"{cell(r, 'test', 'balanced_accuracy')} | {cell(r, 'test', 'f1_macro')} | "
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", "--config", default=str(ROOT / "params.yaml"),
                    help="its train section is the recipe the variants change")
     p.add_argument("--epochs", type=int, help="override the config's epochs")
+    p.add_argument("--param", action="append", default=[], metavar="train.KEY=VALUE",
+                   help="one more recipe change for every run (repeatable)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--beta", type=float, default=0.999, help="for effective_number weights")
@@ -165,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              else sys.argv[1:])
     if unknown := set(args.variants.split(",")) - set(VARIANTS):
         p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    args.changes = recipe_changes(p, args.param)
 
     if not args.report_only:
         train_variants(args)
@@ -178,12 +184,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def recipe_changes(parser, items: list[str]) -> dict:
+    """--param train.KEY=VALUE items -> {KEY: VALUE}, checked against TrainConfig's keys."""
+    changes = {}
+    for item in items:
+        key, value = cli_args.parse_assignment(item)
+        section, _, leaf = key.rpartition(".")
+        if section != "train" or leaf not in TrainConfig().as_dict():
+            parser.error(f"--param {item!r}: expected train.KEY=VALUE with a key of params.yaml's "
+                         "train section")
+        changes[leaf] = value
+    return changes
+
+
 def row_command(args, name: str, seed: int) -> str:
     """The command that reproduces one (variant, seed) run of this invocation."""
     argv = ["--config", args.params, "--data", str(args.data), "--out", str(args.out)]
     argv += ["--smoke"] if args.smoke else []
     argv += ["--variants", name, "--seeds", str(seed)]
     argv += ["--epochs", str(args.epochs)] if args.epochs else []
+    argv += [a for item in args.param for a in ("--param", item)]
     argv += ["--color_constancy", args.color_constancy] if args.color_constancy != "none" else []
     argv += ["--compile"] if args.compile else []
     argv += [] if args.mlflow else ["--no_mlflow"]
@@ -195,7 +215,8 @@ def train_variants(args) -> None:
     splits = make_splits(args.data, args.out / "splits", args.smoke)
     flags = {"epochs": args.epochs, "compile": args.compile or None}
     base = TrainConfig.resolve(args.params, **{**(SMOKE if args.smoke else {}),
-                                               **{k: v for k, v in flags.items() if v}})
+                                               **{k: v for k, v in flags.items() if v},
+                                               **args.changes})
     # Prepared once at the training size, so that an epoch is bound by the model, not by JPEG
     # decoding (with the resident input path, decoded once more into memory).
     cc = args.color_constancy
@@ -208,11 +229,12 @@ def train_variants(args) -> None:
         for name in args.variants.split(","):
             cfg = TrainConfig.from_dict({**base.as_dict(), **variant_overrides(name),
                                          "seed": seed})
-            run_dir = f"{name}{'' if cc == 'none' else '-' + cc}-e{cfg.epochs}-s{seed}"
+            changed = "".join(f"-{k}{v}" for k, v in args.changes.items())
+            run_dir = f"{name}{'' if cc == 'none' else '-' + cc}{changed}-e{cfg.epochs}-s{seed}"
             r = run_one(name, seed, cfg, splits, img_dir, args.out / "runs" / run_dir,
                         args.mlflow and not args.smoke, args.beta,
                         EvaluateConfig(bootstrap=50 if args.smoke else 1000), cc,
-                        row_command(args, name, seed))
+                        row_command(args, name, seed), args.changes)
             print(f"{name} seed {seed}: val bal acc {r['val']['balanced_accuracy']:.3f}, test acc "
                   f"{r['test']['accuracy']:.3f} bal acc {r['test']['balanced_accuracy']:.3f}",
                   flush=True)

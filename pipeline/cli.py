@@ -29,8 +29,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from components.common import cli_args
 
 
@@ -58,10 +56,7 @@ def resolve_params(params_files: list[str] | None = None, param: list[str] | Non
         params = deep_merge(params, read_yaml(extra))
     direct: dict[str, Any] = {}
     for item in param or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--param {item!r}: expected KEY=VALUE")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        key, value = cli_args.parse_assignment(item)
         if key in names:
             direct[key] = value
         elif "." in key:

@@ -200,6 +200,18 @@ def test_ham10000_study_smoke_resumes_and_writes_its_table(shared_data, tmp_path
     assert ham.main(argv) == 0  # finished runs are skipped, the section replaced, not appended
     assert runs[1].stat().st_mtime == mtime and results_md.read_text().count("| paper | 0 |") == 1
 
+    # one more recipe change: its own run folder, row and command
+    argv[argv.index("paper,logit_adjusted")] = "paper"
+    assert ham.main([*argv, "--param", "train.mixup_alpha=0"]) == 0
+    changed = json.loads((tmp_path / "study/runs/paper-mixup_alpha0-e1-s0/result.json").read_text())
+    assert changed["changes"] == {"mixup_alpha": 0}
+    assert changed["command"].endswith("--seeds 0 --param train.mixup_alpha=0 --no_mlflow")
+    text = results_md.read_text()
+    assert text.count("| paper + mixup_alpha=0 | 0 |") == 1 and text.count("| paper | 0 |") == 1
+    for bad in ("train.no_such_key=1", "evaluate.tta=true", "train.mixup_alpha"):
+        with pytest.raises(SystemExit):
+            ham.main([*argv, "--param", bad])
+
 
 @pytest.mark.slow
 def test_throughput_benchmark_runs_on_cpu(tmp_path):

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from components.common.config import PARAMS_FILE
 
@@ -81,3 +84,11 @@ def params_paths(args: argparse.Namespace) -> list[str]:
     """The params files the flags name, base first (see the module docstring)."""
     base = args.params or (PARAMS_FILE if Path(PARAMS_FILE).is_file() else None)
     return [p for p in (base, *(args.params_file or ())) if p]
+
+
+def parse_assignment(item: str, flag: str = "--param") -> tuple[str, Any]:
+    """`KEY=VALUE` -> (KEY, VALUE read as YAML: `2` an int, `0.005` a float, `true` a bool)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(raw) if raw != "" else ""
