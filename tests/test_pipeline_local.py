@@ -134,22 +134,33 @@ def _task_outputs(run_dir: Path, task: str) -> dict:
     return json.loads((run_dir / task / "executor_output.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def pipeline_run(raw, tmp_path_factory) -> tuple[Path, Path, str]:
+    """One `skinlesion pipeline run-local` of the tiny recipe: (its run folder, the folder it
+    ran in, its MLflow URI)."""
+    tmp = tmp_path_factory.mktemp("run_local")
+    override = tmp / "tiny.yaml"
+    override.write_text(yaml.safe_dump(TINY))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    root = tmp / "kfp"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)  # MLflow's ./mlruns artifacts land here
+        assert skinlesion(["pipeline", "run-local", "--data", str(raw), "--pipeline_root",
+                           str(root), "--params_file", str(override),
+                           "--param", f"mlflow_tracking_uri={uri}"]) == 0
+    (run_dir,) = [p for p in root.iterdir() if p.name.startswith("skin-lesion-")]
+    return run_dir, tmp, uri
+
+
 @pytest.mark.slow
-def test_run_local_end_to_end_on_cpu(raw, tmp_path, monkeypatch):
+def test_run_local_end_to_end_on_cpu(raw, pipeline_run):
     import mlflow
     from mlflow import MlflowClient
 
     from components import evaluate
 
-    monkeypatch.chdir(tmp_path)  # MLflow's ./mlruns artifacts land here
+    run_dir, tmp_path, uri = pipeline_run
     override = tmp_path / "tiny.yaml"
-    override.write_text(yaml.safe_dump(TINY))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    root = tmp_path / "kfp"
-    assert skinlesion(["pipeline", "run-local", "--data", str(raw), "--pipeline_root", str(root),
-                       "--params_file", str(override), "--param", f"mlflow_tracking_uri={uri}"]) == 0
-
-    (run_dir,) = [p for p in root.iterdir() if p.name.startswith("skin-lesion-")]
     assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == sorted(TASKS)
 
     # the step outputs, where the next steps read them
@@ -217,17 +228,36 @@ def _unreadable(raw: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_run_local_register_applies_the_gate(raw, tmp_path, monkeypatch):
+def test_the_register_component_applies_the_gate(pipeline_run, tmp_path, monkeypatch):
+    """The register component alone in kfp.local, on the end-to-end run's artifacts brought in
+    with dsl.importer (a whole second pipeline run would only retrain the same model): a gate
+    above 1 refuses, and the component returns no version."""
+    from kfp import dsl, local
+
+    from components.common.config import RegisterConfig
+    from pipeline import components as c
+
+    run_dir = pipeline_run[0]
     monkeypatch.chdir(tmp_path)
-    override = tmp_path / "tiny.yaml"
-    override.write_text(yaml.safe_dump(TINY))
-    root = tmp_path / "kfp"
-    assert skinlesion(["pipeline", "run-local", "--data", str(raw), "--pipeline_root", str(root),
-                       "--params_file", str(override),
-                       "--param", f"mlflow_tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                       "--param", "register.gate_threshold=1.01"]) == 0
-    (run_dir,) = [p for p in root.iterdir() if p.name.startswith("skin-lesion-")]
-    assert (run_dir / "evaluate/evaluation/metrics.json").is_file()
-    registration = json.loads((run_dir / "register/registration").read_text())
+    model_metadata = _task_outputs(run_dir, "train")["artifacts"]["model"]["artifacts"][0][
+        "metadata"]
+
+    @dsl.pipeline
+    def register_only():
+        model = dsl.importer(artifact_uri=str(run_dir / "train/model"), artifact_class=dsl.Model,
+                             metadata=model_metadata)
+        evaluation = dsl.importer(artifact_uri=str(run_dir / "evaluate/evaluation"),
+                                  artifact_class=dsl.Artifact)
+        splits = dsl.importer(artifact_uri=str(run_dir / "split/splits"),
+                              artifact_class=dsl.Dataset)
+        c.register(model=model.output, evaluation=evaluation.output, splits=splits.output,
+                   register_params={**RegisterConfig().as_dict(), "gate_threshold": 1.01},
+                   mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(tmp_path / "kfp"), raise_on_error=True)
+    register_only()
+    (gate_run,) = (tmp_path / "kfp").glob("register-only-*")
+    registration = json.loads((gate_run / "register/registration").read_text())
     assert registration["version"] is None and "below the gate 1.01" in registration["skipped"]
-    assert _task_outputs(run_dir, "register")["parameterValues"]["Output"] == ""
+    assert _task_outputs(gate_run, "register")["parameterValues"]["Output"] == ""
