@@ -8,10 +8,10 @@
 
 One lesion-grouped 70/15/15 split (seed 0) and the images prepared once at the training size
 (the preprocess step), then one training per (variant, seed) in VARIANTS: the same recipe (the
-config's `train` section) with only the class balancing changed. Each run's final EMA model is
-scored by the evaluate step on the validation split (the choice is made there: balanced
-accuracy) and on the test split (reported, never used to choose), with lesion-level bootstrap
-intervals.
+config's `train` section, plus any --param) with only the class balancing changed. Each run's
+final EMA model is scored by the evaluate step on the validation split (the choice is made
+there: balanced accuracy) and on the test split (reported, never used to choose), with
+lesion-level bootstrap intervals.
 
 Resumable: a finished run (its result.json) is skipped, a killed one resumes from its last
 checkpoint. `--param train.KEY=VALUE` changes one more setting of the recipe for every run of
@@ -185,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def recipe_changes(parser, items: list[str]) -> dict:
-    """--param train.KEY=VALUE items -> {KEY: VALUE}, checked against TrainConfig's keys."""
+    """--param train.KEY=VALUE items -> {KEY: VALUE}, checked against TrainConfig's keys. The
+    variants' own keys, the seed and the epochs have their own flags (--variants, --seeds,
+    --epochs): a --param would be overridden by them, or named twice."""
+    own = {*variant_overrides("paper"), "seed", "epochs"}
     changes = {}
     for item in items:
         key, value = cli_args.parse_assignment(item)
@@ -193,6 +196,8 @@ def recipe_changes(parser, items: list[str]) -> dict:
         if section != "train" or leaf not in TrainConfig().as_dict():
             parser.error(f"--param {item!r}: expected train.KEY=VALUE with a key of params.yaml's "
                          "train section")
+        if leaf in own:
+            parser.error(f"--param {item!r}: {leaf} is set by --variants, --seeds or --epochs")
         changes[leaf] = value
     return changes
 

@@ -208,7 +208,8 @@ def test_ham10000_study_smoke_resumes_and_writes_its_table(shared_data, tmp_path
     assert changed["command"].endswith("--seeds 0 --param train.mixup_alpha=0 --no_mlflow")
     text = results_md.read_text()
     assert text.count("| paper + mixup_alpha=0 | 0 |") == 1 and text.count("| paper | 0 |") == 1
-    for bad in ("train.no_such_key=1", "evaluate.tta=true", "train.mixup_alpha"):
+    for bad in ("train.no_such_key=1", "evaluate.tta=true", "train.mixup_alpha",
+                "train.weighted_sampler=false", "train.seed=3"):
         with pytest.raises(SystemExit):
             ham.main([*argv, "--param", bad])
 
