@@ -27,7 +27,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from components.common import atomic, cli_args, outputs, tracking
-from components.common.config import ConfigError, TrainConfig
+from components.common.config import ConfigError, TrainConfig, load_params, task_resources
 from components.common.labels import LabelError
 from components.training import checkpoint, run_record, trainjob
 from components.training.balance import class_balance
@@ -355,9 +355,11 @@ def _submit_trainjob(args, cfg: TrainConfig, argv: list[str]) -> int:
             skip = "=" not in arg
         else:
             forwarded.append(arg)
+    node = task_resources(load_params(cli_args.params_paths(args)))["train"]
     req = trainjob.TrainJobRequest(
         image=args.image, nodes=cfg.nodes, gpus_per_node=cfg.gpus_per_node,
         train_args=forwarded, pvc=args.pvc, namespace=args.namespace,
+        cpu=str(node["cpu"]), memory=str(node["memory"]),
         name=trainjob.job_name(), secrets=trainjob.SECRETS,
         env={k: os.environ[k] for k in trainjob.PASSED_ENV if os.environ.get(k)})
     return trainjob.main_submit(req)

@@ -68,12 +68,12 @@ def resolve_params(params_files: list[str] | None = None, param: list[str] | Non
 
 
 def build_arguments(params_files: list[str] | None = None, param: list[str] | None = None,
-                    params_path: str | None = None) -> dict[str, Any]:
-    """The pipeline's arguments: params.yaml + params files + `k=v` overrides."""
+                    params_path: str | None = None) -> tuple[dict, dict[str, Any]]:
+    """(params, the pipeline's arguments): params.yaml + params files + `k=v` overrides."""
     from pipeline.pipeline import pipeline_arguments
 
     params, direct = resolve_params(params_files, param, params_path)
-    return {**pipeline_arguments(params), **direct}
+    return params, {**pipeline_arguments(params), **direct}
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -88,10 +88,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     import kfp
 
-    from pipeline.pipeline import PIPELINE_NAME, compile_pipeline, pipeline_arguments
+    from pipeline.pipeline import PIPELINE_NAME, compile_pipeline
 
-    params, direct = resolve_params(args.params_file, args.param, args.params)
-    arguments = {**pipeline_arguments(params), **direct}
+    params, arguments = build_arguments(args.params_file, args.param, args.params)
     client = kfp.Client(host=args.host, namespace=args.namespace,
                         existing_token=os.environ.get("KFP_TOKEN") or None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,10 +110,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_run_local(args: argparse.Namespace) -> int:
     from kfp import local
 
-    from pipeline.pipeline import build_pipeline, pipeline_arguments
+    from pipeline.pipeline import build_pipeline
 
-    params, direct = resolve_params(args.params_file, args.param, args.params)
-    arguments = {**pipeline_arguments(params), **direct}
+    params, arguments = build_arguments(args.params_file, args.param, args.params)
     arguments["local_data"] = str(Path(args.data or arguments["data_path"]).resolve())
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=args.pipeline_root, raise_on_error=True)

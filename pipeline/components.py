@@ -167,6 +167,7 @@ def train_distributed(
     train_metrics: Output[Metrics],
     train_params: dict,
     run_id: str,
+    node_resources: dict,
     shared_pvc: str,
     image: str,
     mlflow_tracking_uri: str = "",
@@ -177,7 +178,8 @@ def train_distributed(
 ):
     """components.train under torch-distributed on Kubeflow Trainer (train.nodes x
     train.gpus_per_node processes): stage the inputs on the shared volume, submit the TrainJob
-    with the Kubeflow SDK, wait, and hand on the same Model artifact as the single-pod train."""
+    with the Kubeflow SDK, wait, and hand on the same Model artifact as the single-pod train.
+    node_resources: each node's cpu and memory (kubeflow.resources.train)."""
     import json
     from pathlib import Path
 
@@ -198,6 +200,7 @@ def train_distributed(
         image=image,
         nodes=config.nodes, gpus_per_node=config.gpus_per_node,
         train_args=trainjob.train_args(paths, mlflow_experiment), pvc=shared_pvc,
+        cpu=node_resources["cpu"], memory=node_resources["memory"],
         name=f"skinlesion-{run_id}"[:63].lower(), env={k: v for k, v in env.items() if v},
         secrets=secrets)
     client = trainjob.client_for()

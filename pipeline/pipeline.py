@@ -22,14 +22,14 @@ from typing import Any
 import yaml
 from kfp import compiler, dsl, kubernetes
 
-from components.common.config import PARAMS_FILE, TrainConfig, load_params, parse_params
+from components.common.config import (PARAMS_FILE, STEP_SECTIONS, TrainConfig, load_params,
+                                       parse_params, task_resources)
 from components.training.trainjob import MOUNT as TRAINJOB_MOUNT
 from pipeline import components as c
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_ENV = "SKINLESION_PARAMS"
 PIPELINE_NAME = "skin-lesion"
-STEP_SECTIONS = ("preprocess", "split", "class_weights", "train", "evaluate", "register")
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = dict(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
@@ -93,18 +93,6 @@ def pipeline_arguments(params: dict) -> dict[str, Any]:
             **{f"{name}_params": _section(params.get(name)) for name in STEP_SECTIONS}}
 
 
-def task_resources(params: dict) -> dict[str, dict]:
-    """{task: {cpu, memory[, gpu]}} from params.yaml's `kubeflow.resources` (requests = limits:
-    the pods get the Guaranteed QoS class, and a task that outgrows them fails visibly)."""
-    resources = (params.get("kubeflow") or {}).get("resources") or {}
-    default = resources.get("default") or {"cpu": "1", "memory": "2Gi"}
-    tasks = ("materialise", *STEP_SECTIONS)
-    if unknown := sorted(set(resources) - {"default", *tasks}):
-        raise ValueError(f"kubeflow.resources: unknown tasks {unknown}; known: {list(tasks)}")
-    return {"default": default,
-            **{task: {**default, **(resources.get(task) or {})} for task in tasks}}
-
-
 def _apply(task, res: dict) -> None:
     cpu, memory = str(res["cpu"]), str(res["memory"])
     task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
@@ -162,6 +150,8 @@ def build_pipeline(params: dict, image: str | None = None):
                       mlflow_experiment=mlflow_experiment, **services)
         if distributed:
             tr = c.train_distributed(**inputs, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                     node_resources={k: str(res["train"][k])
+                                                     for k in ("cpu", "memory")},
                                      shared_pvc=shared_pvc, image=image or c.IMAGE,
                                      s3_secret=s3_secret, mlflow_secret=mlflow_secret)
             tr.set_display_name(f"train on {train_cfg.nodes} node(s) x "

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.common.config import SECTIONS, STEP_SECTIONS, load_params, task_resources
 from components.tools.cli import main as skinlesion
 from pipeline import components as kfp_components
-from components.common.config import SECTIONS, load_params
 from pipeline.cli import build_arguments
-from pipeline.pipeline import STEP_SECTIONS, task_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"preprocess", "split", "class-weights", "train", "evaluate", "register"}
@@ -68,13 +67,15 @@ def test_dag_edges(compiled):
 def test_every_task_has_cpu_and_memory_requests_and_limits_from_params(compiled):
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    expected = task_resources(load_params(ROOT / "params.yaml"))
+    expected = {"preprocess": ("4", "8Gi"), "train": ("8", "32Gi"), "evaluate": ("4", "16Gi"),
+                "register": ("1", "4Gi")}  # params.yaml's kubeflow.resources; default 1, 2Gi
+    assert len(executors) == 7
     for name, executor in executors.items():
         task = name.removeprefix("exec-").replace("-data", "").replace("-", "_")
         res = executor["container"]["resources"]
-        want = expected[task]
-        assert res["resourceCpuRequest"] == res["resourceCpuLimit"] == str(want["cpu"]), name
-        assert res["resourceMemoryRequest"] == res["resourceMemoryLimit"] == want["memory"], name
+        cpu, memory = expected.get(task, ("1", "2Gi"))
+        assert res["resourceCpuRequest"] == res["resourceCpuLimit"] == cpu, name
+        assert res["resourceMemoryRequest"] == res["resourceMemoryLimit"] == memory, name
     with pytest.raises(ValueError, match="unknown tasks"):
         task_resources({"kubeflow": {"resources": {"trian": {"cpu": "1"}}}})
 
@@ -187,9 +188,9 @@ def test_image_option_rewrites_every_step(tmp_path):
 def test_arguments_merge_params_files_and_overrides(tmp_path):
     demo = tmp_path / "demo.yaml"
     demo.write_text("train:\n  epochs: 2\n  batch_size: 8\nsplit:\n  seed: 3\n")
-    args = build_arguments([str(demo)], ["train.peak_lr=0.005", "register.gate_threshold=0.25",
-                                         "mlflow_tracking_uri=http://mlflow:5000"],
-                           params_path=str(ROOT / "params.yaml"))
+    _, args = build_arguments([str(demo)], ["train.peak_lr=0.005", "register.gate_threshold=0.25",
+                                            "mlflow_tracking_uri=http://mlflow:5000"],
+                              params_path=str(ROOT / "params.yaml"))
     defaults = load_params(ROOT / "params.yaml")
     assert args["train_params"]["epochs"] == 2 and args["train_params"]["batch_size"] == 8
     assert args["train_params"]["peak_lr"] == 0.005

@@ -76,7 +76,8 @@ def _request(**overrides) -> trainjob.TrainJobRequest:
     return trainjob.TrainJobRequest(**{
         "image": "registry.example.org/skinlesion:0.1.0", "nodes": 2, "gpus_per_node": 4,
         "train_args": ["--params", "/work/runs/r1/params.yaml", "--out_dir", "/work/runs/r1/train"],
-        "pvc": "skinlesion-work", "name": "skinlesion-r1", "namespace": "ml",
+        "pvc": "skinlesion-work", "cpu": "8", "memory": "32Gi", "name": "skinlesion-r1",
+        "namespace": "ml",
         "env": {"MLFLOW_TRACKING_URI": "http://mlflow.mlflow:5000"},
         "secrets": trainjob.SECRETS, **overrides})
 
@@ -190,11 +191,19 @@ def test_a_resumed_two_process_run_equals_an_uninterrupted_one(data, tmp_path):
                for k in a["ema"]) < 1e-6
 
 
-def test_train_refuses_to_scale_out_without_a_cluster_target(data, tmp_path, capsys):
+def test_scale_out_refuses_no_cluster_target_and_credentials_in_a_url(data, tmp_path, capsys,
+                                                                     monkeypatch):
     from components import train
 
     assert train.main(_train_args(data, tmp_path / "o")[:-4] + ["--nodes", "2"]) == 1
     assert "--image and --pvc" in capsys.readouterr().err
+    # a password in the tracking URI would be written into the TrainJob's spec: refused
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@mlflow.example.org:5000")
+    assert train.main(_train_args(data, tmp_path / "o")[:-4] + [
+        "--nodes", "2", "--image", "registry.example.org/x:1", "--pvc", "work"]) == 1
+    err = capsys.readouterr().err
+    assert "MLFLOW_TRACKING_URI = http://***@mlflow.example.org:5000 carries credentials" in err
+    assert "s3cret" not in err and "alice" not in err
 
 
 def test_compiled_pipeline_with_two_nodes_submits_a_trainjob(tmp_path):
@@ -223,6 +232,9 @@ def test_compiled_pipeline_with_two_nodes_submits_a_trainjob(tmp_path):
     mounts = k8s["exec-train-distributed"]["pvcMount"]
     assert mounts[0]["mountPath"] == trainjob.MOUNT
     task = spec["root"]["dag"]["tasks"]["train-distributed"]
+    # each node gets the train task's resources from params.yaml
+    assert task["inputs"]["parameters"]["node_resources"]["runtimeValue"]["constant"] == \
+        {"cpu": "8", "memory": "32Gi"}
     assert task["inputs"]["parameters"]["image"]["runtimeValue"]["constant"] == \
         "registry.example.org/x:1"
     assert set(spec["root"]["dag"]["tasks"]["evaluate"]["dependentTasks"]) >= {"train-distributed"}

@@ -349,3 +349,17 @@ class RegisterConfig(StepConfig):
 SECTIONS: dict[str, type[StepConfig]] = {
     c.SECTION: c for c in (DataConfig, PreprocessConfig, SplitConfig, ClassWeightsConfig,
                            TrainConfig, EvaluateConfig, RegisterConfig)}
+STEP_SECTIONS = ("preprocess", "split", "class_weights", "train", "evaluate", "register")
+
+
+def task_resources(params: dict) -> dict[str, dict]:
+    """{task: {cpu, memory[, gpu]}} from params.yaml's `kubeflow.resources`: the pipeline's
+    pods (requests = limits: the Guaranteed QoS class, and a task that outgrows them fails
+    visibly) and, for `train`, each node of a distributed TrainJob."""
+    resources = (params.get("kubeflow") or {}).get("resources") or {}
+    default = resources.get("default") or {"cpu": "1", "memory": "2Gi"}
+    tasks = ("materialise", *STEP_SECTIONS)
+    if unknown := sorted(set(resources) - {"default", *tasks}):
+        raise ValueError(f"kubeflow.resources: unknown tasks {unknown}; known: {list(tasks)}")
+    return {"default": default,
+            **{task: {**default, **(resources.get(task) or {})} for task in tasks}}

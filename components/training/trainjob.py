@@ -28,6 +28,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from components.common import tracking
+from components.common.config import ConfigError
 
 RUNTIME = "torch-distributed"
 NODE = "node"                  # the runtime's replicated job and container name
@@ -44,14 +48,24 @@ class TrainJobRequest:
     gpus_per_node: int
     train_args: list[str]                     # components.train flags, paths as the pods see them
     pvc: str                                  # the shared ReadWriteMany volume
+    cpu: str                                  # per node (kubeflow.resources.train)
+    memory: str
     name: str | None = None
     namespace: str | None = None              # default: the pod's, or the kubeconfig's
     mount: str = MOUNT
     env: dict[str, str] = field(default_factory=dict)
     # env name -> (secret name, key): credentials from Kubernetes secrets, never in the spec
     secrets: dict[str, tuple[str, str]] = field(default_factory=dict)
-    cpu: str = "8"
-    memory: str = "32Gi"
+
+    def __post_init__(self):
+        # A user:password in a URL would sit in the TrainJob's spec for anyone who can read it.
+        for key, value in self.env.items():
+            parts = urlsplit(value)
+            if parts.username is not None or parts.password is not None:
+                raise ConfigError(f"{key} = {tracking.redact(value)} carries credentials, which "
+                                 f"would be written into the TrainJob's spec: give the URL "
+                                 f"without them, and the credentials through the secrets "
+                                 f"({', '.join(sorted(self.secrets)) or 'none given'})")
 
     def command(self) -> tuple[list[str], list[str]]:
         """(command, args) of each node's container."""
