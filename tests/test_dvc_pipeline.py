@@ -158,6 +158,8 @@ def test_dvc_args_apply_a_partial_params_file(tmp_path):
     # the project's demo override applies to the project's params.yaml
     demo = dvc_set_params(str(ROOT / "params.demo.yaml"), str(ROOT / "params.yaml"))
     assert demo[0::2] == ["-S"] * (len(demo) // 2)
+    assert {"train.img_size=64", "train.dims=[32,64,96,128]", "preprocess.size=72",
+            "evaluate.bootstrap=200"} <= set(demo[1::2])
 
 
 def _run(repo: Path, *args: str, env: dict, timeout: int = 900) -> str:

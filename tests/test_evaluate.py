@@ -167,6 +167,7 @@ def mlflow_store(tmp_path_factory):
         patch.chdir(store)  # a SQLite store keeps artifacts in ./mlruns: not in the checkout
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("evaluate-tests")  # not an experiment id an earlier test made active
         with mlflow.start_run() as training:
             mlflow.log_param("train.img_size", IMG_SIZE)
         yield training.info.run_id

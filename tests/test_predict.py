@@ -18,9 +18,8 @@ from components.common.labels import CLASSES
 from components.registry import serving
 from components.tools import predict
 from components.training.transforms import eval_transform
+from conftest import TINY_IMG
 
-TINY = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1))
-IMG = 32
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_preprocessing_is_evaluations(model_dir, images):
     buffer = io.BytesIO()
     prepared.save(buffer, format="PNG")
     got = model.preprocess(buffer.getvalue())
-    torch.testing.assert_close(got, eval_transform(IMG)(prepared))
+    torch.testing.assert_close(got, eval_transform(TINY_IMG)(prepared))
 
 
 def test_cli_files_dir_and_csv(model_dir, images, tmp_path, capsys):

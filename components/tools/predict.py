@@ -7,7 +7,7 @@
 registered pyfunc model (`models:/NAME@ALIAS`,
 `models:/NAME/VERSION`, `runs:/RUN/classifier`, `models:/m-<id>`) or a local model folder.
 Preprocessing (sizes, mean/std, class names) comes from the model itself (see
-components/serving.py), never from this command's options.
+components/registry/serving.py), never from this command's options.
 
 Inputs: FILES, every .jpg/.jpeg/.png in `--dir`, or the `image` column (else the first column)
 of `--csv`; a CSV entry is a path (absolute, relative to the current folder or to the CSV's
@@ -28,9 +28,8 @@ from pathlib import Path
 import pandas as pd
 
 from components.common import atomic, cli_args, tracking
-from components.common.config import RegisterConfig
 from components.common.labels import IMAGE_SUFFIXES, find_image
-from components.registry.client import CHAMPION
+from components.registry.client import CHAMPION, champion_uri
 
 
 def list_dir(folder: str | os.PathLike) -> list[str]:
@@ -76,7 +75,9 @@ def load(model_uri: str, tracking_uri: str | None = None):
     if not Path(model_uri).exists():
         uri = tracking_uri or tracking.tracking_uri()
         tracking.check_reachable(uri)
+        # models:/ resolves in the registry: the same store, not one an earlier caller set
         mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
     # paths are this local command's own input; a served model never reads them
     return mlflow.pyfunc.load_model(model_uri, model_config={"allow_paths": True})
 
@@ -133,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give image FILES, --dir DIR or --csv CSV (exactly one)")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
-    model_uri = args.model or \
-        f"models:/{RegisterConfig.resolve(cli_args.params_paths(args)).model_name}@{CHAMPION}"
+    model_uri = args.model or champion_uri(cli_args.params_paths(args))
     try:
         if args.files:
             paths = list(args.files)
