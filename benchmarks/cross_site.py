@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 from components import class_weights, evaluate, preprocess, split, train  # noqa: E402
 from components.common import cli_args, outputs  # noqa: E402
 from components.common.atomic import write_json, write_text  # noqa: E402
-from components.common.config import (ClassWeightsConfig, EvaluateConfig,  # noqa: E402
-                                      PreprocessConfig, SplitConfig, TrainConfig, load_params)
+from components.common.config import (COLOR_CONSTANCY, ClassWeightsConfig,  # noqa: E402
+                                      EvaluateConfig, PreprocessConfig, SplitConfig,
+                                      TrainConfig, load_params)
 from components.common.labels import read_labels, sources  # noqa: E402
-
-SHOWN = ("balanced_accuracy", "accuracy", "f1_macro", "roc_auc_macro")
+from components.evaluation.metrics import HEADLINE_SHOWN as SHOWN  # noqa: E402
 
 
 def held_out(prepared: Path, source: str, out: Path, params: dict, use_mlflow: bool) -> dict:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metadata", required=True, help="with lesion_id (and optionally source)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sources", help="comma-separated sources to hold out (default: every one)")
-    p.add_argument("--color_constancy", choices=("none", "shades_of_gray"))
+    p.add_argument("--color_constancy", choices=COLOR_CONSTANCY)
     p.add_argument("--no_mlflow", dest="mlflow", action="store_false")
     cli_args.add_params_flags(p)
     args = p.parse_args(argv)

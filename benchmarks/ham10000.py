@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 from components import class_weights, evaluate, preprocess, split, train  # noqa: E402
 from components.common import cli_args  # noqa: E402
 from components.common.atomic import write_json, write_text  # noqa: E402
-from components.common.config import EvaluateConfig, TrainConfig  # noqa: E402
+from components.common.config import COLOR_CONSTANCY, EvaluateConfig, TrainConfig  # noqa: E402
+from components.common.images import resize_size  # noqa: E402
 from components.training.trainer import EMA_WEIGHTS, LAST  # noqa: E402
-from components.training.transforms import resize_size  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--results", type=Path, help="Markdown file whose study section to rewrite")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the script")
-    p.add_argument("--color_constancy", choices=("none", "shades_of_gray"), default="none",
+    p.add_argument("--color_constancy", choices=COLOR_CONSTANCY, default="none",
                    help="prepare the images with colour constancy (the preprocess step's)")
     p.add_argument("--no_mlflow", dest="mlflow", action="store_false")
     p.add_argument("--report_only", action="store_true",

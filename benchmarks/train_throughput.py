@@ -33,7 +33,7 @@ from components.training.losses import SoftTargetCrossEntropy  # noqa: E402
 from components.training.samplers import make_sampler  # noqa: E402
 from components.common.config import TrainConfig  # noqa: E402
 from components.training.trainer import Trainer, init_runtime  # noqa: E402
-from components.training.transforms import resize_size  # noqa: E402
+from components.common.images import resize_size  # noqa: E402
 
 
 class RandomBatches:

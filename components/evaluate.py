@@ -9,7 +9,8 @@ checkpoint, `ema_weights.pt`, or a registered / logged model URI (`models:/NAME@
 scored twice: the EMA weights (the registered model) fill OUT, the raw ones OUT/raw and the
 `raw` key of OUT/metrics.json. A model with NaN/inf weights or outputs is refused.
 
-Output (every file written atomically; OUT/raw/ has the same files except metrics.json):
+Output (every file written atomically; OUT/raw/ has the same files except metrics.json
+and headline.json):
 
     headline.json         the DVC metric: a few headline metrics with their 95% intervals
     metrics.json          headline metrics, ci95 intervals, roc_auc_per_class, confusion matrix,
@@ -44,9 +45,9 @@ from components.common import atomic, cli_args, outputs, tracking
 from components.common.config import ConfigError, EvaluateConfig
 from components.common.labels import CLASSES
 from components.evaluation import mlflow_log
-from components.evaluation.metrics import (HEADLINE, bootstrap_intervals, classification_metrics,
-                                           kfp_metrics, operating_point, reliability_bins,
-                                           roc_points)
+from components.evaluation.metrics import (HEADLINE, HEADLINE_SHOWN, bootstrap_intervals,
+                                           classification_metrics, kfp_metrics, operating_point,
+                                           reliability_bins, roc_points)
 from components.training import checkpoint
 from components.training.dataset import SplitDataset, read_split
 from components.training.transforms import eval_transform
@@ -65,8 +66,6 @@ CHECKPOINT_NAMES = (outputs.CHECKPOINT_LAST, outputs.EMA_WEIGHTS)
 # Checkpoint key -> name of the evaluation; the first one present is the headline model.
 VARIANTS = {"ema": "ema", "model": "raw"}
 MELANOMA = CLASSES.index("MEL")
-HEADLINE_SHOWN = mlflow_log.HEADLINE_SHOWN
-SOURCE_METRICS = HEADLINE_SHOWN
 
 
 class ModelRefused(ValueError):
@@ -276,8 +275,8 @@ def per_source(frame: pd.DataFrame, probs: np.ndarray, groups, cfg: EvaluateConf
         ci = bootstrap_intervals(y, probs[rows], n=cfg.bootstrap, seed=cfg.seed,
                                  groups=None if groups is None else groups[rows])
         out[str(source)] = {"n_images": m["n_images"],
-                            **{k: m[k] for k in SOURCE_METRICS},
-                            "ci95": {k: ci[k] for k in SOURCE_METRICS},
+                            **{k: m[k] for k in HEADLINE_SHOWN},
+                            "ci95": {k: ci[k] for k in HEADLINE_SHOWN},
                             "melanoma_operating_point": operating_point(
                                 y, probs[rows], MELANOMA, cfg.melanoma_specificity)}
     return out

@@ -37,7 +37,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from components.common import atomic, cli_args, outputs
-from components.common.config import ConfigError, PreprocessConfig
+from components.common.config import COLOR_CONSTANCY, ConfigError, PreprocessConfig
 from components.common.images import DEFAULT_MAX_PIXELS, CorruptImageError, prepare_image
 from components.common.labels import LabelError, image_index, read_labels, reconcile
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="short side after resizing (preprocess.size)")
     parser.add_argument("--skip_corrupt", action="store_true", default=None,
                         help="exclude unreadable images and list them in the report")
-    parser.add_argument("--color_constancy", choices=("none", "shades_of_gray"),
+    parser.add_argument("--color_constancy", choices=COLOR_CONSTANCY,
                         help="preprocess.color_constancy")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no_draft", dest="draft", action="store_false",

@@ -215,7 +215,9 @@ def _register(client, uri: str, c: Candidate, cfg: RegisterConfig, alias: str,
     params = dict(run.data.params)
     tags = model_card.version_tags(run_id, dict(run.data.tags), params, c.metrics,
                                    c.split_report, c.digest, cfg.gate_metric, extra_tags)
-    preprocessing = _preprocessing(c.meta)
+    from components.registry import serving  # mlflow at import: only once registering
+
+    preprocessing = serving.preprocessing_info(c.meta)
     n_params = sum(t.numel() for k, t in c.weights.items() if not k.endswith("num_batches_tracked"))
     card = model_card.model_card(name, run_id, run.info.run_name or run_id, tags, c.metrics,
                                  c.split_report, preprocessing, n_params)
@@ -238,16 +240,6 @@ def _register(client, uri: str, c: Candidate, cfg: RegisterConfig, alias: str,
                    registry.aliases_of(client, name, version.version))
 
 
-def _preprocessing(meta: dict) -> dict:
-    """What the served model does to an image, as serving.write_artifacts records it."""
-    from components.training.transforms import resize_size
-
-    size = int(meta["img_size"])
-    return {"img_size": size, "resize_size": resize_size(size),
-            "prepare_size": meta.get("prepare_size") or resize_size(size),
-            "color_constancy": meta.get("color_constancy") or "none",
-            "classes": list(meta["classes"]), "mean": list(meta["mean"]),
-            "std": list(meta["std"]), "model_config": meta["model_config"]}
 
 
 def _result(name, version, alias, run_id, created, aliases) -> dict:

@@ -229,7 +229,7 @@ def _finish(trainer: Trainer, state, run_, out_dir: Path, test_csv, img_dir, com
                                     **common)
             test = trainer.validate(trainer.ema.module, "test_ema", test_input)
             run_.log_metrics(test, step=state.epoch)
-        paths["mlflow_model_uri"] = run_record.log_served_model(run_, paths["ema_weights"])
+        paths["mlflow_model_uri"] = log_served_model(run_, paths["ema_weights"])
     summary = {
         "completed": completed, "epochs": state.epoch, "steps": state.step,
         "best_epoch": state.best["epoch"] if state.best else None,
@@ -337,6 +337,19 @@ def main(argv: list[str] | None = None) -> int:
               f"is incomplete", file=sys.stderr)
         return 1
     return 0
+
+
+def log_served_model(run_, ema_weights) -> str | None:
+    """Log the serving model (registry/pyfunc.py) of the saved EMA weights into the run; the
+    register step reuses it. Returns its models:/ URI (None without a run or on failure)."""
+    if run_.run_id is None:
+        return None
+    from components.registry import pyfunc  # mlflow: only with a run
+
+    model, meta = checkpoint.load_model(ema_weights)  # from the file: a check that it loads
+    logged = run_.call("logging the model", pyfunc.log_model, run_.run_id, model.state_dict(),
+                       meta)
+    return logged[0] if logged else None
 
 
 def _submit_trainjob(args, cfg: TrainConfig, argv: list[str]) -> int:

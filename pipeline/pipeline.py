@@ -14,7 +14,6 @@ DAG (task names as compiled; data edges are artifacts):
 # no `from __future__ import annotations`: KFP reads the pipeline signature's annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ from typing import Any
 import yaml
 from kfp import compiler, dsl, kubernetes
 
-from components.common.config import (PARAMS_FILE, STEP_SECTIONS, TrainConfig, load_params,
-                                       parse_params, task_resources)
+from components.common.config import (PARAMS_FILE, STEP_SECTIONS, TrainConfig, committed_text,
+                                       load_params, parse_params, task_resources)
 from components.training.trainjob import MOUNT as TRAINJOB_MOUNT
 from pipeline import components as c
 
@@ -63,22 +62,13 @@ def base_params(path: "str | os.PathLike | None" = None, say=print) -> dict:
     workspace = params_path()
     if workspace is None:
         return {}
-    committed = _committed(workspace)
+    committed = committed_text(workspace)
     if committed is None or committed == workspace.read_text():
         return load_params(workspace)
     say(f"note: {workspace} has uncommitted changes (an applied experiment?); using the "
         f"committed params.yaml (git HEAD). Pass --params {workspace} to use the workspace "
         f"copy.")
     return parse_params(committed, f"git HEAD:{PARAMS_FILE}")
-
-
-def _committed(path: Path) -> "str | None":
-    """The file's text at git HEAD, or None outside a git checkout (an installed image)."""
-    try:
-        return subprocess.run(["git", "show", f"HEAD:./{path.name}"], cwd=path.parent,
-                              capture_output=True, text=True, check=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _section(values: dict) -> dict:
@@ -184,7 +174,8 @@ def build_pipeline(params: dict, image: str | None = None):
     return skin_lesion_pipeline
 
 
-# The pipeline with the default params file's values, for importers (tests, notebooks).
+# The pipeline with the workspace params file's values (params_path(), uncommitted changes
+# included), for importers (tests, notebooks); the CLI bakes in the committed ones (base_params).
 skin_lesion_pipeline = build_pipeline(load_params(params_path() or []))
 
 

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
+from components.common.images import resize_size
 from components.training.dataset import SplitDataset, load_rgb
 from components.training.gpu_augment import (GpuAugment, ResidentImages, affine_matrices, fits_on_device,
                                     resample, resident_bytes)
-from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, resize_size
+from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from tiny_data import make_images
 
 SIZE = 32

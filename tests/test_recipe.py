@@ -14,7 +14,7 @@ import pytest
 
 from components import class_weights, preprocess, split, train
 from components.common.config import ClassWeightsConfig, TrainConfig, load_params
-from components.training.transforms import resize_size
+from components.common.images import resize_size
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = dict(dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), img_size=48, epochs=6)

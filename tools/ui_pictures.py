@@ -64,7 +64,7 @@ MIN_PNG_BYTES = 20_000            # a blank page or a spinner is a few kB
 EXPERIMENT = "skin-lesion"        # components/common/tracking.py's DEFAULT_EXPERIMENT
 MODEL = "skin-lesion-hybrid"      # RegisterConfig.model_name
 # evaluate logs the headline metrics into the training run as test_<name>
-# (components/evaluation/mlflow_log.py's HEADLINE_SHOWN; checked in make_runs)
+# (components/evaluation/metrics.py's HEADLINE_SHOWN; checked in make_runs)
 METRIC_NAMES = ("balanced_accuracy", "accuracy", "f1_macro", "roc_auc_macro")
 
 
@@ -89,7 +89,7 @@ def make_runs(work: Path, n_images: int = 64, epochs: tuple[int, int] = (1, 2)) 
 
     from components import class_weights, evaluate, preprocess, register, split, train
     from components.common.config import EvaluateConfig, TrainConfig
-    from components.evaluation.mlflow_log import HEADLINE_SHOWN
+    from components.evaluation.metrics import HEADLINE_SHOWN
     from components.tools import promote, synth
 
     if not set(METRIC_NAMES) <= set(HEADLINE_SHOWN):

@@ -86,9 +86,9 @@ def params_paths(args: argparse.Namespace) -> list[str]:
     return [p for p in (base, *(args.params_file or ())) if p]
 
 
-def parse_assignment(item: str, flag: str = "--param") -> tuple[str, Any]:
+def parse_assignment(item: str) -> tuple[str, Any]:
     """`KEY=VALUE` -> (KEY, VALUE read as YAML: `2` an int, `0.005` a float, `true` a bool)."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
-        raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE")
+        raise SystemExit(f"--param {item!r}: expected KEY=VALUE")
     return key, yaml.safe_load(raw) if raw != "" else ""

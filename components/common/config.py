@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import math
 import os
+import subprocess
 import types
 import typing
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import yaml
 
 PARAMS_FILE = "params.yaml"
 CLASS_WEIGHT_METHODS = ("balanced", "sqrt", "effective_number")  # training/balance.py
+COLOR_CONSTANCY = ("none", "shades_of_gray")                      # common/images.py
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,17 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except UnicodeDecodeError as err:
         raise ConfigError(f"params file {path} is not UTF-8 text: {err}") from None
     return parse_params(text, str(path))
+
+
+def committed_text(path: str | os.PathLike) -> str | None:
+    """The file's text at git HEAD (what experiments and pipelines start from), or None outside
+    a git checkout (an installed image) or when the file is not committed."""
+    path = Path(path)
+    try:
+        return subprocess.run(["git", "show", f"HEAD:./{path.name}"], cwd=path.parent,
+                              capture_output=True, text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def load_params(paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> dict:
@@ -194,7 +207,7 @@ class PreprocessConfig(StepConfig):
 
     def check(self) -> None:
         _require(self.size >= 32, self, "size", "must be at least 32")
-        _require(self.color_constancy in ("none", "shades_of_gray"), self, "color_constancy",
+        _require(self.color_constancy in COLOR_CONSTANCY, self, "color_constancy",
                  "must be none or shades_of_gray")
         _require(self.minkowski_p >= 1, self, "minkowski_p", "must be at least 1")
 
@@ -337,7 +350,7 @@ class RegisterConfig(StepConfig):
     gate_metric: str = "balanced_accuracy"
     gate_threshold: float = 0.0    # register only when the test metric clears this
     min_delta: float = 0.0         # promote: challenger must beat the champion by more
-    retries: int = 4               # connection retries of register/promote/predict
+    retries: int = 4               # connection retries of register/promote
     backoff_s: float = 2.0         # first wait; doubles each retry (2, 4, 8, 16 s)
 
     def check(self) -> None:

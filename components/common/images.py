@@ -15,8 +15,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
-COLOR_CONSTANCY = ("none", "shades_of_gray")
-
+from components.common.config import COLOR_CONSTANCY
 
 # Pillow's own default (~89 MP); ISIC's largest images are 6000x4000 = 24 MP.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -24,6 +23,11 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 class CorruptImageError(ValueError):
     """An image cannot be decoded (corrupt, truncated, not an image, or a decompression bomb)."""
+
+
+def resize_size(img_size: int) -> int:
+    """Short side before the centre crop to img_size: the usual 256/224 ratio (256 for 224)."""
+    return round(img_size * 256 / 224)
 
 
 def target_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -63,7 +67,7 @@ def prepare_image(data: bytes, size: int, *, draft: bool = True,
         if raw_w * raw_h > max_pixels:
             raise CorruptImageError(
                 f"decompression bomb guard: {raw_w}x{raw_h} = {raw_w * raw_h:,} pixels "
-                f"exceeds the limit of {max_pixels:,} (--max-pixels)")
+                f"exceeds the limit of {max_pixels:,} (--max_pixels)")
         info = {"src_format": im.format, "src_mode": im.mode}
         orientation = im.getexif().get(0x0112, 1)
         rotated = orientation in (5, 6, 7, 8)  # EXIF orientations that swap width and height

@@ -1,2 +1,2 @@
 """Evaluation internals, called by components/evaluate.py: metrics with bootstrap intervals
-(metrics.py) and figures (plots.py)."""
+(metrics.py), figures (plots.py) and what goes into the MLflow run (mlflow_log.py)."""

@@ -7,11 +7,10 @@ import logging
 from pathlib import Path
 
 from components.common import tracking
-from components.evaluation.metrics import HEADLINE
+from components.evaluation.metrics import HEADLINE, HEADLINE_SHOWN
 
 log = logging.getLogger(__name__)
 
-HEADLINE_SHOWN = ("balanced_accuracy", "accuracy", "f1_macro", "roc_auc_macro")
 NOTE, NOTE_TEST = "mlflow.note.content", "## Test metrics"
 
 

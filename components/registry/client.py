@@ -11,6 +11,7 @@ import logging
 import time
 
 from components.common import tracking
+from components.common.config import RegisterConfig
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,11 @@ MODEL_DESCRIPTION = (
     "Hybrid ConvNeXtV2 skin-lesion classifier (ISIC 2019, 8 classes). Research model, not a "
     "medical device. Aliases: `challenger` (latest registered), `champion` (promoted through "
     "the metric gate: `skinlesion promote`), `previous-champion`.")
+
+
+def champion_uri(params_paths) -> str:
+    """`models:/<register.model_name>@champion`: what predict and serve load by default."""
+    return f"models:/{RegisterConfig.resolve(params_paths).model_name}@{CHAMPION}"
 
 
 class RegistryUnavailable(RuntimeError):

@@ -136,8 +136,9 @@ def model_card(model_name: str, run_id: str | None, run_name: str, tags: dict, m
            f", then {preprocessing['color_constancy']} colour constancy") + "), "
         f"then to {preprocessing.get('resize_size')} and centre-cropped to {preprocessing.get('img_size')}, "
         f"normalised with mean {preprocessing.get('mean')} and std {preprocessing.get('std')}. "
-        "pyfunc input: DataFrame column `image` of paths, bytes or base64; output: one probability "
-        "column per class, `predicted`, `error`.",
+        "pyfunc input: DataFrame column `image` of bytes or base64 (file paths only where "
+        "`skinlesion predict` allows them, locally); output: one probability column per class, "
+        "`predicted`, `error`.",
         "",
         "## Intended use",
         "Research and teaching: comparing training recipes and MLOps practice on dermoscopy "

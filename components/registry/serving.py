@@ -85,18 +85,28 @@ def write_artifacts(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: st
     `meta` needs model_config, classes, img_size, mean, std, and has prepare_size when the
     training images came from the preprocess step (what checkpoint.load_model gives).
     """
-    from components.training.transforms import resize_size
-
     from safetensors.torch import save_file
+
+    preprocessing = preprocessing_info(meta, source)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / WEIGHTS_FILE
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(weights))
+    (out_dir / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=2) + "\n")
+    return {"weights": str(weights), "preprocessing": str(out_dir / PREPROCESSING_FILE)}
+
+
+def preprocessing_info(meta: dict, source: str = "") -> dict:
+    """What the served model does to an image (preprocessing.json; the model card shows it),
+    from a checkpoint's metadata."""
+    from components.common.images import resize_size
 
     for key in ("model_config", "classes", "img_size", "mean", "std"):
         if meta.get(key) is None:
             raise ValueError(f"model metadata lacks {key!r} (got keys {sorted(meta)})")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     img_size = int(meta["img_size"])
     resize = resize_size(img_size)
-    preprocessing = {
+    return {
         "format": PREPROCESSING_FORMAT,
         "model_config": _jsonable(meta["model_config"]),
         "classes": list(meta["classes"]),
@@ -110,10 +120,6 @@ def write_artifacts(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: st
         "interpolation": "bilinear",
         "source": source,
     }
-    weights = out_dir / WEIGHTS_FILE
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(weights))
-    (out_dir / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=2) + "\n")
-    return {"weights": str(weights), "preprocessing": str(out_dir / PREPROCESSING_FILE)}
 
 
 def _jsonable(value):
@@ -139,7 +145,7 @@ def signature(classes: list[str]):
 # ---------------------------------------------------------------- the model (read side)
 
 class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: image paths / bytes / base64 in, class probabilities out."""
+    """pyfunc wrapper: image bytes / base64 (paths where allowed) in, class probabilities out."""
 
     def load_context(self, context) -> None:
         config = getattr(context, "model_config", None) or {}

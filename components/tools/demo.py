@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from components.common import cli_args
+from components.common import cli_args, tracking
 from components.common.config import PARAMS_FILE
-from components.tools import experiments
+from components.tools import experiments, venv
 
 HEADLINE = (("accuracy", "accuracy", 0.9348), ("balanced_accuracy", "balanced accuracy", None),
             ("precision_macro", "precision (macro)", 0.9324), ("recall_macro", "recall (macro)", 0.9070),
@@ -48,7 +48,7 @@ def make_copy(root: Path, dest: Path, env: dict) -> None:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     _sh(dest, env, "git", "init", "-q")
-    _sh(dest, env, str(Path(sys.executable).parent / "dvc"), "init", "-q")
+    _sh(dest, env, venv.tool("dvc"), "init", "-q")
     _sh(dest, env, "git", "add", "-A")
     _sh(dest, env, "git", "commit", "-qm", "the project, as in the workspace")
 
@@ -64,7 +64,7 @@ def add_data(root: Path, dest: Path, env: dict, n: int, seed: int) -> str:
     else:
         synth.run(raw, n=n, seed=seed)
         source = f"a synthetic dataset of {n} images"
-    _sh(dest, env, str(Path(sys.executable).parent / "dvc"), "add", "--quiet", "data/raw")
+    _sh(dest, env, venv.tool("dvc"), "add", "--quiet", "data/raw")
     _sh(dest, env, "git", "add", "data/raw.dvc", "data/.gitignore")
     staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=dest, env=env)
     if staged.returncode:  # else the project's own data/raw.dvc, copied, already says this
@@ -127,7 +127,8 @@ def _report(result: dict) -> str:
         f"skinlesion exp show` lists it).",
         "",
         "Next (after `source .venv/bin/activate`, which puts skinlesion, dvc and mlflow on PATH):",
-        f"  mlflow ui --backend-store-uri {result['tracking_uri']}      # runs, metrics, the registry",
+        f"  mlflow ui --backend-store-uri {tracking.redact(result['tracking_uri'])}"
+        "      # runs, metrics, the registry",
         "  skinlesion promote --metric balanced_accuracy                 # challenger -> champion",
         f"  skinlesion predict --model models:/{reg.get('name') or 'skin-lesion-hybrid'}@challenger "
         f"--dir {result['copy']}/data/raw/images --out predictions.csv",

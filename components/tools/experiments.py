@@ -19,7 +19,6 @@ adds a key params.yaml does not have.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from pathlib import Path
 import pandas as pd
 
 from components.common import cli_args, outputs
-from components.common.config import PARAMS_FILE, load_params, read_yaml
+from components.common.config import PARAMS_FILE, committed_text, load_params, read_yaml
+from components.tools import venv
 
 HEADLINE_FILE = f"outputs/eval/{outputs.HEADLINE_METRICS}"
 REGISTRATION_FILE = "outputs/register.json"
@@ -82,8 +82,7 @@ def environment(root: Path) -> dict[str, str]:
     """The stage commands say `python -m ...`: make that this interpreter; MLflow in the
     project's mlflow.db (an absolute path: the temporary copy must log to the same store);
     an identity for the experiment's commit when git has none."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = venv.with_tools_on_path()
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     if not _git(root, "config", "user.email", check=False).strip():
         for role in ("AUTHOR", "COMMITTER"):
@@ -95,8 +94,7 @@ def environment(root: Path) -> dict[str, str]:
 def check_committed(root: Path) -> None:
     """Refuse unless params.yaml is HEAD's and data/raw.dvc is committed."""
     workspace = (root / PARAMS_FILE).read_text()
-    committed = _git(root, "show", f"HEAD:{PARAMS_FILE}", check=False)
-    if workspace != committed:
+    if workspace != committed_text(root / PARAMS_FILE):
         raise ExperimentRefused(
             f"{root / PARAMS_FILE} differs from the committed one (an applied experiment or an "
             f"edit); experiments start from git HEAD's params.yaml: commit your change, or "
@@ -119,7 +117,7 @@ def run(root: Path, name: str | None = None, params_files: list[str] = (),
     if not flags:
         raise ExperimentRefused("nothing differs from the committed params.yaml: that is "
                                 "`dvc repro`, not an experiment")
-    command = [str(Path(sys.executable).parent / "dvc"), "exp", "run", "--temp",
+    command = [venv.tool("dvc"), "exp", "run", "--temp",
                *(["--name", name] if name else []), *flags]
     print("$ " + shlex.join(["dvc", *command[1:]]), flush=True)
     done = subprocess.run(command, cwd=root, env=environment(root), text=True,
@@ -136,7 +134,7 @@ def run(root: Path, name: str | None = None, params_files: list[str] = (),
 def experiments(root: Path, all_commits: bool = False) -> list[dict]:
     """Every experiment of HEAD (or of all commits) from `dvc exp show --json`:
     {name, rev, params (flat dict), headline (dict)}; the baseline first."""
-    command = [str(Path(sys.executable).parent / "dvc"), "exp", "show", "--json",
+    command = [venv.tool("dvc"), "exp", "show", "--json",
                *(["--all-commits"] if all_commits else [])]
     shown = json.loads(subprocess.run(command, cwd=root, env=environment(root), text=True,
                                       capture_output=True, check=True).stdout)

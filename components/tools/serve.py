@@ -19,23 +19,21 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from components.common import cli_args, tracking
-from components.common.config import RegisterConfig
-from components.registry.client import CHAMPION
+from components.registry.client import CHAMPION, champion_uri
 from components.registry.serving import ALLOW_PATHS_ENV
+from components.tools import venv
 
 
 def command(model: str, host: str, port: int, workers: int) -> list[str]:
-    return [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model,
+    return [venv.tool("mlflow"), "models", "serve", "-m", model,
             "--env-manager", "local", "--host", host, "--port", str(port),
             "--workers", str(workers)]
 
 
 def environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = venv.with_tools_on_path()
     env.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())
     env.setdefault(ALLOW_PATHS_ENV, "0")
     return env
@@ -51,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     cli_args.add_params_flags(parser)
     args = parser.parse_args(argv)
-    model = args.model or \
-        f"models:/{RegisterConfig.resolve(cli_args.params_paths(args)).model_name}@{CHAMPION}"
+    model = args.model or champion_uri(cli_args.params_paths(args))
     env = environment()
     print(f"serving {model} on http://{args.host}:{args.port}/invocations (MLflow at "
           f"{tracking.redact(env['MLFLOW_TRACKING_URI'])})", file=sys.stderr, flush=True)

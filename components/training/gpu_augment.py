@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from components.common.images import resize_size
 from components.training.dataset import SplitDataset, load_rgb
-from components.training.transforms import (IMAGENET_MEAN, IMAGENET_STD, JITTER, ROTATION_DEGREES, RRC_SCALE,
-                         resize_size)
+from components.training.transforms import (IMAGENET_MEAN, IMAGENET_STD, JITTER, ROTATION_DEGREES,
+                                            RRC_SCALE)
 
 RRC_RATIO = (3 / 4, 4 / 3)
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights

@@ -82,17 +82,3 @@ def log_start(run_, cfg: TrainConfig, run_config: dict, device: torch.device, wo
                    "git_commit": tracking.git_commit(), "data_hash": digest,
                    "device": device_name(device), "world_size": str(world_size)})
     run_.log_datasets(frames, digest)
-
-
-def log_served_model(run_, ema_weights) -> str | None:
-    """Log the serving model (registry/pyfunc.py) of the saved EMA weights into the run; the
-    register step reuses it. Returns its models:/ URI (None without a run or on failure)."""
-    if run_.run_id is None:
-        return None
-    from components.registry import pyfunc
-    from components.training import checkpoint
-
-    model, meta = checkpoint.load_model(ema_weights)  # from the file: a check that it loads
-    logged = run_.call("logging the model", pyfunc.log_model, run_.run_id, model.state_dict(),
-                       meta)
-    return logged[0] if logged else None

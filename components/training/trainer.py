@@ -84,10 +84,10 @@ class State:
 
 
 class Trainer:
-    """Builds the training objects from `cfg` (a components.train.TrainConfig) and runs epochs.
+    """Builds the training objects from `cfg` (a common.config.TrainConfig) and runs epochs.
 
     Args:
-        train_input / val_input: components.inputs objects (val_input None: no validation).
+        train_input / val_input: components.training.inputs objects (val_input None: no validation).
         criterion: the loss of (logits, hard or mixup targets); losses.SoftTargetCrossEntropy.
         run: the tracking.Run to log to.
     """

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
+from components.common.images import resize_size
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -13,11 +15,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RRC_SCALE = (0.8, 1.0)
 ROTATION_DEGREES = 15.0
 JITTER = dict(brightness=0.2, contrast=0.2, saturation=0.2)
-
-
-def resize_size(img_size: int) -> int:
-    """Short side before the centre crop: the usual 256/224 ratio (256 for 224)."""
-    return round(img_size * 256 / 224)
 
 
 def _to_normalised_tensor() -> list:
