@@ -43,20 +43,24 @@ from components.training.trainer import EMA_WEIGHTS, LAST  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
 
-# name: (weighted sampler, class-weighted loss, class weight method, logit adjustment tau)
+# name: (weighted sampler, class-weighted loss, class weight method, logit adjustment tau,
+#        share of the epochs before the sampler starts)
 VARIANTS = {
     # the paper: inverse-frequency sampler AND inverse-frequency loss weights
-    "paper": (True, True, "balanced", 0.0),
-    "sampler_only": (True, False, "balanced", 0.0),
-    "loss_only": (False, True, "balanced", 0.0),
-    "plain": (False, False, "balanced", 0.0),            # no balancing at all: the reference
+    "paper": (True, True, "balanced", 0.0, 0.0),
+    "sampler_only": (True, False, "balanced", 0.0, 0.0),
+    "loss_only": (False, True, "balanced", 0.0, 0.0),
+    "plain": (False, False, "balanced", 0.0, 0.0),            # no balancing: the reference
     # square-root inverse frequency, as loss weights or as the sampler (square-root sampling)
-    "sqrt_loss": (False, True, "sqrt", 0.0),
-    "sqrt_sampler": (True, False, "sqrt", 0.0),
+    "sqrt_loss": (False, True, "sqrt", 0.0, 0.0),
+    "sqrt_sampler": (True, False, "sqrt", 0.0, 0.0),
     # class-balanced loss, effective number of samples (Cui et al. 2019), plain sampling
-    "cb_loss": (False, True, "effective_number", 0.0),
+    "cb_loss": (False, True, "effective_number", 0.0, 0.0),
     # logit-adjusted loss (Menon et al. 2021), plain sampling, tau = 1 as they recommend
-    "logit_adjusted": (False, False, "balanced", 1.0),
+    "logit_adjusted": (False, False, "balanced", 1.0, 0.0),
+    # deferred re-sampling (Cao et al. 2019): plain shuffles for the first two thirds of the
+    # epochs (features from the natural distribution), the inverse-frequency sampler after
+    "deferred_sampler": (True, False, "balanced", 0.0, 2 / 3),
 }
 SMOKE = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), img_size=32, epochs=1, batch_size=8,
              warmup_epochs=0, num_workers=0, gpu_resident="off")
@@ -64,9 +68,10 @@ SMOKE_PER_CLASS = {"train": 4, "val": 2, "test": 2}
 SECTION = ("<!-- ham10000-study:start -->", "<!-- ham10000-study:end -->")
 
 
-def variant_overrides(name: str) -> dict:
-    sampler, loss, _, tau = VARIANTS[name]
-    return dict(weighted_sampler=sampler, class_weighted_loss=loss, logit_adjust_tau=tau)
+def variant_overrides(name: str, epochs: int) -> dict:
+    sampler, loss, _, tau, defer = VARIANTS[name]
+    return dict(weighted_sampler=sampler, class_weighted_loss=loss, logit_adjust_tau=tau,
+                defer_sampler_epochs=min(round(defer * epochs), epochs - 1))
 
 
 def make_splits(data: Path, out: Path, smoke: bool) -> dict[str, Path]:
@@ -103,7 +108,8 @@ def run_one(name: str, seed: int, cfg: TrainConfig, splits: dict, img_dir: Path,
         full = json.loads((out / f"eval_{part}" / "metrics.json").read_text())
         scores[part] = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
         scores[part]["ci95"] = {k: full["ci95"][k] for k in scores[part]}
-    result = {"variant": name, "seed": seed, "method": method, **variant_overrides(name),
+    result = {"variant": name, "seed": seed, "method": method,
+              **variant_overrides(name, cfg.epochs),
               "color_constancy": color_constancy, "changes": changes, "epochs": cfg.epochs,
               "train_seconds": summary["seconds"], "command": command, **scores}
     write_json(result_file, result)
@@ -188,7 +194,7 @@ def recipe_changes(parser, items: list[str]) -> dict:
     """--param train.KEY=VALUE items -> {KEY: VALUE}, checked against TrainConfig's keys. The
     variants' own keys, the seed and the epochs have their own flags (--variants, --seeds,
     --epochs): a --param would be overridden by them, or named twice."""
-    own = {*variant_overrides("paper"), "seed", "epochs"}
+    own = {*variant_overrides("paper", 1), "seed", "epochs"}
     changes = {}
     for item in items:
         key, value = cli_args.parse_assignment(item)
@@ -232,8 +238,8 @@ def train_variants(args) -> None:
 
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.variants.split(","):
-            cfg = TrainConfig.from_dict({**base.as_dict(), **variant_overrides(name),
-                                         "seed": seed})
+            cfg = TrainConfig.from_dict({**base.as_dict(), "seed": seed,
+                                         **variant_overrides(name, base.epochs)})
             changed = "".join(f"-{k}{v}" for k, v in args.changes.items())
             run_dir = f"{name}{'' if cc == 'none' else '-' + cc}{changed}-e{cfg.epochs}-s{seed}"
             r = run_one(name, seed, cfg, splits, img_dir, args.out / "runs" / run_dir,

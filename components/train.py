@@ -178,7 +178,8 @@ def _inputs(cfg: TrainConfig, rt: Runtime, train_frame, val_frame, img_dir, weig
     resident = choose_resident(cfg.gpu_resident, n_resident, cfg.img_size, rt.device,
                                cfg.gpu_resident_max_share)
     sampler = make_sampler(train_set.targets, weights if cfg.weighted_sampler else None,
-                           seed=cfg.seed, num_replicas=rt.world_size, rank=rt.rank)
+                           seed=cfg.seed, num_replicas=rt.world_size, rank=rt.rank,
+                           defer_epochs=cfg.defer_sampler_epochs)
     common = dict(resident=resident, img_size=cfg.img_size, batch_size=cfg.batch_size,
                   device=rt.device, num_workers=cfg.num_workers)
     train_input = make_input(train_set, augment=cfg.augment, sampler=sampler, drop_last=True,
@@ -297,7 +298,8 @@ def build_parser() -> cli_args.ArgumentParser:
                        ("momentum", float), ("weight_decay", float), ("mixup_alpha", float),
                        ("ema_decay", float), ("grad_clip", float), ("drop_path_rate", float),
                        ("num_workers", int), ("seed", int), ("img_size", int), ("preset", str),
-                       ("logit_adjust_tau", float), ("gpu_resident_max_share", float)):
+                       ("logit_adjust_tau", float), ("gpu_resident_max_share", float),
+                       ("defer_sampler_epochs", int)):
         hp.add_argument(f"--{name}", type=kind)
     hp.add_argument("--pretrained", type=_pretrained, nargs="?", const=True,
                     help="ImageNet ConvNeXtV2-base weights: from the hub, or a file path")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from components import train
+from components.common.config import ConfigError, TrainConfig
 from components.common.labels import CLASSES
 from components.training import checkpoint
 from components.training.balance import class_balance
@@ -151,6 +152,30 @@ def test_weighted_sampler_balances_classes_and_replays_an_epoch():
     assert list(sampler) == first and len(first) == 100
     share_minority = (targets[first] == 1).float().mean()
     assert 0.35 < share_minority < 0.65
+
+
+def test_deferred_sampler_shuffles_plainly_then_balances():
+    """DRS: each image once per epoch before `defer_epochs`, the weighted draw after, on one
+    process and on two DDP ranks (whose shards stay disjoint in the plain epochs)."""
+    targets = torch.tensor([0] * 90 + [1] * 10)
+    weights = torch.tensor([100 / 180, 100 / 20] + [0.0] * 6)
+    single = make_sampler(targets, weights, seed=0, defer_epochs=2)
+    ranks = [make_sampler(targets, weights, seed=0, num_replicas=2, rank=r, defer_epochs=2)
+             for r in range(2)]
+    for epoch in range(4):
+        for sampler in (single, *ranks):
+            sampler.set_epoch(epoch)
+        draw = list(single)
+        minority = (targets[draw] == 1).float().mean()
+        shards = [list(r) for r in ranks]
+        if epoch < 2:
+            assert sorted(draw) == list(range(100)) and minority == 0.1
+            assert sorted(shards[0] + shards[1]) == list(range(100))
+        else:
+            assert len(draw) == 100 and 0.35 < minority < 0.65
+            assert len(shards[0]) == len(shards[1]) == 50
+    with pytest.raises(ConfigError, match="defer_sampler_epochs"):
+        TrainConfig(epochs=5, defer_sampler_epochs=5).check()
 
 
 def test_distributed_weighted_sampler_shards_are_disjoint_and_cover_one_draw():

@@ -267,6 +267,7 @@ class TrainConfig(StepConfig):
     ema_warmup: bool = True          # timm's decay warm-up: short runs still get a useful EMA
     class_weighted_loss: bool = False  # loss weights from the class_weights step
     weighted_sampler: bool = True     # sample each image with its class's weight
+    defer_sampler_epochs: int = 0     # plain shuffles for the first N epochs (DRS, Cao 2019)
     logit_adjust_tau: float = 0.0     # logit-adjusted loss (Menon et al. 2021); 0 disables
     augment: bool = True
     grad_clip: float = 0.0           # 0 disables clipping
@@ -304,8 +305,11 @@ class TrainConfig(StepConfig):
             _require(math.isfinite(value) and value >= 0, self, key,
                      "must be a finite number >= 0")
         _require(self.peak_lr > 0, self, "peak_lr", "must be above 0")
-        for key in ("warmup_epochs", "num_workers"):
+        for key in ("warmup_epochs", "num_workers", "defer_sampler_epochs"):
             _require(getattr(self, key) >= 0, self, key, "must be >= 0")
+        _require(self.defer_sampler_epochs < self.epochs or not self.weighted_sampler, self,
+                 "defer_sampler_epochs", f"must be below epochs ({self.epochs}): the weighted "
+                 f"sampler would never start")
         for key in ("momentum", "ema_decay", "drop_path_rate"):
             _require(0 <= getattr(self, key) < 1, self, key, "must be in [0, 1)")
         for key in ("weight_decay", "mixup_alpha", "grad_clip", "logit_adjust_tau"):

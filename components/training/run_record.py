@@ -18,7 +18,8 @@ from components.common.config import TrainConfig
 RUNTIME_SETTINGS = {"num_workers", "compile", "gpu_resident", "gpu_resident_max_share"}
 # nodes / gpus_per_node do change the effective batch: they stay in the name
 SHORT = {"peak_lr": "lr", "img_size": "img", "epochs": "ep", "batch_size": "bs",
-         "weighted_sampler": "sampler", "class_weighted_loss": "loss_weights",
+         "weighted_sampler": "sampler", "defer_sampler_epochs": "drs",
+         "class_weighted_loss": "loss_weights",
          "logit_adjust_tau": "tau", "mixup_alpha": "mixup", "ema_decay": "ema"}
 
 

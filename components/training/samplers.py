@@ -68,23 +68,49 @@ class DistributedWeightedSampler(Sampler[int]):
         return self.num_samples
 
 
+class DeferredSampler(Sampler[int]):
+    """Deferred re-sampling (DRS; Cao et al., "Learning Imbalanced Datasets with
+    Label-Distribution-Aware Margin Loss", NeurIPS 2019, sec. 3.3): plain shuffles for the first
+    `defer_epochs` epochs, so that the features are learnt on the natural distribution, then
+    the weighted sampler. torch has no sampler that changes with the epoch, hence this one."""
+
+    def __init__(self, plain: Sampler[int], weighted: Sampler[int], defer_epochs: int):
+        self.plain, self.weighted, self.defer_epochs = plain, weighted, defer_epochs
+        self.epoch = 0
+
+    def _current(self) -> Sampler[int]:
+        return self.weighted if self.epoch >= self.defer_epochs else self.plain
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._current().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
 def sample_weights(targets: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
     """Per-image sampling weight: its class's weight (inverse frequency balances the classes)."""
     return class_weights.double()[targets]
 
 
 def make_sampler(targets: torch.Tensor, class_weights: torch.Tensor | None, *, seed: int,
-                 num_replicas: int = 1, rank: int = 0) -> Sampler[int]:
+                 num_replicas: int = 1, rank: int = 0, defer_epochs: int = 0) -> Sampler[int]:
     """Weighted sampler when `class_weights` is given, else a seeded shuffle; sharded for DDP.
+    defer_epochs > 0 (with class_weights): plain shuffles for that many epochs first (DRS).
 
     An epoch draws as many images as the split holds (per rank: its share).
     """
     n = len(targets)
+    # DistributedSampler with one replica is a plain seeded shuffle with set_epoch.
+    plain = DistributedSampler(range(n), num_replicas=num_replicas, rank=rank, shuffle=True,
+                               seed=seed)
     if class_weights is None:
-        # DistributedSampler with one replica is a plain seeded shuffle with set_epoch.
-        return DistributedSampler(range(n), num_replicas=num_replicas, rank=rank, shuffle=True,
-                                  seed=seed)
+        return plain
     weights = sample_weights(targets, class_weights)
-    if num_replicas == 1:
-        return EpochWeightedRandomSampler(weights, n, seed=seed)
-    return DistributedWeightedSampler(weights, n, num_replicas, rank, seed=seed)
+    weighted = (EpochWeightedRandomSampler(weights, n, seed=seed) if num_replicas == 1 else
+                DistributedWeightedSampler(weights, n, num_replicas, rank, seed=seed))
+    return DeferredSampler(plain, weighted, defer_epochs) if defer_epochs > 0 else weighted
