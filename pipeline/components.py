@@ -194,8 +194,7 @@ def train_distributed(
                                   Path(weights.path), train_params)
     env = {"MLFLOW_TRACKING_URI": mlflow_tracking_uri, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint_url,
            "AWS_ENDPOINT_URL": s3_endpoint_url, "MLFLOW_EXPERIMENT_NAME": mlflow_experiment}
-    secrets = {k: (s3_secret if k.startswith("AWS") else mlflow_secret, key)
-               for k, (_, key) in trainjob.SECRETS.items()}
+    secrets = trainjob.secrets(s3_secret, mlflow_secret)
     request = trainjob.TrainJobRequest(
         image=image,
         nodes=config.nodes, gpus_per_node=config.gpus_per_node,

@@ -23,7 +23,7 @@ from kfp import compiler, dsl, kubernetes
 
 from components.common.config import (PARAMS_FILE, STEP_SECTIONS, TrainConfig, committed_text,
                                        load_params, parse_params, task_resources)
-from components.training.trainjob import MOUNT as TRAINJOB_MOUNT
+from components.training import trainjob
 from pipeline import components as c
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +33,10 @@ PIPELINE_NAME = "skin-lesion"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = dict(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
 SHM_SIZE = "16Gi"  # DataLoader workers share batches through /dev/shm
-# Secrets the tasks read credentials from (names are pipeline parameters; keys fixed here)
-S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-                  "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
-MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-                      "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+# Secrets the tasks read credentials from (names are pipeline parameters; each key becomes the
+# environment variable of the same name)
+S3_SECRET_KEYS = {key: key for key in trainjob.S3_SECRET_KEYS}
+MLFLOW_SECRET_KEYS = {key: key for key in trainjob.MLFLOW_SECRET_KEYS}
 
 
 def params_path() -> "Path | None":
@@ -121,8 +120,8 @@ def build_pipeline(params: dict, image: str | None = None):
         # services
         mlflow_tracking_uri: str = "",
         mlflow_experiment: str = "skin-lesion",
-        s3_secret: str = "skinlesion-s3",
-        mlflow_secret: str = "skinlesion-mlflow",
+        s3_secret: str = trainjob.S3_SECRET,
+        mlflow_secret: str = trainjob.MLFLOW_SECRET,
         # distributed training: the ReadWriteMany volume every node and the train task mount
         shared_pvc: str = "skinlesion-work",
     ):
@@ -146,7 +145,7 @@ def build_pipeline(params: dict, image: str | None = None):
                                      s3_secret=s3_secret, mlflow_secret=mlflow_secret)
             tr.set_display_name(f"train on {train_cfg.nodes} node(s) x "
                                 f"{train_cfg.gpus_per_node} GPU(s)")
-            kubernetes.mount_pvc(tr, pvc_name=shared_pvc, mount_path=TRAINJOB_MOUNT)
+            kubernetes.mount_pvc(tr, pvc_name=shared_pvc, mount_path=trainjob.MOUNT)
         else:
             tr = c.train(**inputs)
             kubernetes.empty_dir_mount(tr, volume_name="dshm", mount_path="/dev/shm",

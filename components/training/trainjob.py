@@ -174,11 +174,20 @@ def job_name(prefix: str = "skinlesion-train") -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}".lower()[:63]
 
 
-# Credentials the nodes read from Kubernetes secrets (the pipeline's defaults; see pipeline.py)
-SECRETS = {"AWS_ACCESS_KEY_ID": ("skinlesion-s3", "AWS_ACCESS_KEY_ID"),
-           "AWS_SECRET_ACCESS_KEY": ("skinlesion-s3", "AWS_SECRET_ACCESS_KEY"),
-           "MLFLOW_TRACKING_USERNAME": ("skinlesion-mlflow", "MLFLOW_TRACKING_USERNAME"),
-           "MLFLOW_TRACKING_PASSWORD": ("skinlesion-mlflow", "MLFLOW_TRACKING_PASSWORD")}
+# Credentials come from Kubernetes secrets: the secrets' default names (pipeline parameters)
+# and the keys each holds, which are also the environment variables they become.
+S3_SECRET, MLFLOW_SECRET = "skinlesion-s3", "skinlesion-mlflow"
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def secrets(s3_secret: str = S3_SECRET, mlflow_secret: str = MLFLOW_SECRET) -> dict:
+    """{environment variable: (secret name, key)} of the credentials the nodes read."""
+    return {**{key: (s3_secret, key) for key in S3_SECRET_KEYS},
+            **{key: (mlflow_secret, key) for key in MLFLOW_SECRET_KEYS}}
+
+
+SECRETS = secrets()
 # Settings handed to the nodes as plain environment variables when set here
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL",
               "AWS_ENDPOINT_URL")
