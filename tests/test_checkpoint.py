@@ -23,10 +23,10 @@ def _train(data, out, *extra) -> int:
                        "--img_dir", str(data["img_dir"]), "--out_dir", str(out), *COMMON, *extra])
 
 
-@pytest.mark.parametrize("input_path", ["off", "on"], ids=["dataloader", "resident"])
-def test_two_epochs_plus_resume_equals_four_straight(data, tmp_path, input_path):
-    # The full recipe (augmentation, mixup, weighted sampler, EMA) so every RNG is exercised.
-    path = ["--gpu_resident", input_path]
+def test_two_epochs_plus_resume_equals_four_straight(data, tmp_path):
+    """The full recipe (augmentation, mixup, weighted sampler, EMA) so every RNG is exercised,
+    on the resident input path; test_train's worker test does the DataLoader path."""
+    path = ["--gpu_resident", "on"]
     assert _train(data, tmp_path / "straight", *path) == 0
     assert _train(data, tmp_path / "split", *path, "--stop_after_epoch", "2") == 0
     halfway = checkpoint.load(tmp_path / "split" / "checkpoint_last.pt")

@@ -258,6 +258,11 @@ def test_resume_is_exact_with_dataloader_workers(data, tmp_path):
     assert train.main(_args(data, whole, *extra)) == 0
     assert train.main(_args(data, parts, *extra, "--stop_after_epoch", "1")) == 0
     assert train.main(_args(data, parts, *extra, "--resume", str(parts / "checkpoint_last.pt"))) == 0
-    a = checkpoint.load(whole / "checkpoint_last.pt")["ema"]
-    b = checkpoint.load(parts / "checkpoint_last.pt")["ema"]
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-6
+    a = checkpoint.load(whole / "checkpoint_last.pt")
+    b = checkpoint.load(parts / "checkpoint_last.pt")
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
+    for which in ("model", "ema"):
+        assert max((a[which][k].float() - b[which][k].float()).abs().max().item()
+                   for k in a[which]) < 1e-6, which
+    assert [h["train_loss"] for h in a["history"]] == pytest.approx(
+        [h["train_loss"] for h in b["history"]], abs=1e-6)
