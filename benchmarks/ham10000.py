@@ -15,8 +15,9 @@ lesion-level bootstrap intervals.
 
 Resumable: a finished run (its result.json) is skipped, a killed one resumes from its last
 checkpoint. `--param train.KEY=VALUE` changes one more setting of the recipe for every run of
-the invocation (`train.mixup_alpha=0`); the runs' folders and table rows name it. `--results FILE` rewrites the study's section of FILE (a Markdown table of every
-finished run under --out, each with the command that reproduces it; `--report_only` trains
+the invocation (`train.mixup_alpha=0`); the runs' folders and table rows name it.
+`--results FILE` rewrites the study's section of FILE (a Markdown table of every finished run
+under --out, each with the command that reproduces it; `--report_only` trains
 nothing and only writes it). `--color_constancy shades_of_gray` prepares the images with the
 preprocess step's colour constancy. `--smoke` trains a tiny model at 32 px on a few images per
 class for one epoch: it checks the script, not the numbers. Images: HAM10000, CC BY-NC-SA
