@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common import cli_args
+from components.common.config import PARAMS_FILE, ConfigError
 
 
 def _set_dotted(params: dict, dotted: str, value: Any) -> None:
@@ -46,14 +47,14 @@ def _set_dotted(params: dict, dotted: str, value: Any) -> None:
 
 def resolve_params(params_files: list[str] | None = None, param: list[str] | None = None,
                    params_path: str | None = None) -> tuple[dict, dict[str, Any]]:
-    """(params, direct pipeline arguments): the base params + params files + `k=v` overrides."""
-    from components.common.config import deep_merge, read_yaml
-    from pipeline.pipeline import base_params, skin_lesion_pipeline
+    """(params, direct pipeline arguments): the base params + params files + `k=v` overrides,
+    every section checked (a ConfigError names the file and key)."""
+    from components.common.config import check_params, deep_merge, load_params
+    from pipeline.pipeline import base_params, build_pipeline
 
-    names = set(skin_lesion_pipeline.component_spec.inputs or {})
+    names = set(build_pipeline({}).component_spec.inputs or {})
     params = base_params(params_path, say=lambda m: print(m, file=sys.stderr))
-    for extra in params_files or ():
-        params = deep_merge(params, read_yaml(extra))
+    params = deep_merge(params, load_params(params_files or []))
     direct: dict[str, Any] = {}
     for item in param or []:
         key, value = cli_args.parse_assignment(item)
@@ -64,6 +65,8 @@ def resolve_params(params_files: list[str] | None = None, param: list[str] | Non
         else:
             raise SystemExit(f"--param {key}: not a pipeline parameter ({', '.join(sorted(names))}) "
                              "nor a dotted params.yaml key")
+    sources = [params_path or f"committed {PARAMS_FILE}", *(params_files or ())]
+    check_params(params, ", ".join(map(str, sources)) + (" and --param" if param else ""))
     return params, direct
 
 
@@ -164,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_run_local)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as err:  # a bad params file, setting or data folder: one line
+        print(f"skinlesion pipeline {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from typing import Any
 import yaml
 from kfp import compiler, dsl, kubernetes
 
-from components.common.config import (PARAMS_FILE, STEP_SECTIONS, TrainConfig, committed_text,
-                                       load_params, parse_params, task_resources)
+from components.common.config import (PARAMS_FILE, STEP_SECTIONS, TrainConfig, check_params,
+                                       committed_text, load_params, parse_params,
+                                       task_resources)
 from components.training import trainjob
 from pipeline import components as c
 
@@ -94,6 +95,7 @@ def build_pipeline(params: dict, image: str | None = None):
     """The pipeline function, its defaults and task resources taken from `params`; with
     train.nodes x train.gpus_per_node > 1 the train task submits a Kubeflow Trainer TrainJob
     (that many DDP processes) instead of training in its own pod."""
+    check_params(params)  # every step's values: a bad one fails here, not in the cluster
     d = pipeline_arguments(params)
     res = task_resources(params)
     train_cfg = TrainConfig.resolve(params)
@@ -173,9 +175,14 @@ def build_pipeline(params: dict, image: str | None = None):
     return skin_lesion_pipeline
 
 
-# The pipeline with the workspace params file's values (params_path(), uncommitted changes
-# included), for importers (tests, notebooks); the CLI bakes in the committed ones (base_params).
-skin_lesion_pipeline = build_pipeline(load_params(params_path() or []))
+def __getattr__(name: str):
+    """`skin_lesion_pipeline`: the pipeline with the workspace params file's values
+    (params_path(), uncommitted changes included), for importers (tests, notebooks), built on
+    first use so that importing this module reads no params file; the CLI bakes in the
+    committed ones (base_params)."""
+    if name == "skin_lesion_pipeline":
+        return build_pipeline(load_params(params_path() or []))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def compile_pipeline(path: "str | os.PathLike" = "pipeline.yaml", image: "str | None" = None,

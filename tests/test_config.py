@@ -43,7 +43,7 @@ def test_kfp_struct_floats_become_ints_once():
     ("peak_lr", float("nan"), "finite"), ("peak_lr", 0.0, "above 0"), ("epochs", 0, "at least 1"),
     ("img_size", 7, "at least 32"), ("img_size", 50, "multiple of 4"),
     ("weight_decay", -1.0, ">= 0"), ("ema_decay", 1.5, r"\[0, 1\)"), ("batch_size", 0, "at least 1"),
-    ("gpu_resident", "maybe", "auto, on or off"), ("dims", (8, 16), "4 positive"),
+    ("gpu_resident", "maybe", "one of auto, on, off"), ("dims", (8, 16), "4 positive"),
 ])
 def test_bad_training_values_are_refused_naming_the_key(key, value, rule):
     with pytest.raises(ConfigError, match=rf"train\.{key}.*{rule}"):
@@ -53,7 +53,7 @@ def test_bad_training_values_are_refused_naming_the_key(key, value, rule):
 def test_unknown_keys_and_sections_name_their_source(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("train:\n  epoch: 3\n")
-    with pytest.raises(ConfigError, match=rf"unknown train settings \['epoch'\].*{bad}"):
+    with pytest.raises(ConfigError, match=rf"{bad}: unknown key train\.epoch; known: preset"):
         TrainConfig.resolve(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_params(tmp_path / "missing.yaml")
@@ -62,3 +62,92 @@ def test_unknown_keys_and_sections_name_their_source(tmp_path):
         load_params(tmp_path / "list.yaml")
     with pytest.raises(ConfigError, match="evaluate.batch_size"):
         EvaluateConfig.from_dict({"batch_size": -1})
+
+
+# -- YAML 1.1's booleans in choice keys (issue 24, item 8) -----------------------------------
+def test_every_choice_key_is_declared_and_only_gpu_resident_takes_on_off():
+    choices = {f"{cls.SECTION}.{f.name}": f.metadata["choices"] for cls in SECTIONS.values()
+               for f in dataclasses.fields(cls) if "choices" in f.metadata}
+    assert set(choices) >= {"preprocess.color_constancy", "split.mode", "class_weights.method",
+                            "train.gpu_resident", "train.lr_scaling"}
+    assert [k for k, c in choices.items() if {"on", "off"} & set(c)] == ["train.gpu_resident"]
+
+
+@pytest.mark.parametrize("spelling,value", [("on", "on"), ("ON", "on"), ("yes", "on"),
+                                            ("true", "on"), ("off", "off"), ("no", "off"),
+                                            ('"on"', "on"), ("auto", "auto")])
+def test_yaml_booleans_read_as_on_off_for_gpu_resident(tmp_path, spelling, value):
+    """DVC rewrites params.yaml with `on` unquoted (YAML 1.2), which PyYAML (1.1) reads as
+    True: the unquoted spellings must mean the documented choices."""
+    from dvc.utils.serialize import dumps_yaml
+
+    from components.common.cli_args import parse_assignment
+
+    assert dumps_yaml({"train": {"gpu_resident": "on"}}) == "train:\n  gpu_resident: on\n"
+    params = tmp_path / "params.yaml"
+    params.write_text(f"train:\n  gpu_resident: {spelling}\n")
+    assert TrainConfig.resolve(params).gpu_resident == value
+    key, parsed = parse_assignment(f"train.gpu_resident={spelling}")
+    assert TrainConfig.from_dict({"gpu_resident": parsed}).gpu_resident == value
+
+
+def test_a_boolean_in_another_choice_key_says_to_quote_it():
+    with pytest.raises(ConfigError, match=r"split\.mode = True: must be one of grouped, paper, "
+                                          r"source \(unquoted on/off/yes/no"):
+        SECTIONS["split"].from_dict({"mode": True})
+
+
+# -- one loader, hostile params files (issue 24, item 12) ------------------------------------
+LAUGHS = "train:\n  dims: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"  x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+
+
+def test_a_billion_laughs_file_is_refused_at_once_in_one_short_line(tmp_path):
+    import time
+
+    bad = tmp_path / "laughs.yaml"
+    bad.write_text(LAUGHS)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_params(bad)
+    assert time.perf_counter() - start < 0.5
+    message = str(err.value)
+    assert str(bad) in message and "anchor" in message and "\n" not in message
+    assert len(message) < 300
+
+
+@pytest.mark.parametrize("text,named", [
+    ("kubeflow:\n  resorces: {}\n", "kubeflow.resorces"),
+    ("kubeflow:\n  resources:\n    trian: {cpu: '1'}\n", "kubeflow.resources.trian"),
+    ("kubeflow:\n  resources:\n    train: {cpu: '1', gpus: 1}\n", "kubeflow.resources.train.gpus"),
+    ("kubeflow:\n  resources:\n    train: 4\n", "kubeflow.resources.train"),
+    ("kubeflow:\n  resources:\n    train: {gpu: many}\n", "kubeflow.resources.train.gpu"),
+    ("kubeflow: 5\n", "kubeflow"),
+    ("train: 5\n", "train"),
+    ("train: [1, 2]\n", "train"),
+    ("trian:\n  epochs: 3\n", "trian"),
+    ("train:\n  epoch: 3\n", "train.epoch"),
+    ("split:\n  nested: {deep: 1}\n", "split.nested"),
+    ("train:\n  dims: " + "[" * 200 + "]" * 200 + "\n", "nested"),
+    ("train: {epochs: 1\n", "not valid YAML at line 2"),
+    ("train:\n  epochs: 3\n  epochs: 4\n", "line 3, column 3: key 'epochs' is given twice"),
+    ("train:\n  epochs: " + "9" * 5000 + "\n", "not valid YAML"),
+])
+def test_bad_params_files_are_refused_in_one_line_naming_file_and_key(tmp_path, text, named):
+    bad = tmp_path / "p.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_params(bad)
+    message = str(err.value)
+    assert str(bad) in message and named in message and "\n" not in message, message
+
+
+def test_error_messages_never_echo_a_huge_value(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("train:\n  dims: [" + ", ".join(["1"] * 200_000) + "]\n")
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.resolve(bad)
+    assert "train.dims" in str(err.value) and len(str(err.value)) < 400
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({"preset": "x" * 100_000})
+    assert "train.preset" in str(err.value) and len(str(err.value)) < 400

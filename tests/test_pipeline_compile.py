@@ -76,7 +76,7 @@ def test_every_task_has_cpu_and_memory_requests_and_limits_from_params(compiled)
         cpu, memory = expected.get(task, ("1", "2Gi"))
         assert res["resourceCpuRequest"] == res["resourceCpuLimit"] == cpu, name
         assert res["resourceMemoryRequest"] == res["resourceMemoryLimit"] == memory, name
-    with pytest.raises(ValueError, match="unknown tasks"):
+    with pytest.raises(ValueError, match="unknown key kubeflow.resources.trian"):
         task_resources({"kubeflow": {"resources": {"trian": {"cpu": "1"}}}})
 
 
@@ -218,3 +218,46 @@ def test_demo_override_file_only_sets_known_keys():
             cls.resolve(merged)  # valid
     demo = load_params([ROOT / "params.yaml", ROOT / "params.demo.yaml"])
     assert demo["train"]["epochs"] < base["train"]["epochs"]
+
+
+# -- hostile params through every pipeline command (issue 24, item 12) ----------------------
+LAUGHS = "train:\n  dims: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"  x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+HOSTILE = {  # name -> (params file text, part of the one line)
+    "billion_laughs": (LAUGHS, "anchors and aliases"),
+    "kubeflow_typo": ("kubeflow:\n  resorces: {}\n", "unknown key kubeflow.resorces"),
+    "section_not_a_mapping": ("train: 5\n", "train = 5 is not a mapping"),
+    "bad_value_of_a_later_step": ("evaluate:\n  bootstrap: -1\n", "evaluate.bootstrap"),
+}
+COMMANDS = {"compile": ["-o", "{tmp}/p.yaml"], "run-local": ["--pipeline_root", "{tmp}/root"],
+            "submit": ["--host", "http://127.0.0.1:9"]}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_hostile_params_stop_every_pipeline_command_in_one_line(tmp_path, capsys, command,
+                                                                case):
+    import time
+
+    text, named = HOSTILE[case]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    argv = [a.format(tmp=tmp_path) for a in COMMANDS[command]]
+    start = time.perf_counter()
+    assert skinlesion(["pipeline", command, *argv, "--params", str(ROOT / "params.yaml"),
+                       "--params_file", str(bad)]) == 1
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and len(err) < 700, err[:2000]
+    assert err.startswith(f"skinlesion pipeline {command}: ") and str(bad) in err and named in err
+    assert not (tmp_path / "p.yaml").exists() and not (tmp_path / "root").exists()
+
+
+def test_a_param_override_is_read_by_the_params_loader(tmp_path, capsys):
+    assert skinlesion(["pipeline", "run-local", "--pipeline_root", str(tmp_path / "root"),
+                       "--params", str(ROOT / "params.yaml"),
+                       "--param", "train.dims=[&a [1, 1], *a, *a, *a]"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--param train.dims" in err and "aliases" in err
+    _, args = build_arguments([], ["train.gpu_resident=on"], str(ROOT / "params.yaml"))
+    assert SECTIONS["train"].from_dict(args["train_params"]).gpu_resident == "on"

@@ -15,9 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from components.common.config import PARAMS_FILE
+from components.common.config import PARAMS_FILE, parse_yaml
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -87,8 +85,9 @@ def params_paths(args: argparse.Namespace) -> list[str]:
 
 
 def parse_assignment(item: str) -> tuple[str, Any]:
-    """`KEY=VALUE` -> (KEY, VALUE read as YAML: `2` an int, `0.005` a float, `true` a bool)."""
+    """`KEY=VALUE` -> (KEY, VALUE read as YAML: `2` an int, `0.005` a float, `true` a bool),
+    by the params files' loader (no aliases); a ConfigError for a value it cannot read."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise SystemExit(f"--param {item!r}: expected KEY=VALUE")
-    return key, yaml.safe_load(raw) if raw != "" else ""
+    return key, parse_yaml(raw, f"--param {key}") if raw != "" else ""

@@ -11,83 +11,53 @@ behaves as `dvc repro` does.
     cfg = TrainConfig.resolve(load_params(["params.yaml", "params.demo.yaml"]), epochs=3)
 
 Values are checked when a config is made: a bad one is a ConfigError naming the key, the
-value and where it came from, before any work starts.
+value and where it came from, before any work starts. Every params file is read by
+`load_params` (components.common.params_yaml's safe loader: no aliases, bounded size and depth),
+which refuses unknown sections and keys; `check_params` checks every section at once, for the
+commands that start several steps.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
-import subprocess
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-import yaml
+# ConfigError, committed_text and deep_merge are this module's API as well
+from components.common.params_yaml import (ConfigError, committed_text, deep_merge, parse_yaml,
+                                           read_text, shown)
 
 PARAMS_FILE = "params.yaml"
 CLASS_WEIGHT_METHODS = ("balanced", "sqrt", "effective_number")  # training/balance.py
 COLOR_CONSTANCY = ("none", "shades_of_gray")                      # common/images.py
 
 
-class ConfigError(ValueError):
-    """A params file or setting that cannot be used; the message names key, value and source."""
-
-
 # -- params files ---------------------------------------------------------------------------
-def deep_merge(base: dict, override: dict) -> dict:
-    """`override` over `base`, recursively for dicts; neither input is modified."""
-    out = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def parse_params(text: str, source: str) -> dict:
-    """One params file's text as a dict (empty text is {}); a clear error for anything else."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"params file {source} is not valid YAML: {err}") from None
+    """One params file's text as a dict (empty text is {}), its layout checked
+    (check_layout); a clear error for anything else."""
+    data = parse_yaml(text, f"params file {source}")
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"params file {source} holds a {type(data).__name__}, not sections")
+    check_layout(data, f"params file {source}")
     return data
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
     """One params file as a dict."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"params file {path} does not exist") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"params file {path} is not UTF-8 text: {err}") from None
-    return parse_params(text, str(path))
-
-
-def committed_text(path: str | os.PathLike) -> str | None:
-    """The file's text at git HEAD (what experiments and pipelines start from), or None outside
-    a git checkout (an installed image) or when the file is not committed."""
-    path = Path(path)
-    try:
-        return subprocess.run(["git", "show", f"HEAD:./{path.name}"], cwd=path.parent,
-                              capture_output=True, text=True, check=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return parse_params(read_text(path), str(path))
 
 
 def load_params(paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> dict:
     """The params files merged in order: a full params.yaml first, partial override files
-    (params.demo.yaml, params.paper.yaml) after it. None: ./params.yaml when there is one."""
+    (params.demo.yaml, params.paper.yaml) after it. None: ./params.yaml when there is one.
+    This is the one reader of params files: every file's layout is checked on the way in."""
     if paths is None:
         paths = [PARAMS_FILE] if Path(PARAMS_FILE).is_file() else []
     elif isinstance(paths, (str, os.PathLike)):
@@ -112,10 +82,10 @@ def _coerce(kind, value, where: str):
                 return _coerce(option, value, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: {value!r} is not a {kind}")
+        raise ConfigError(f"{where}: {shown(value)} is not a {kind}")
     if typing.get_origin(kind) is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {shown(value)}")
         return tuple(_coerce(args[0], v, where) for v in value)
     if kind is bool:
         if isinstance(value, bool):
@@ -135,7 +105,43 @@ def _coerce(kind, value, where: str):
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{where}: {value!r} is not a {getattr(kind, '__name__', kind)}")
+    raise ConfigError(f"{where}: {shown(value)} is not a {getattr(kind, '__name__', kind)}")
+
+
+def choice(default: str, *others: str):
+    """A str field that takes one of a few names (`default` first); StepConfig checks it."""
+    return dataclasses.field(default=default, metadata={"choices": (default, *others)})
+
+
+def _choose(choices: tuple[str, ...], value, where: str) -> str:
+    """`value` as one of `choices`. YAML 1.1 (PyYAML) reads unquoted on/off/yes/no/true/false
+    as booleans, and DVC writes `on` unquoted when it rewrites params.yaml (`dvc exp run -S`):
+    for a key whose choices are on/off, a boolean means those."""
+    if isinstance(value, bool) and {"on", "off"} <= set(choices):
+        return "on" if value else "off"
+    if value not in choices:
+        hint = (" (unquoted on/off/yes/no/true/false are booleans in YAML: quote the name)"
+                if isinstance(value, bool) else "")
+        raise ConfigError(f"{where} = {shown(value)}: must be one of {', '.join(choices)}{hint}")
+    return value
+
+
+def _cut(key: Any) -> str:
+    text = str(key)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def _check_keys(values: dict, known: Sequence[str], prefix: str, source: str) -> None:
+    """Refuse a key nothing reads: a typo (`kubeflow.resorces`) must not be ignored silently."""
+    if unknown := sorted(map(str, set(values) - set(known))):
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ConfigError(f"{source}: unknown key {prefix}{_cut(unknown[0])}{more}; "
+                          f"known: {', '.join(known)}")
+
+
+def _mapping(value, key: str, source: str) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key} = {shown(value)} is not a mapping of settings")
 
 
 class StepConfig:
@@ -145,8 +151,10 @@ class StepConfig:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            where = f"{self.SECTION}.{f.name}"
-            setattr(self, f.name, _coerce(hints[f.name], getattr(self, f.name), where))
+            where, value = f"{self.SECTION}.{f.name}", getattr(self, f.name)
+            if "choices" in f.metadata:
+                value = _choose(f.metadata["choices"], value, where)
+            setattr(self, f.name, _coerce(hints[f.name], value, where))
         self.check()
 
     def check(self) -> None:
@@ -155,11 +163,9 @@ class StepConfig:
     @classmethod
     def from_dict(cls, values: dict, source: str = "arguments"):
         """The config from a section's values (None: the default); unknown keys are errors."""
+        _mapping(values or {}, cls.SECTION, source)
         values = {k: v for k, v in (values or {}).items() if v is not None}
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(values) - known):
-            raise ConfigError(f"unknown {cls.SECTION} settings {unknown} (from {source}); "
-                              f"known: {', '.join(sorted(known))}")
+        _check_keys(values, [f.name for f in dataclasses.fields(cls)], f"{cls.SECTION}.", source)
         try:
             return cls(**values)
         except ConfigError as err:
@@ -176,8 +182,7 @@ class StepConfig:
                 else str(params or PARAMS_FILE)
             params = load_params(params)
         section = params.get(cls.SECTION) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"{source}: section {cls.SECTION!r} is not a mapping")
+        _mapping(section, cls.SECTION, source)
         merged = {**section, **{k: v for k, v in overrides.items() if v is not None}}
         return cls.from_dict(merged, source)
 
@@ -187,7 +192,7 @@ class StepConfig:
 
 def _require(ok: bool, cfg: StepConfig, key: str, rule: str) -> None:
     if not ok:
-        raise ConfigError(f"{cfg.SECTION}.{key} = {getattr(cfg, key)!r}: {rule}")
+        raise ConfigError(f"{cfg.SECTION}.{key} = {shown(getattr(cfg, key))}: {rule}")
 
 
 # -- the sections of params.yaml ------------------------------------------------------------
@@ -202,28 +207,24 @@ class PreprocessConfig(StepConfig):
     SECTION = "preprocess"
     size: int = 256                # short side after resizing once; train crops 224 from it
     skip_corrupt: bool = False     # list bad files in the report and leave them out
-    color_constancy: str = "none"  # none | shades_of_gray (Finlayson & Trezzi 2004)
+    color_constancy: str = choice(*COLOR_CONSTANCY)  # Finlayson & Trezzi 2004
     minkowski_p: float = 6.0       # shades_of_gray's norm
 
     def check(self) -> None:
         _require(self.size >= 32, self, "size", "must be at least 32")
-        _require(self.color_constancy in COLOR_CONSTANCY, self, "color_constancy",
-                 "must be none or shades_of_gray")
         _require(self.minkowski_p >= 1, self, "minkowski_p", "must be at least 1")
 
 
 @dataclass
 class SplitConfig(StepConfig):
     SECTION = "split"
-    mode: str = "grouped"          # grouped (by lesion_id) | paper (image-level) | source
+    mode: str = choice("grouped", "paper", "source")  # by lesion_id | image-level | source
     seed: int = 0
     val_frac: float = 0.15
     test_frac: float = 0.15
     test_sources: tuple[str, ...] = ()   # mode source: the sources held out as test
 
     def check(self) -> None:
-        _require(self.mode in ("grouped", "paper", "source"), self, "mode",
-                 "must be grouped, paper or source")
         _require(self.mode != "source" or bool(self.test_sources), self, "test_sources",
                  "mode source needs at least one test source (e.g. [BCN])")
         for key in ("val_frac", "test_frac"):
@@ -235,12 +236,10 @@ class SplitConfig(StepConfig):
 @dataclass
 class ClassWeightsConfig(StepConfig):
     SECTION = "class_weights"
-    method: str = "balanced"       # balanced | sqrt | effective_number (components.class_weights)
+    method: str = choice(*CLASS_WEIGHT_METHODS)  # components.class_weights
     beta: float = 0.999            # effective_number's beta (Cui et al. 2019)
 
     def check(self) -> None:
-        _require(self.method in CLASS_WEIGHT_METHODS, self, "method",
-                 f"must be one of {CLASS_WEIGHT_METHODS}")
         _require(0 <= self.beta < 1, self, "beta", "must be in [0, 1)")
 
 
@@ -275,11 +274,11 @@ class TrainConfig(StepConfig):
     num_workers: int = 4
     seed: int = 0
     compile: bool = False
-    gpu_resident: str = "auto"       # auto | on | off
+    gpu_resident: str = choice("auto", "on", "off")
     gpu_resident_max_share: float = 0.5
     nodes: int = 1                   # > 1, or gpus_per_node > 1: a Kubeflow Trainer TrainJob
     gpus_per_node: int = 1
-    lr_scaling: str = "linear"       # linear: lr x world size (effective batch); none
+    lr_scaling: str = choice("linear", "none")  # linear: lr x world size (effective batch)
 
     @property
     def world_size(self) -> int:
@@ -316,14 +315,10 @@ class TrainConfig(StepConfig):
             value = getattr(self, key)
             _require(math.isfinite(value) and value >= 0, self, key,
                      "must be a finite number >= 0")
-        _require(self.gpu_resident in ("auto", "on", "off"), self, "gpu_resident",
-                 "must be auto, on or off")
         _require(0 < self.gpu_resident_max_share <= 1, self, "gpu_resident_max_share",
                  "must be in (0, 1]")
         for key in ("nodes", "gpus_per_node"):
             _require(getattr(self, key) >= 1, self, key, "must be at least 1")
-        _require(self.lr_scaling in ("linear", "none"), self, "lr_scaling",
-                 "must be linear or none")
 
     def for_overfit(self) -> "TrainConfig":
         """Memorise a few images: no augmentation, mixup, drop path, sampler or weight decay."""
@@ -367,16 +362,59 @@ SECTIONS: dict[str, type[StepConfig]] = {
     c.SECTION: c for c in (DataConfig, PreprocessConfig, SplitConfig, ClassWeightsConfig,
                            TrainConfig, EvaluateConfig, RegisterConfig)}
 STEP_SECTIONS = ("preprocess", "split", "class_weights", "train", "evaluate", "register")
+KUBEFLOW_TASKS = ("default", "materialise", *STEP_SECTIONS)
+KUBEFLOW_RESOURCES = ("cpu", "memory", "gpu")
+
+
+def check_layout(params: dict, source: str) -> None:
+    """Refuse a section or key that nothing reads and a section that is not a mapping, in
+    every section, kubeflow's resources included."""
+    _check_keys(params, [*SECTIONS, "kubeflow"], "", source)
+    for name, section in params.items():
+        if section is None:  # an empty section: the defaults
+            continue
+        _mapping(section, name, source)
+        if name == "kubeflow":
+            _check_kubeflow(section, source)
+        else:
+            _check_keys(section, [f.name for f in dataclasses.fields(SECTIONS[name])],
+                        f"{name}.", source)
+
+
+def _check_kubeflow(section: dict, source: str) -> None:
+    _check_keys(section, ("resources",), "kubeflow.", source)
+    resources = section.get("resources") or {}
+    _mapping(resources, "kubeflow.resources", source)
+    _check_keys(resources, KUBEFLOW_TASKS, "kubeflow.resources.", source)
+    for task, res in resources.items():
+        where = f"kubeflow.resources.{task}"
+        _mapping(res or {}, where, source)
+        _check_keys(res or {}, KUBEFLOW_RESOURCES, f"{where}.", source)
+        for key, value in (res or {}).items():
+            if isinstance(value, bool) or not (
+                    isinstance(value, int) and value >= 0 if key == "gpu"
+                    else isinstance(value, (str, int, float)) and str(value).strip()):
+                rule = ("a whole number of GPUs" if key == "gpu" else
+                        "a Kubernetes quantity such as \"4\" or 8Gi")
+                raise ConfigError(f"{source}: {where}.{key} = {shown(value)}: must be {rule}")
+
+
+def check_params(params: dict, source: str = "params") -> None:
+    """Every section checked as its step will check it: for a command that starts several
+    steps (a pipeline, an experiment), so that a bad value stops it before the first step."""
+    check_layout(params, source)
+    for cls in SECTIONS.values():
+        cls.from_dict(params.get(cls.SECTION), source)
 
 
 def task_resources(params: dict) -> dict[str, dict]:
     """{task: {cpu, memory[, gpu]}} from params.yaml's `kubeflow.resources`: the pipeline's
     pods (requests = limits: the Guaranteed QoS class, and a task that outgrows them fails
     visibly) and, for `train`, each node of a distributed TrainJob."""
-    resources = (params.get("kubeflow") or {}).get("resources") or {}
+    kubeflow = params.get("kubeflow") or {}
+    _mapping(kubeflow, "kubeflow", "params")
+    _check_kubeflow(kubeflow, "params")
+    resources = kubeflow.get("resources") or {}
     default = resources.get("default") or {"cpu": "1", "memory": "2Gi"}
-    tasks = ("materialise", *STEP_SECTIONS)
-    if unknown := sorted(set(resources) - {"default", *tasks}):
-        raise ValueError(f"kubeflow.resources: unknown tasks {unknown}; known: {list(tasks)}")
-    return {"default": default,
-            **{task: {**default, **(resources.get(task) or {})} for task in tasks}}
+    return {"default": default, **{task: {**default, **(resources.get(task) or {})}
+                                   for task in KUBEFLOW_TASKS[1:]}}
