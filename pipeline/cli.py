@@ -33,18 +33,6 @@ from components.common import cli_args
 from components.common.config import PARAMS_FILE, ConfigError
 
 
-def _set_dotted(params: dict, dotted: str, value: Any) -> None:
-    node = params
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        if not isinstance(node.get(key), dict):
-            raise SystemExit(f"--param {dotted}: {key!r} is not a section of params.yaml")
-        node = node[key]
-    if leaf not in node:
-        raise SystemExit(f"--param {dotted}: no such key in params.yaml")
-    node[leaf] = value
-
-
 def resolve_params(params_files: list[str] | None = None, param: list[str] | None = None,
                    params_path: str | None = None) -> tuple[dict, dict[str, Any]]:
     """(params, direct pipeline arguments): the base params + params files + `k=v` overrides,
@@ -61,7 +49,7 @@ def resolve_params(params_files: list[str] | None = None, param: list[str] | Non
         if key in names:
             direct[key] = value
         elif "." in key:
-            _set_dotted(params, key, value)
+            cli_args.set_dotted(params, key, value)
         else:
             raise SystemExit(f"--param {key}: not a pipeline parameter ({', '.join(sorted(names))}) "
                              "nor a dotted params.yaml key")
@@ -113,10 +101,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_run_local(args: argparse.Namespace) -> int:
     from kfp import local
 
+    from pipeline.data import check_dataset_folder
     from pipeline.pipeline import build_pipeline
 
     params, arguments = build_arguments(args.params_file, args.param, args.params)
     arguments["local_data"] = str(Path(args.data or arguments["data_path"]).resolve())
+    check_dataset_folder(arguments["local_data"])
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=args.pipeline_root, raise_on_error=True)
     build_pipeline(params)(**arguments)

@@ -50,6 +50,33 @@ def _dvc_file_md5(text: str) -> str | None:
     return outs[0].get("md5") if outs else None
 
 
+def check_dataset_folder(folder: str | Path) -> None:
+    """Refuse, in one line naming it, a local raw dataset folder that cannot be one: a
+    pipeline started on it would fail steps later under a KFP traceback."""
+    import os
+
+    from components.common.config import ConfigError
+    from components.common.labels import IMAGE_SUFFIXES
+
+    folder = Path(folder)
+    images, labels = folder / "images", folder / "labels.csv"
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+    elif not images.is_dir():
+        problem = "has no images/ folder"
+    elif not any(os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
+                 for e in os.scandir(images)):  # stops at the first image
+        problem = "has no .jpg, .jpeg or .png image in images/"
+    elif not labels.is_file():
+        problem = "has no labels.csv"
+    elif labels.stat().st_size == 0:
+        problem = "has an empty labels.csv"
+    else:
+        return
+    raise ConfigError(f"data folder {folder} {problem} (a raw dataset is images/, labels.csv "
+                      f"and optionally metadata.csv)")
+
+
 def materialise(
     out: str | Path,
     *,

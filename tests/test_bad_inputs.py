@@ -129,3 +129,71 @@ def test_a_full_disk_during_a_checkpoint_write_says_so(tmp_path):
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"no space left on the device writing {out}/checkpoint_last.pt" in done.stderr
     assert "Traceback" not in done.stderr and "inline_container" not in done.stderr
+
+
+# -- a bad setting or data folder stops a multi-step command before its first step ----------
+@pytest.mark.parametrize("case", ["missing", "empty", "no_images", "no_labels", "empty_labels"])
+def test_run_local_names_a_bad_data_folder_before_starting_kfp(tmp_path, capsys, case):
+    from pathlib import Path
+
+    from components.tools.cli import main as skinlesion
+
+    data = tmp_path / "raw"
+    if case != "missing":
+        data.mkdir()
+    if case in ("no_images", "empty_labels"):
+        (data / "images").mkdir()
+        (data / "images" / "notes.txt").write_text("not an image")
+    if case == "no_labels":
+        _images(data / "images", ["a"])
+    (data / "labels.csv").write_text("") if case == "empty_labels" else None
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    assert skinlesion(["pipeline", "run-local", "--data", str(data), "--pipeline_root",
+                       str(tmp_path / "root"), "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(data) in err, err[-2000:]
+    assert {"missing": "does not exist", "empty": "images/", "no_images": "no .jpg",
+            "no_labels": "labels.csv", "empty_labels": "labels.csv"}[case] in err
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.fixture
+def committed_project(tmp_path, monkeypatch):
+    """A git checkout holding the project's params.yaml, as `skinlesion exp run` needs."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
+    for role in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{role}_NAME", "t")
+        monkeypatch.setenv(f"GIT_{role}_EMAIL", "t@example.com")
+    for args in (["init", "-q"], ["add", "params.yaml"], ["commit", "-qm", "params"]):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("override,named", [
+    ("evaluate.bootstrap=-1", "evaluate.bootstrap = -1: must be >= 0"),
+    ("train.gpu_resident=maybe", "train.gpu_resident = 'maybe': must be one of auto, on, off"),
+    ("+train.epoch=3", "unknown key train.epoch"),
+    ("train.dims=[&a [1], *a]", "aliases"),
+])
+def test_exp_run_refuses_a_bad_override_before_dvc_starts(committed_project, capsys, override,
+                                                          named):
+    from components.tools import experiments
+
+    assert experiments.main(["run", "-S", override]) == 1
+    err = capsys.readouterr().err
+    assert named in err and err.count("\n") == 1 and "dvc exp run failed" not in err, err
+
+
+def test_exp_run_accepts_yaml_booleans_for_on_off_choices(committed_project, tmp_path):
+    from components.tools import experiments
+
+    (tmp_path / "cpu.yaml").write_text("train:\n  gpu_resident: on\n")  # as DVC writes it
+    experiments.check_overrides(committed_project, [str(tmp_path / "cpu.yaml")],
+                                ["train.gpu_resident=off", "~train.dims"])

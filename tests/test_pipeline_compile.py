@@ -197,7 +197,7 @@ def test_arguments_merge_params_files_and_overrides(tmp_path):
     assert args["train_params"]["preset"] == defaults["train"]["preset"]
     assert args["split_params"]["seed"] == 3 and args["register_params"]["gate_threshold"] == 0.25
     assert args["mlflow_tracking_uri"] == "http://mlflow:5000"
-    with pytest.raises(SystemExit, match="no such key"):
+    with pytest.raises(ValueError, match="no such key"):
         build_arguments([], ["train.epoch=2"], params_path=str(ROOT / "params.yaml"))
     with pytest.raises(SystemExit, match="not a pipeline parameter"):
         build_arguments([], ["epochs=2"], params_path=str(ROOT / "params.yaml"))

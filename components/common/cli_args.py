@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from components.common.config import PARAMS_FILE, parse_yaml
+from components.common.config import PARAMS_FILE, ConfigError, parse_yaml
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -91,3 +91,18 @@ def parse_assignment(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise SystemExit(f"--param {item!r}: expected KEY=VALUE")
     return key, parse_yaml(raw, f"--param {key}") if raw != "" else ""
+
+
+def set_dotted(params: dict, dotted: str, value: Any, add: bool = False) -> None:
+    """params[a][b] = value for `a.b`; the key must exist unless `add` (dvc's `-S +a.b=v`)."""
+    node = params
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        if add and node.get(key) is None:
+            node[key] = {}
+        if not isinstance(node.get(key), dict):
+            raise ConfigError(f"{dotted}: {key!r} is not a section of params.yaml")
+        node = node[key]
+    if leaf not in node and not add:
+        raise ConfigError(f"{dotted}: no such key in params.yaml")
+    node[leaf] = value

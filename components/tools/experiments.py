@@ -27,7 +27,8 @@ from pathlib import Path
 import pandas as pd
 
 from components.common import cli_args, outputs
-from components.common.config import PARAMS_FILE, committed_text, load_params, read_yaml
+from components.common.config import (PARAMS_FILE, ConfigError, check_params, committed_text,
+                                      load_params, read_yaml)
 from components.tools import venv
 
 HEADLINE_FILE = f"outputs/eval/{outputs.HEADLINE_METRICS}"
@@ -106,11 +107,24 @@ def check_committed(root: Path) -> None:
                                 "the committed project)")
 
 
+def check_overrides(root: Path, params_files: list[str], set_params: list[str]) -> None:
+    """The experiment's params (committed + files + -S, the values read as YAML, as Hydra
+    mostly does) checked in full before DVC starts: a bad value must not wait for its stage
+    while the stages before it run."""
+    params = load_params([root / PARAMS_FILE, *params_files])
+    for item in set_params:
+        if not item.startswith("~"):  # Hydra's deletion: the step's default
+            key, value = cli_args.parse_assignment(item.lstrip("+"))
+            cli_args.set_dotted(params, key, value, add=item.startswith("+"))
+    check_params(params, ", ".join([PARAMS_FILE, *params_files, *(["-S"] if set_params else [])]))
+
+
 def run(root: Path, name: str | None = None, params_files: list[str] = (),
         set_params: list[str] = ()) -> str:
     """Run one experiment with `dvc exp run --temp`; returns its name."""
     root = Path(root).resolve()
     check_committed(root)
+    check_overrides(root, params_files, set_params)
     flags = [flag for f in params_files for flag in dvc_set_params(f, str(root / PARAMS_FILE))]
     for item in set_params:
         flags += ["-S", item]
@@ -211,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"unchanged")
             return 0
         frame = table(root, experiments(root, args.all))
-    except (ExperimentRefused, RuntimeError, subprocess.CalledProcessError) as err:
+    except (ExperimentRefused, ConfigError, RuntimeError, subprocess.CalledProcessError) as err:
         print(f"skinlesion exp: {err}", file=sys.stderr)
         return 1
     if args.format == "json":
