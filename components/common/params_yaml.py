@@ -47,6 +47,13 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a params file must not hold."""
+
+    def __init__(self, problem: str, mark) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
 class _ParamsLoader(yaml.SafeLoader):
     """PyYAML's safe loader without what a params file never needs: anchors and aliases (a
     few lines of them expand to billions of values), nesting deeper than MAX_DEPTH (the
@@ -55,13 +62,12 @@ class _ParamsLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise yaml.MarkedYAMLError(problem="anchors and aliases (&, *) are not allowed in "
-                                               "a params file", problem_mark=event.start_mark)
+            raise _Refused("anchors and aliases (&, *) are not allowed in a params file",
+                           event.start_mark)
         self._depth = getattr(self, "_depth", 0) + 1
         try:
             if self._depth > MAX_DEPTH:
-                raise yaml.MarkedYAMLError(problem=f"nested more than {MAX_DEPTH} levels deep",
-                                           problem_mark=event.start_mark)
+                raise _Refused(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -72,8 +78,7 @@ class _ParamsLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             try:
                 if key in seen:
-                    raise yaml.MarkedYAMLError(problem=f"key {shown(key)} is given twice",
-                                               problem_mark=key_node.start_mark)
+                    raise _Refused(f"key {shown(key)} is given twice", key_node.start_mark)
                 seen.add(key)
             except TypeError:  # unhashable: SafeConstructor says so below
                 break
@@ -87,12 +92,12 @@ def parse_yaml(text: str, source: str) -> Any:
         return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = err.problem or err.context
-        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = "" if isinstance(err, _Refused) else "not valid YAML at "
+        problem = str(err.problem or err.context)[:160]
+        raise ConfigError(f"{source}: {what}{where}{problem}") from None
     except (yaml.YAMLError, ValueError) as err:  # ValueError: an int of over 4300 digits
         raise ConfigError(f"{source}: not valid YAML: {shown(str(err))}") from None
-
 
 
 def read_text(path: str | os.PathLike) -> str:
