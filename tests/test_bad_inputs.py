@@ -180,6 +180,7 @@ def committed_project(tmp_path, monkeypatch):
     ("evaluate.bootstrap=-1", "evaluate.bootstrap = -1: must be >= 0"),
     ("train.gpu_resident=maybe", "train.gpu_resident = 'maybe': must be one of auto, on, off"),
     ("+train.epoch=3", "unknown key train.epoch"),
+    ("params.yaml:train.epochs=0", "train.epochs = 0: must be at least 1"),
     ("train.dims=[&a [1], *a]", "aliases"),
 ])
 def test_exp_run_refuses_a_bad_override_before_dvc_starts(committed_project, capsys, override,
@@ -196,4 +197,4 @@ def test_exp_run_accepts_yaml_booleans_for_on_off_choices(committed_project, tmp
 
     (tmp_path / "cpu.yaml").write_text("train:\n  gpu_resident: on\n")  # as DVC writes it
     experiments.check_overrides(committed_project, [str(tmp_path / "cpu.yaml")],
-                                ["train.gpu_resident=off", "~train.dims"])
+                                ["train.gpu_resident=off", "~train.dims", "other.yaml:x=1"])

@@ -163,8 +163,9 @@ class StepConfig:
     @classmethod
     def from_dict(cls, values: dict, source: str = "arguments"):
         """The config from a section's values (None: the default); unknown keys are errors."""
-        _mapping(values or {}, cls.SECTION, source)
-        values = {k: v for k, v in (values or {}).items() if v is not None}
+        values = {} if values is None else values
+        _mapping(values, cls.SECTION, source)
+        values = {k: v for k, v in values.items() if v is not None}
         _check_keys(values, [f.name for f in dataclasses.fields(cls)], f"{cls.SECTION}.", source)
         try:
             return cls(**values)
@@ -362,7 +363,7 @@ SECTIONS: dict[str, type[StepConfig]] = {
     c.SECTION: c for c in (DataConfig, PreprocessConfig, SplitConfig, ClassWeightsConfig,
                            TrainConfig, EvaluateConfig, RegisterConfig)}
 STEP_SECTIONS = ("preprocess", "split", "class_weights", "train", "evaluate", "register")
-KUBEFLOW_TASKS = ("default", "materialise", *STEP_SECTIONS)
+KUBEFLOW_TASKS = ("materialise", *STEP_SECTIONS)  # and `default`, for the tasks not named
 KUBEFLOW_RESOURCES = ("cpu", "memory", "gpu")
 
 
@@ -385,7 +386,7 @@ def _check_kubeflow(section: dict, source: str) -> None:
     _check_keys(section, ("resources",), "kubeflow.", source)
     resources = section.get("resources") or {}
     _mapping(resources, "kubeflow.resources", source)
-    _check_keys(resources, KUBEFLOW_TASKS, "kubeflow.resources.", source)
+    _check_keys(resources, ("default", *KUBEFLOW_TASKS), "kubeflow.resources.", source)
     for task, res in resources.items():
         where = f"kubeflow.resources.{task}"
         _mapping(res or {}, where, source)
@@ -417,4 +418,4 @@ def task_resources(params: dict) -> dict[str, dict]:
     resources = kubeflow.get("resources") or {}
     default = resources.get("default") or {"cpu": "1", "memory": "2Gi"}
     return {"default": default, **{task: {**default, **(resources.get(task) or {})}
-                                   for task in KUBEFLOW_TASKS[1:]}}
+                                   for task in KUBEFLOW_TASKS}}

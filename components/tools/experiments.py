@@ -113,6 +113,10 @@ def check_overrides(root: Path, params_files: list[str], set_params: list[str]) 
     while the stages before it run."""
     params = load_params([root / PARAMS_FILE, *params_files])
     for item in set_params:
+        if ":" in item.partition("=")[0]:  # dvc's FILE:KEY=VALUE
+            file, _, item = item.partition(":")
+            if file != PARAMS_FILE:
+                continue
         if not item.startswith("~"):  # Hydra's deletion: the step's default
             key, value = cli_args.parse_assignment(item.lstrip("+"))
             cli_args.set_dotted(params, key, value, add=item.startswith("+"))
