@@ -146,6 +146,7 @@ def test_a_billion_laughs_file_is_refused_at_once_in_one_short_line(tmp_path):
     ("split:\n  nested: {deep: 1}\n", "split.nested"),
     ("train:\n  dims: " + "[" * 200 + "]" * 200 + "\n", "nested"),
     ("train: {epochs: 1\n", "not valid YAML at line 2"),
+    ("# " + "x" * (64 << 10) + "\n", "is over 64 KiB"),
     ("train:\n  epochs: 3\n  epochs: 4\n", "line 3, column 3: key 'epochs' is given twice"),
     ("train:\n  epochs: " + "9" * 5000 + "\n", "not valid YAML"),
 ])
@@ -160,10 +161,17 @@ def test_bad_params_files_are_refused_in_one_line_naming_file_and_key(tmp_path, 
 
 def test_error_messages_never_echo_a_huge_value(tmp_path):
     bad = tmp_path / "p.yaml"
-    bad.write_text("train:\n  dims: [" + ", ".join(["1"] * 200_000) + "]\n")
+    bad.write_text("train:\n  dims: [" + ", ".join(["1"] * 20_000) + "]\n")
     with pytest.raises(ConfigError) as err:
         TrainConfig.resolve(bad)
     assert "train.dims" in str(err.value) and len(str(err.value)) < 400
     with pytest.raises(ConfigError) as err:
         TrainConfig.from_dict({"preset": "x" * 100_000})
     assert "train.preset" in str(err.value) and len(str(err.value)) < 400
+
+
+def test_the_committed_text_of_a_params_file_goes_through_the_same_checks():
+    with pytest.raises(ConfigError, match=r"git HEAD:params.yaml is over 64 KiB"):
+        parse_params("#" * (65 << 10), "git HEAD:params.yaml")
+    with pytest.raises(ConfigError, match=r"git HEAD:params.yaml: unknown key kubeflow.resorces"):
+        parse_params("kubeflow:\n  resorces: {}\n", "git HEAD:params.yaml")

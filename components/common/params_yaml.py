@@ -18,7 +18,7 @@ import yaml
 
 # A params file is a few kilobytes, three levels deep (kubeflow.resources.train.cpu): these
 # bounds refuse a hostile one before it costs time or memory.
-MAX_PARAMS_BYTES = 1 << 20
+MAX_PARAMS_BYTES = 64 << 10  # params.yaml, comments and all, is under 8 KiB
 MAX_DEPTH = 8
 
 
@@ -85,9 +85,15 @@ class _ParamsLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _too_big(source: str) -> ConfigError:
+    return ConfigError(f"{source} is over {MAX_PARAMS_BYTES >> 10} KiB: not a params file")
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """A params file's text (or a `--param` value) as Python values, through _ParamsLoader;
     one line naming `source` and the line for anything it cannot read."""
+    if len(text) > MAX_PARAMS_BYTES:  # PyYAML reads about 70 KiB a second
+        raise _too_big(source)
     try:
         return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as err:
@@ -106,8 +112,7 @@ def read_text(path: str | os.PathLike) -> str:
     path = Path(path)
     try:
         if path.stat().st_size > MAX_PARAMS_BYTES:
-            raise ConfigError(f"params file {path} is over {MAX_PARAMS_BYTES >> 10} KiB: not "
-                              f"a params file")
+            raise _too_big(f"params file {path}")
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"params file {path} does not exist") from None
