@@ -4,6 +4,8 @@ test_labels.py proves the reader's messages (file and line) for each bad row, an
 test_preprocess.py the bad images; this file adds what they leave out: the steps (preprocess,
 split, train) stop on a bad CSV naming the file and line and leave no output behind, and the
 integer and one-hot formats, like the official one, are accepted with a BOM and CRLF endings.
+Commands that start several steps (`pipeline run-local`, `exp run`) stop on a bad data folder
+or setting before the first step, in one line.
 """
 from __future__ import annotations
 
@@ -146,7 +148,8 @@ def test_run_local_names_a_bad_data_folder_before_starting_kfp(tmp_path, capsys,
         (data / "images" / "notes.txt").write_text("not an image")
     if case == "no_labels":
         _images(data / "images", ["a"])
-    (data / "labels.csv").write_text("") if case == "empty_labels" else None
+    if case == "empty_labels":
+        (data / "labels.csv").write_text("")
     params = Path(__file__).resolve().parents[1] / "params.yaml"
     assert skinlesion(["pipeline", "run-local", "--data", str(data), "--pipeline_root",
                        str(tmp_path / "root"), "--params", str(params)]) == 1
