@@ -295,8 +295,9 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
         from components.common.images import finish_image
 
         try:
-            image = finish_image(im, info, self.info.get("color_constancy", "none"),
-                                 float(self.info.get("minkowski_p", 6.0)))
+            image, _ = finish_image(im, info, int(self.info["prepare_size"]),
+                                    self.info.get("color_constancy", "none"),
+                                    float(self.info.get("minkowski_p", 6.0)))
         except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise ImageInputError("400 not a decodable image") from None
         return self.transform(image)
