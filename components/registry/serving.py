@@ -31,26 +31,24 @@ Security model of the served model (`mlflow models serve`, `skinlesion serve`):
   (no file-existence oracle); `skinlesion predict` turns paths on for its own, local use
   (model_config {"allow_paths": true}), and SKINLESION_SERVING_ALLOW_PATHS=1 does for a server
   explicitly meant to read its own disk;
-- limits, each an error naming it: MAX_ROWS rows per request (HTTP 400 for the request,
+- limits, each an error naming it, all checked from the headers before any row is decoded
+  (a JPEG counts at the reduced scale it decodes at): MAX_ROWS rows per request (HTTP 400,
   "request refused: ..."), MAX_IMAGE_BYTES encoded bytes and `max_pixels` decoded pixels per
-  image, and MAX_REQUEST_PIXELS decoded pixels per request (an error row each). Every limit
-  is checked from the image headers before any row is decoded (a JPEG counts at the reduced
-  scale it will decode at), so a request's work is bounded before it starts; one image is
-  decoded at a time and freed memory is handed back to the OS after each request;
-- `max_pixels` defaults to 128 x prepare_size^2: an image whose short side is 8 times what the
-  model looks at (aspect up to 2:1) already has 64 pixels for every one the model keeps, and
-  8 is also the largest scale a JPEG decodes at directly;
+  image, MAX_REQUEST_PIXELS decoded pixels per request (an error row each); `max_pixels` is
+  128 x prepare_size^2 by default: a short side 8 times what the model keeps (aspect up to
+  2:1), 64 pixels for each one it uses, and 8 is the largest scale a JPEG decodes at directly;
+- one image is decoded at a time; freed memory goes back to the OS after each request;
 - error texts are fixed sentences: never an exception's repr, a path or a heap address;
-- served by `skinlesion serve` (scoring_app.py), work stops at the next row once the request
-  is gone (the client hung up, or the server answered 504 after its timeout).
-The limits are environment settings (SKINLESION_SERVING_MAX_ROWS, _MAX_IMAGE_BYTES,
-_MAX_PIXELS, _MAX_REQUEST_PIXELS, and the HTTP body's _MAX_REQUEST_BYTES in scoring_app.py).
+- under `skinlesion serve` (scoring_app.py) work stops at the next row once the request is
+  gone (the client hung up, or the server answered 504 after its timeout).
+The limits are environment settings SKINLESION_SERVING_<NAME> (MAX_ROWS, MAX_IMAGE_BYTES,
+MAX_PIXELS, MAX_REQUEST_PIXELS; the HTTP body's MAX_REQUEST_BYTES is scoring_app.py's).
 
 Preprocessing is the pipeline's, read from preprocessing.json: decode, EXIF-rotate, RGB,
 resize the short side to `prepare_size` and apply the colour constancy (what the preprocess
 step did to training images, by the same function: components/common/images.py), then the
-evaluation transform (resize the short side to
-`resize_size`, centre-crop `img_size`, scale to [0, 1], normalise with mean/std).
+evaluation transform (resize the short side to `resize_size`, centre-crop `img_size`, scale
+to [0, 1], normalise with mean/std).
 
 """
 from __future__ import annotations
