@@ -219,3 +219,50 @@ def test_work_stops_once_the_request_is_gone(model_dir, images):
             model.predict(None, [images["a.jpg"].read_bytes()] * 3)
     finally:
         scoring_app.CURRENT_REQUEST.reset(token)
+
+
+def test_the_work_stops_when_the_client_leaves(model_dir, monkeypatch):
+    """Issue 24 #9: MLflow's scoring server went on decoding for 40 s after its 504. Here the
+    real app (create_app: MLflow's scoring app behind the guard) runs in this process, under
+    budgets that let one request hold about 64 x 0.2 s of decoding; the client hangs up once
+    the work has begun, and the process is idle again within 3 s."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    rows = 64
+    for name, value in {"MAX_ROWS": rows, "MAX_PIXELS": 50_000_000,
+                        "MAX_REQUEST_PIXELS": 10**10, "MAX_IMAGE_BYTES": 10**6}.items():
+        monkeypatch.setenv(f"SKINLESION_SERVING_{name}", str(value))
+    monkeypatch.setenv(scoring_app.MODEL_ENV, str(model_dir))
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "false")  # init() sets it: restored
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(scoring_app.create_app(), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the in-process server did not start"
+            time.sleep(0.05)
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
+            [_b64(_png(7700, 5150))]] * rows}}).encode()
+        start = time.process_time()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                           b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            begun = time.monotonic() + 60
+            while time.process_time() - start < 1.0:  # decoding has begun
+                assert time.monotonic() < begun, "the request never started its work"
+                time.sleep(0.05)
+        deadline = time.monotonic() + 3
+        while True:
+            before = time.process_time()
+            time.sleep(0.3)
+            if time.process_time() - before < 0.05:
+                break
+            assert time.monotonic() < deadline, "the server is still busy 3 s after the client left"
+    finally:
+        server.should_exit = True
+        thread.join(10)
