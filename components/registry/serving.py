@@ -266,7 +266,7 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
             raise ImageInputError("400 not a base64-encoded image"
                                   + (", nor a readable file" if self.allow_paths else "")) from None
 
-    def open(self, value: Any):
+    def read_header(self, value: Any):
         """One input value -> (opened image, facts) from its header alone, within the limits per
         image; ImageInputError when it is not an image or is too large."""
         from PIL import Image
@@ -287,7 +287,7 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
         return im, info
 
     def decode(self, im, info: dict) -> torch.Tensor:
-        """An opened image (open) -> normalised CHW tensor, prepared as in training."""
+        """An opened image (read_header) -> normalised CHW tensor, prepared as in training."""
         from PIL import Image
 
         from components.common.images import finish_image
@@ -302,7 +302,7 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
 
     def preprocess(self, value: Any) -> torch.Tensor:
         """One input value -> normalised CHW tensor; ImageInputError when it is not an image."""
-        return self.decode(*self.open(value))
+        return self.decode(*self.read_header(value))
 
     # -- prediction
 
@@ -358,7 +358,7 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
         opened, spent = {}, 0
         for i, value in enumerate(values):
             try:
-                im, info = self.open(value)
+                im, info = self.read_header(value)
             except ImageInputError as err:
                 errors[i] = str(err)
                 continue
