@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import resource
+import signal
+import sys
 from pathlib import Path
 
 import mlflow
@@ -19,7 +23,7 @@ from components.registry import serving
 from components.tools import predict
 from components.training.transforms import eval_transform
 from conftest import TINY_IMG
-
+from procs import run_group
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +106,45 @@ def test_cli_names_a_model_that_does_not_load(tmp_path, images, capsys):
     rc = predict.main(["--model", "models:/no-such-model@champion", "--tracking-uri", uri,
                        str(images["a.jpg"])])
     assert rc == 2 and "cannot load models:/no-such-model@champion" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def folder_of_300(tmp_path_factory) -> Path:
+    """300 tiny PNGs: more than the served model's 256 rows per request."""
+    folder = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(3)
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"im{i:03d}.png")
+    return folder
+
+
+def test_a_folder_over_the_row_limit_is_predicted_in_requests(model_dir, folder_of_300, tmp_path):
+    """Issue 24 #11: 300 images failed as '300 rows in one request', blaming the model."""
+    out = tmp_path / "pred.csv"
+    assert predict.main(["--model", str(model_dir), "--dir", str(folder_of_300), "--out", str(out)]) == 0
+    table = pd.read_csv(out, keep_default_na=False)
+    assert [Path(p).name for p in table["image"]] == [f"im{i:03d}.png" for i in range(300)]
+    assert (table["error"] == "").all() and not Path(f"{out}.partial").exists()
+
+
+def test_a_run_stopped_midway_keeps_the_requests_done(model_dir, folder_of_300, tmp_path):
+    """A full disk (RLIMIT_FSIZE: room for 1.5 requests of 100 rows) stops the run after the first
+    request: OUT.partial holds its 100 rows, a valid CSV, and nothing is at OUT."""
+    out = tmp_path / "pred.csv"
+    row = len(str(folder_of_300 / "im000.png")) + 80  # path, 8 probabilities, class, error
+    room = 100 + 150 * row
+
+    def full_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
+
+    proc = run_group([sys.executable, "-m", "components.tools.cli", "predict", "--model",
+                      str(model_dir), "--dir", str(folder_of_300), "--out", str(out),
+                      "--batch_size", "100"], timeout=120, preexec_fn=full_disk,
+                     env={**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "stopped after 100 of 300 images" in proc.stderr and f"{out}.partial" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+    kept = pd.read_csv(f"{out}.partial", keep_default_na=False)
+    assert [Path(p).name for p in kept["image"]] == [f"im{i:03d}.png" for i in range(100)]
+    assert (kept["error"] == "").all() and set(kept["predicted"]) <= set(CLASSES)

@@ -53,34 +53,57 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # CMYK, L, 1, YCbCr, ...
 
 
+def open_image(data: bytes, size: int, *, draft: bool = True,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, dict]:
+    """Read only the header of encoded image bytes: the opened, not yet decoded image and
+    {"src_format", "src_mode", "decoded_pixels"}, what decoding will cost (a JPEG is set to
+    decode at the smallest 1/2, 1/4 or 1/8 scale not under the target size). `max_pixels`
+    bounds the source's own size (the decompression bomb guard). finish_image decodes it.
+    (No EXIF here: a PNG's getexif() decodes the whole image to look for it.)"""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:  # Pillow's own guard, at twice its limit
+        raise CorruptImageError(f"decompression bomb guard: {err}") from None
+    raw_w, raw_h = im.size
+    if raw_w * raw_h > max_pixels:
+        im.close()
+        raise CorruptImageError(
+            f"decompression bomb guard: {raw_w}x{raw_h} = {raw_w * raw_h:,} pixels "
+            f"exceeds the limit of {max_pixels:,} (--max_pixels)")
+    info = {"src_format": im.format, "src_mode": im.mode}
+    if draft and im.format in ("JPEG", "MPO"):  # MPO: multi-picture JPEG from cameras
+        # target_size is the same turned by 90 degrees: no need to know the EXIF rotation
+        im.draft(None, target_size(raw_w, raw_h, size))
+    return im, {**info, "raw_size": (raw_w, raw_h), "decoded_pixels": im.size[0] * im.size[1]}
+
+
+def finish_image(im: Image.Image, info: dict, size: int, color: str = "none",
+                 minkowski_p: float = 6.0) -> tuple[Image.Image, dict]:
+    """Decode an image from open_image: EXIF rotation, RGB, short side `size`, colour
+    constancy; plus the source facts."""
+    with im:
+        orientation = im.getexif().get(0x0112, 1)
+        raw_w, raw_h = info["raw_size"]
+        rotated = orientation in (5, 6, 7, 8)  # EXIF orientations that swap width and height
+        width, height = (raw_h, raw_w) if rotated else (raw_w, raw_h)
+        out_w, out_h = target_size(width, height, size)
+        if orientation != 1:
+            im = ImageOps.exif_transpose(im)
+        # reducing_gap: a box reduce by whole factors first, then Lanczos over the last 3x or
+        # less (Pillow: indistinguishable from a plain Lanczos), 8x faster from 40 MP.
+        resized = to_rgb(im).resize((out_w, out_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    facts = {"src_format": info["src_format"], "src_mode": info["src_mode"],
+             "src_width": width, "src_height": height, "width": out_w, "height": out_h}
+    return color_constancy(resized, color, minkowski_p), facts
+
+
 def prepare_image(data: bytes, size: int, *, draft: bool = True,
                   max_pixels: int = DEFAULT_MAX_PIXELS, color: str = "none",
                   minkowski_p: float = 6.0) -> tuple[Image.Image, dict]:
     """Decode encoded image bytes into an RGB image with short side `size` (then colour
     constancy `color`, on the resized image), plus source facts."""
-    try:
-        opened = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:  # Pillow's own guard, at twice its limit
-        raise CorruptImageError(f"decompression bomb guard: {err}") from None
-    with opened as im:
-        raw_w, raw_h = im.size
-        if raw_w * raw_h > max_pixels:
-            raise CorruptImageError(
-                f"decompression bomb guard: {raw_w}x{raw_h} = {raw_w * raw_h:,} pixels "
-                f"exceeds the limit of {max_pixels:,} (--max_pixels)")
-        info = {"src_format": im.format, "src_mode": im.mode}
-        orientation = im.getexif().get(0x0112, 1)
-        rotated = orientation in (5, 6, 7, 8)  # EXIF orientations that swap width and height
-        width, height = (raw_h, raw_w) if rotated else (raw_w, raw_h)
-        out_w, out_h = target_size(width, height, size)
-        if draft and im.format in ("JPEG", "MPO"):  # MPO: multi-picture JPEG from cameras
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target size.
-            im.draft(None, (out_h, out_w) if rotated else (out_w, out_h))
-        if orientation != 1:
-            im = ImageOps.exif_transpose(im)
-        resized = to_rgb(im).resize((out_w, out_h), Image.Resampling.LANCZOS)
-    resized = color_constancy(resized, color, minkowski_p)
-    return resized, {**info, "src_width": width, "src_height": height, "width": out_w, "height": out_h}
+    im, info = open_image(data, size, draft=draft, max_pixels=max_pixels)
+    return finish_image(im, info, size, color, minkowski_p)
 
 
 def shades_of_gray(image: Image.Image, p: float = 6.0) -> Image.Image:

@@ -16,20 +16,27 @@ format).
 
 Output (`--out`, else stdout): CSV `image,MEL,...,SCC,predicted,error`, one row per input in
 input order. An unreadable or missing image gets an `error` text (and is reported on stderr);
-the other images are still predicted. Exit status: 0 when every image was predicted, 1 when
-some were not (the CSV is still written), 2 for usage errors or a model that does not load.
+the other images are still predicted. The images go to the model in requests of at most
+`--batch_size` and at most the model's row limit (SKINLESION_SERVING_MAX_ROWS, 256), and each
+request's rows are written as soon as it is answered: to `OUT.partial`, renamed to `--out` once
+every image is done. A run that stops midway (a full disk, an error, a kill) leaves
+`OUT.partial` holding every finished request's rows, a valid CSV; a new run starts over.
+Exit status: 0 when every image was predicted, 1 when some were not (the CSV is still
+written), 2 for usage errors, a model that does not load, or a run that did not finish.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from components.common import atomic, cli_args, tracking
+from components.common import cli_args, tracking
 from components.common.labels import IMAGE_SUFFIXES, find_image
 from components.registry.client import CHAMPION, champion_uri
+from components.registry.serving import MAX_ROWS
 
 
 def list_dir(folder: str | os.PathLike) -> list[str]:
@@ -101,19 +108,76 @@ def predict_paths(model, paths: list[str], batch_size: int = 32) -> pd.DataFrame
     return table.reset_index(drop=True)
 
 
+class PredictStopped(RuntimeError):
+    """A run that did not finish; the rows done are in `partial` (None: they went to stdout)."""
+
+    def __init__(self, done: int, partial: Path | None, reason: str):
+        super().__init__(reason)
+        self.done, self.partial = done, partial
+
+
+def request_rows(model, batch_size: int) -> int:
+    """Images per request: at most batch_size and the served model's row limit."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        limit = getattr(model.unwrap_python_model(), "max_rows", MAX_ROWS)
+    except MlflowException:  # not a python-model pyfunc: the default limit
+        limit = MAX_ROWS
+    return max(1, min(batch_size, limit))
+
+
+def write_predictions(model, paths: list[str], out: str | os.PathLike | None,
+                      batch_size: int = 32) -> dict:
+    """Predict `paths` one request at a time, writing each request's rows as it is answered
+    (module docstring). Returns {"n_images", "n_failed", "failed": {path: error}, "out"};
+    raises PredictStopped when it cannot finish."""
+    rows = request_rows(model, batch_size)
+    partial = Path(f"{out}.partial") if out is not None else None
+    # Unbuffered appends: after a failed write nothing is left in a buffer to land later.
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if partial else None
+    failed, done, written = {}, 0, 0
+    try:
+        for start in range(0, max(len(paths), 1), rows):
+            table = predict_paths(model, paths[start:start + rows], batch_size)
+            text = table.to_csv(index=False, header=start == 0, float_format="%.6f")
+            if fd is None:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            else:
+                written += _append(fd, text.encode("utf-8"))
+            done += len(table)
+            failed.update((row.image, row.error) for row in table.itertuples() if row.error)
+    except Exception as err:  # noqa: BLE001 - keep the rows done, say why it stopped
+        if fd is not None:
+            with contextlib.suppress(OSError):  # drop a request's rows cut short (full disk)
+                os.ftruncate(fd, written)
+        raise PredictStopped(done, partial, str(err).splitlines()[0] if str(err)
+                             else type(err).__name__) from err
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if partial:
+        os.replace(partial, out)
+    return {"n_images": len(paths), "n_failed": len(failed), "failed": failed,
+            "out": str(out) if out is not None else None}
+
+
+def _append(fd: int, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+    return len(data)
+
+
 def run(model_uri: str, images: list[str], out: str | os.PathLike | None = None, *,
         batch_size: int = 32, tracking_uri: str | None = None) -> dict:
-    """Predict `images` (paths) with the model at `model_uri`; write the CSV to `out` when
-    given. Returns {"table": DataFrame, "n_images", "n_failed", "failed": {path: error}, "out"}."""
+    """Predict `images` (paths) with the model at `model_uri` into `out` (else stdout); see
+    write_predictions."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    model = load(model_uri, tracking_uri)
-    table = predict_paths(model, list(images), batch_size)
-    if out is not None:
-        atomic.write_text(out, table.to_csv(index=False, float_format="%.6f"))
-    failed = {row.image: row.error for row in table.itertuples() if row.error}
-    return {"table": table, "n_images": len(table), "n_failed": len(failed), "failed": failed,
-            "out": str(out) if out is not None else None}
+    return write_predictions(load(model_uri, tracking_uri), list(images), out, batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,16 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skinlesion predict: {err}", file=sys.stderr)
         return 2
     try:
-        result = run(model_uri, paths, args.out, batch_size=args.batch_size,
-                     tracking_uri=args.tracking_uri)
+        model = load(model_uri, args.tracking_uri)
     except Exception as err:  # noqa: BLE001 - model not found / store unreachable: one line
         print(f"skinlesion predict: cannot load {model_uri}: "
               f"{tracking.scrub(str(err).splitlines()[0])}", file=sys.stderr)
         return 2
+    try:
+        result = write_predictions(model, paths, args.out, args.batch_size)
+    except PredictStopped as err:
+        kept = f"; their rows are in {err.partial}" if err.partial else ""
+        print(f"skinlesion predict: stopped after {err.done} of {len(paths)} images: "
+              f"{tracking.scrub(str(err))}{kept}", file=sys.stderr)
+        return 2
     for path, error in result["failed"].items():
         print(f"skinlesion predict: {path}: {error}", file=sys.stderr)
-    if args.out is None:
-        result["table"].to_csv(sys.stdout, index=False, float_format="%.6f")
     print(f"predicted {result['n_images'] - result['n_failed']}/{result['n_images']} images"
           + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     return 1 if result["n_failed"] else 0

@@ -4,10 +4,11 @@ defaults, from a shell where nothing was activated.
     skinlesion serve [--model models:/skin-lesion-hybrid@champion] [--host 127.0.0.1]
                      [--port 5001] [--workers 1]
 
-It runs `mlflow models serve --env-manager local` with this interpreter's bin folder first on
-PATH (the scoring server is exec'd as `uvicorn` from PATH: without an activated venv it is not
-found) and the served model's safe defaults: no file paths, request and image limits
-(components/registry/serving.py). Requests:
+It runs MLflow's scoring server (what `mlflow models serve --env-manager local` runs) under
+this interpreter's `uvicorn`, behind a guard for what MLflow's request parsing lacks (body
+size, hostile JSON, error texts that repeat the request, work on a request that is gone:
+components/registry/scoring_app.py), with the served model's safe defaults: no file paths,
+request and image limits (components/registry/serving.py). Requests:
 
     curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\
         -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64 JPEG>"]]}}'
@@ -19,16 +20,20 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from components.common import cli_args, tracking
 from components.registry.client import CHAMPION, champion_uri
+from components.registry import scoring_app
 from components.registry.serving import ALLOW_PATHS_ENV
 from components.tools import venv
 
+ROOT = Path(__file__).resolve().parents[2]  # the checkout whose `components` the server imports
 
-def command(model: str, host: str, port: int, workers: int) -> list[str]:
-    return [venv.tool("mlflow"), "models", "serve", "-m", model,
-            "--env-manager", "local", "--host", host, "--port", str(port),
+
+def command(host: str, port: int, workers: int) -> list[str]:
+    return [venv.tool("uvicorn"), "--factory", "components.registry.scoring_app:create_app",
+            "--app-dir", str(ROOT), "--host", host, "--port", str(port),
             "--workers", str(workers)]
 
 
@@ -50,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     cli_args.add_params_flags(parser)
     args = parser.parse_args(argv)
     model = args.model or champion_uri(cli_args.params_paths(args))
-    env = environment()
+    env = {**environment(), scoring_app.MODEL_ENV: model}
     print(f"serving {model} on http://{args.host}:{args.port}/invocations (MLflow at "
           f"{tracking.redact(env['MLFLOW_TRACKING_URI'])})", file=sys.stderr, flush=True)
-    cmd = command(model, args.host, args.port, args.workers)
+    cmd = command(args.host, args.port, args.workers)
     os.execvpe(cmd[0], cmd, env)  # the server replaces this process: signals reach it
 
 
