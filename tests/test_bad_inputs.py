@@ -106,26 +106,18 @@ def test_labels_matching_no_image_stop_preprocess(tmp_path, capsys):
 
 
 def test_a_full_disk_during_a_checkpoint_write_says_so(tmp_path):
-    """A real full file system: a 64 KiB tmpfs, mounted in a private user and mount namespace
-    (unshare), holds the out dir; the first checkpoint does not fit."""
-    import shutil
-    import subprocess
+    """A real full file system (tests/full_disk.py): the first checkpoint does not fit."""
     import sys
 
+    from full_disk import on_small_tmpfs
     from tiny_data import TINY, make_splits
 
-    if shutil.which("unshare") is None or subprocess.run(
-            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
-        pytest.skip("unshare -rm (user and mount namespaces) is not permitted here")
     data = make_splits(tmp_path / "data")
     out = tmp_path / "full"
-    out.mkdir()
     train_cmd = [sys.executable, "-m", "components.train", "--train_csv", str(data["train"]),
                  "--img_dir", str(data["img_dir"]), "--out_dir", str(out), *TINY,
                  "--batch_size", "8", "--epochs", "1", "--num_workers", "0", "--no_mlflow"]
-    script = f"mount -t tmpfs -o size=64k tmpfs {out} && exec {' '.join(train_cmd)}"
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
-                          timeout=300)
+    done = on_small_tmpfs(out, 64, f"exec {' '.join(train_cmd)}", timeout=300)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"no space left on the device writing {out}/checkpoint_last.pt" in done.stderr
     assert "Traceback" not in done.stderr and "inline_container" not in done.stderr
