@@ -306,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                       resume_fallback=args.resume_fallback)
         check_params_unchanged(params_files, params)
     except (checkpoint.CheckpointError, tracking.TrackingUnreachable, TrainingRefused,
-            LabelError, ConfigError, NonFiniteLoss, FileNotFoundError) as err:
+            LabelError, ConfigError, NonFiniteLoss) as err:
         print(f"train: {tracking.scrub(str(err))}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a missing input, a read-only or full output folder
+        print(f"train: {tracking.scrub(cli_args.os_error(err))}", file=sys.stderr)
         return 1
     if summary and summary.get("tracking_error"):
         print(f"train: {summary['tracking_error']}. Training ran to epoch {summary['epochs']} and "

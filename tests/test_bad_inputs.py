@@ -7,11 +7,15 @@ integer and one-hot formats, like the official one, are accepted with a BOM and 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
 from components import preprocess, split, train
 from components.common.labels import CLASSES, LabelError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HEADER = "image," + ",".join(CLASSES)
 
@@ -121,3 +125,35 @@ def test_a_full_disk_during_a_checkpoint_write_says_so(tmp_path):
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"no space left on the device writing {out}/checkpoint_last.pt" in done.stderr
     assert "Traceback" not in done.stderr and "inline_container" not in done.stderr
+
+
+def test_a_read_only_output_folder_is_one_line_per_step(tmp_path):
+    """preprocess, split, class_weights and train into a read-only file system (a tmpfs
+    remounted read-only: root ignores file modes, not that): one line naming the path each."""
+    import sys
+
+    from full_disk import on_small_tmpfs
+    from tiny_data import TINY, make_splits
+
+    data = make_splits(tmp_path / "data", n_per_class=12)  # enough for a paper split
+    ro = tmp_path / "ro"
+    python = [sys.executable, "-m"]
+    steps = {
+        "preprocess": ["--labels", data["train"], "--images", data["img_dir"], "--out",
+                       ro / "prepared", "--size", "32", "--workers", "1"],
+        "split": ["--labels", data["train"], "--out", ro / "splits", "--mode", "paper"],
+        "class_weights": ["--train", data["train"], "--out", ro / "class_weights.json"],
+        "train": ["--train_csv", data["train"], "--img_dir", data["img_dir"], "--out_dir",
+                  ro / "train", *TINY, "--epochs", "1", "--num_workers", "0", "--no_mlflow"],
+    }
+    script = "\n".join(
+        [f"mount -o remount,ro {ro}"] +
+        [" ".join(map(str, [*python, f"components.{step}", *args])) +
+         f" >/dev/null 2>{tmp_path}/{step}.err; echo $? >{tmp_path}/{step}.rc"
+         for step, args in steps.items()])
+    on_small_tmpfs(ro, 1024, script, cwd=ROOT, timeout=300)
+    for step in steps:
+        err = (tmp_path / f"{step}.err").read_text().strip().splitlines()
+        assert (tmp_path / f"{step}.rc").read_text().strip() == "1", (step, err)
+        assert err and err[-1].startswith(f"{step}: ") and "Traceback" not in "\n".join(err)
+        assert "Read-only file system" in err[-1] and str(ro) in err[-1], (step, err)
