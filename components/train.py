@@ -57,9 +57,9 @@ def run(train_csv, img_dir, out_dir, *, val_csv=None, test_csv=None, class_weigh
     out_dir = Path(out_dir)
     if overfit_n:
         cfg, val_csv = cfg.for_overfit(), None
-    fingerprint = settings_fingerprint(cfg, train_csv, val_csv, class_weights, img_dir,
-                                       overfit_n)
     rt = init_runtime()
+    fingerprint = settings_fingerprint(cfg, rt.world_size, train_csv, val_csv, class_weights,
+                                       img_dir, overfit_n)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     started = time.time()
 
@@ -126,15 +126,16 @@ def _preflight(stack: contextlib.ExitStack, out_dir: Path, resume, fingerprint: 
     run, the checkpoint file resumed)."""
     stack.enter_context(exclusive(out_dir))
     refuse_clobbering(out_dir, resume)
+    uri = tracking.tracking_uri() if use_mlflow else None
+    if uri is not None:
+        tracking.check_reachable(uri)  # before anything is moved aside
     ckpt = None
     if resume == AUTO:
         ckpt, resume = auto_resume(out_dir, fingerprint)
     elif resume is not None:
         ckpt, resume = checkpoint.load_for_resume(resume, resume_fallback)
     run_ = tracking.Run()
-    if use_mlflow:
-        uri = tracking.tracking_uri()
-        tracking.check_reachable(uri)
+    if uri is not None:
         run_id = ckpt.get("mlflow_run_id") if ckpt else None
         run_ = stack.enter_context(tracking.Run.open(uri, run_id, experiment))
     return ckpt, run_, resume

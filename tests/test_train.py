@@ -110,13 +110,14 @@ def test_resume_auto_ignores_how_a_run_is_executed_and_sets_another_recipe_aside
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == run_files
     assert checkpoint.load(out / "checkpoint_last.pt")["train_config"]["train"]["peak_lr"] == 0.02
 
-    fingerprint = lambda cfg: settings_fingerprint(cfg, data["train"], None, None,  # noqa: E731
-                                                   data["img_dir"], None)
+    def fingerprint(cfg, world_size=1):
+        return settings_fingerprint(cfg, world_size, data["train"], None, None, data["img_dir"],
+                                    None)
     one = _tiny_config()
     assert fingerprint(one) == fingerprint(replace(one, num_workers=3, compile=True,
-                                                   gpu_resident="on"))
-    two = replace(one, nodes=2)
-    assert fingerprint(two) == fingerprint(replace(one, gpus_per_node=2)) != fingerprint(one)
+                                                   gpu_resident="on", gpu_resident_max_share=0.9))
+    assert fingerprint(replace(one, nodes=2), 2) == fingerprint(replace(one, gpus_per_node=2), 2)
+    assert fingerprint(one, 2) != fingerprint(one) != fingerprint(replace(one, peak_lr=0.02))
 
 
 def _tiny_config(**overrides) -> train.TrainConfig:

@@ -21,8 +21,9 @@ from components.training import checkpoint
 LOCK = ".train.lock"
 # Settings that change how a training runs, not what it computes: `--resume auto` continues a
 # run whichever of them differ (the sampling and augmentation draws are seeded per sample, so
-# workers and input path do not change them). nodes and gpus_per_node enter the fingerprint as
-# their product, the world size: the effective batch, steps per epoch and LR schedule follow it.
+# workers and input path do not change them). Of nodes and gpus_per_node only the number of
+# processes counts (the world size, as run): the effective batch, steps per epoch and LR
+# schedule follow it.
 EXECUTION_SETTINGS = ("num_workers", "compile", "gpu_resident", "gpu_resident_max_share",
                       "nodes", "gpus_per_node")
 # What a run leaves in its out dir, moved aside together when another recipe supersedes it.
@@ -67,13 +68,13 @@ def exclusive(out_dir: Path):
         yield
 
 
-def settings_fingerprint(cfg: TrainConfig, train_csv, val_csv, class_weights, img_dir,
-                         overfit_n) -> str:
+def settings_fingerprint(cfg: TrainConfig, world_size: int, train_csv, val_csv, class_weights,
+                         img_dir, overfit_n) -> str:
     """sha256 of what a training's result depends on: the settings but EXECUTION_SETTINGS, the
-    world size, and the input files (split CSVs, class weights, the preprocess report naming
-    the images)."""
+    number of processes, and the input files (split CSVs, class weights, the preprocess report
+    naming the images)."""
     recipe = {k: v for k, v in cfg.as_dict().items() if k not in EXECUTION_SETTINGS}
-    digest = hashlib.sha256(json.dumps([recipe, cfg.world_size, overfit_n], sort_keys=True,
+    digest = hashlib.sha256(json.dumps([recipe, world_size, overfit_n], sort_keys=True,
                                        default=str).encode())
     report = Path(img_dir).parent / outputs.PREPROCESS_REPORT
     for path in (train_csv, val_csv, class_weights, report if report.is_file() else None):
@@ -103,9 +104,9 @@ def auto_resume(out_dir: Path, fingerprint: str) -> tuple[dict | None, Path | No
         print(f"train: resuming {used} (epoch {found['epoch']}): same recipe and inputs",
               flush=True)
         return found, used
-    aside = _supersede(out_dir)
-    print(f"train: {last.name} was made with another recipe or inputs (or is unreadable); its "
-          f"run is moved to {aside}; starting over (--resume auto)", flush=True)
+    why = "is unreadable" if found is None else "was made with another recipe or inputs"
+    print(f"train: {last.name} {why}; its run is moved to {_supersede(out_dir)}; starting over "
+          f"(--resume auto)", flush=True)
     return None, None
 
 
