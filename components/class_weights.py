@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LabelError) as err:
         print(f"class_weights: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a read-only or full output folder
+        print(f"class_weights: {cli_args.os_error(err)}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2))
     return 0
 

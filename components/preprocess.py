@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from components.common import atomic, cli_args, outputs
@@ -51,16 +52,23 @@ JPEG_QUALITY = 95
 def _process_one(job: dict) -> dict:
     """Worker: hash, skip if unchanged, else convert one image into the staging folder."""
     src = Path(job["src"])
-    data = src.read_bytes()
-    sha = hashlib.sha256(data).hexdigest()
-    result = {"image": job["image"], "src_file": src.name, "src_sha256": sha}
-    if sha == job["known_sha256"]:
+    result = {"image": job["image"], "src_file": src.name}
+    try:
+        data = src.read_bytes()
+    except OSError as err:  # a symlink loop, no permission: as unreadable as a corrupt file
+        return {**result, "status": "corrupt", "error": f"{type(err).__name__}: {err.strerror}"}
+    result["src_sha256"] = hashlib.sha256(data).hexdigest()
+    if result["src_sha256"] == job["known_sha256"]:
         return {**result, "status": "unchanged"}
     try:
         im, info = prepare_image(data, job["size"], draft=job["draft"], max_pixels=job["max_pixels"],
                                  color=job["color"], minkowski_p=job["minkowski_p"])
+    except UnidentifiedImageError:  # Pillow's text names the BytesIO, a heap address
+        return {**result, "status": "corrupt",
+                "error": "UnidentifiedImageError: cannot identify image file (not an image "
+                         "format Pillow reads)"}
     except (OSError, ValueError, SyntaxError) as err:
-        # Pillow reports truncated/unreadable files as OSError (UnidentifiedImageError is one).
+        # Pillow reports truncated/unreadable files as OSError.
         return {**result, "status": "corrupt", "error": f"{type(err).__name__}: {err}"}
     im.save(Path(job["staging"]) / f"{job['image']}.jpg", "JPEG", quality=JPEG_QUALITY)
     return {**result, **info, "status": "converted"}
@@ -248,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                      workers=args.workers, draft=args.draft, max_pixels=args.max_pixels)
     except (ConfigError, LabelError, CorruptImageError) as err:
         print(f"preprocess: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a read-only or full output folder, an unreadable input folder
+        print(f"preprocess: {cli_args.os_error(err)}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
     return 0

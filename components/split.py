@@ -59,6 +59,14 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray, val_frac: float, test_
                   seed: int) -> np.ndarray:
     """Split index per image (0 train, 1 val, 2 test), whole groups only, stratified by label."""
     folds, val, test = _fold_plan(val_frac, test_frac)
+    # scikit-learn's own messages for these name its parameters, not the data: say it here.
+    if (n_groups := len(set(groups))) < folds:
+        raise ValueError(f"{n_groups} lesion{'s' * (n_groups != 1)} (an image without a lesion "
+                         f"id counts as one) cannot fill the {folds} folds a grouped split of "
+                         f"{val_frac:g}/{test_frac:g} cuts; give more images, or split.mode paper")
+    if np.bincount(labels).max() < folds:
+        raise ValueError(f"no class has {folds} images, one for each of the {folds} folds a "
+                         f"grouped split of {val_frac:g}/{test_frac:g} cuts; give more images")
     fold_of = np.empty(len(labels), dtype=int)
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (_, members) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
@@ -71,6 +79,14 @@ def paper_split(labels: np.ndarray, val_frac: float, test_frac: float, seed: int
     index = np.arange(len(labels))
     # Whole image counts, so that 0.15 of 400 is 60 and not 61 through float rounding.
     n_val, n_test = round(val_frac * len(labels)), round(test_frac * len(labels))
+    counts = np.bincount(labels, minlength=len(CLASSES))
+    if single := [c for c, n in zip(CLASSES, counts) if n == 1]:
+        raise ValueError(f"class {', '.join(single)} has a single image; a stratified (paper) "
+                         f"split needs at least 2 of each class present")
+    if min(n_val, n_test) < (present := int((counts > 0).sum())):
+        raise ValueError(f"{len(labels)} images are too few for a stratified (paper) split: "
+                         f"val and test would hold {n_val} and {n_test} images for "
+                         f"{present} classes")
     rest, test = train_test_split(index, test_size=n_test, stratify=labels, random_state=seed)
     _, val = train_test_split(rest, test_size=n_val, stratify=labels[rest], random_state=seed)
     split = np.zeros(len(labels), dtype=int)
@@ -124,7 +140,26 @@ def _report(table: pd.DataFrame, split: np.ndarray) -> dict:
         test_lesions = table["lesion_id"][split == 2]
         leaked = test_lesions.isin(list(lesions["train"])) & test_lesions.notna()
         report["test_lesion_leakage"] = round(float(leaked.mean()), 4) if len(test_lesions) else 0.0
+        report["lesions_with_several_classes"] = _several_classes(table)
     return report
+
+
+def _several_classes(table: pd.DataFrame) -> dict[str, list[str]]:
+    """{lesion id: its classes} of lesions whose images carry different labels, with a warning.
+
+    Reported, not refused: the split keeps such a lesion whole and stays valid, and archives
+    label each image (a lesion followed over time may be re-diagnosed); but a labelling error
+    looks the same, so whoever reads the report or the log sees the ids.
+    """
+    classes = table.dropna(subset=["lesion_id"]).groupby("lesion_id")["label"].unique()
+    several = {str(lesion): [CLASSES[c] for c in sorted(labels)]
+               for lesion, labels in classes.items() if len(labels) > 1}
+    if several:
+        ids = sorted(several)
+        log.warning("%d lesion%s images of several classes (%s%s); listed in the split report",
+                    len(ids), " has" if len(ids) == 1 else "s have", ", ".join(ids[:5]),
+                    ", ..." if len(ids) > 5 else "")
+    return several
 
 
 def run(labels: str | os.PathLike, out: str | os.PathLike, config: SplitConfig | None = None,
@@ -141,18 +176,21 @@ def run(labels: str | os.PathLike, out: str | os.PathLike, config: SplitConfig |
     y = table["label"].to_numpy()
     groups = (table["lesion_id"].fillna(table["image"]) if "lesion_id" in table.columns
               else table["image"]).to_numpy(dtype=str)
-    if mode == "grouped":
-        if "lesion_id" not in table.columns:
-            log.warning("no lesion_id (give --metadata): grouping by image, as in paper mode but fold-based")
-        split = grouped_split(y, groups, val_frac, test_frac, seed)
-    elif mode == "source":
-        if "source" not in table.columns:
-            raise ValueError("split.mode source needs a source or lesion_id per image (give "
-                             "--metadata)")
-        split = source_split(y, groups, table["source"].to_numpy(dtype=str),
-                             tuple(cfg.test_sources), val_frac, seed)
-    else:
-        split = paper_split(y, val_frac, test_frac, seed)
+    if mode == "grouped" and "lesion_id" not in table.columns:
+        log.warning("no lesion_id (give --metadata): grouping by image, as in paper mode but fold-based")
+    if mode == "source" and "source" not in table.columns:
+        raise ValueError("split.mode source needs a source or lesion_id per image (give "
+                         "--metadata)")
+    try:
+        if mode == "grouped":
+            split = grouped_split(y, groups, val_frac, test_frac, seed)
+        elif mode == "source":
+            split = source_split(y, groups, table["source"].to_numpy(dtype=str),
+                                 tuple(cfg.test_sources), val_frac, seed)
+        else:
+            split = paper_split(y, val_frac, test_frac, seed)
+    except ValueError as err:  # what the data cannot give: name the file that holds it
+        raise LabelError(labels, None, str(err)) from None
 
     columns = ["image", "label"] + [c for c in ("lesion_id", "source") if c in table.columns]
     out = Path(out)
@@ -197,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args.labels, args.out, cfg, metadata=args.metadata)
     except (ConfigError, LabelError, ValueError) as err:
         print(f"split: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a read-only or full output folder
+        print(f"split: {cli_args.os_error(err)}", file=sys.stderr)
         return 1
     print(json.dumps({k: report[k] for k in ("sizes", "max_class_share_deviation_pp", "split_hash")}
                      | {k: report[k] for k in ("lesions_shared", "test_lesion_leakage") if k in report}, indent=2))

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import os
 import sys
 import time
@@ -34,7 +32,8 @@ from components.training.balance import class_balance
 from components.training.dataset import SplitDataset, read_split
 from components.training.inputs import choose_resident, make_input
 from components.training.losses import SoftTargetCrossEntropy
-from components.training.out_dir import TrainingRefused, exclusive, lineage, refuse_clobbering
+from components.training.out_dir import (TrainingRefused, auto_resume, exclusive, lineage,
+                                         refuse_clobbering, settings_fingerprint)
 from components.training.samplers import make_sampler, seed_everything
 from components.training.trainer import NonFiniteLoss, Runtime, Trainer, init_runtime
 
@@ -58,28 +57,26 @@ def run(train_csv, img_dir, out_dir, *, val_csv=None, test_csv=None, class_weigh
     out_dir = Path(out_dir)
     if overfit_n:
         cfg, val_csv = cfg.for_overfit(), None
-    if resume == AUTO:
-        resume = auto_resume(out_dir, settings_fingerprint(cfg, train_csv, val_csv,
-                                                           class_weights, img_dir, overfit_n))
     rt = init_runtime()
+    fingerprint = settings_fingerprint(cfg, rt.world_size, train_csv, val_csv, class_weights,
+                                       img_dir, overfit_n)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     started = time.time()
 
     with contextlib.ExitStack() as stack:
-        # Rank 0 checks the out dir, the lock, the checkpoint and MLflow; every rank learns
-        # the outcome, so a refusal stops them all instead of leaving them waiting.
-        ckpt, run_ = _collective(
-            rt, lambda: _preflight(stack, out_dir, resume, mlflow, experiment, resume_fallback))
+        # Rank 0 takes the lock, then checks the out dir, resolves --resume auto, loads the
+        # checkpoint and opens MLflow; every rank learns the outcome and the file resumed, so
+        # a refusal stops them all instead of leaving them waiting.
+        ckpt, run_, resume = _collective(rt, lambda: _preflight(
+            stack, out_dir, resume, fingerprint, mlflow, experiment, resume_fallback))
         if resume is not None and not rt.is_main:  # every rank restores weights and optimiser
-            ckpt, _ = checkpoint.load_for_resume(resume, resume_fallback)
+            ckpt = checkpoint.load(resume)
         train_frame = read_split(train_csv)
         if overfit_n:
             train_frame = train_frame.iloc[:overfit_n]
         val_frame = train_frame if overfit_n else (read_split(val_csv) if val_csv else None)
         weights, priors = class_balance(class_weights, train_frame)
         inputs = lineage(train_csv, img_dir)
-        fingerprint = settings_fingerprint(cfg, train_csv, val_csv, class_weights, img_dir,
-                                           overfit_n)
         run_config = {"train": cfg.as_dict(), "train_csv": str(train_csv),
                       "val_csv": str(val_csv), "test_csv": str(test_csv), "img_dir": str(img_dir),
                       "class_weights": str(class_weights), "overfit_n": overfit_n,
@@ -94,6 +91,8 @@ def run(train_csv, img_dir, out_dir, *, val_csv=None, test_csv=None, class_weigh
                           lineage=inputs)
         if ckpt is not None:
             trainer.restore(ckpt)  # rank 0's generators too; other ranks reseed every epoch
+            if rt.is_main:
+                trainer.restore_best_link(resume)
         if ckpt is None and rt.is_main:
             frames = {"training": (train_frame, train_csv)}
             if val_frame is not None and val_csv:
@@ -120,53 +119,26 @@ def run(train_csv, img_dir, out_dir, *, val_csv=None, test_csv=None, class_weigh
 AUTO = "auto"
 
 
-def settings_fingerprint(cfg: TrainConfig, train_csv, val_csv, class_weights, img_dir,
-                         overfit_n) -> str:
-    """sha256 of what a training's result depends on: the settings and the input files (split
-    CSVs, class weights, the preprocess report naming the images)."""
-    digest = hashlib.sha256(json.dumps([cfg.as_dict(), overfit_n], sort_keys=True,
-                                       default=str).encode())
-    report = Path(img_dir).parent / outputs.PREPROCESS_REPORT
-    for path in (train_csv, val_csv, class_weights, report if report.is_file() else None):
-        digest.update(Path(path).read_bytes() if path else b"-")
-    return digest.hexdigest()
-
-
-def auto_resume(out_dir: Path, fingerprint: str) -> Path | None:
-    """`--resume auto`: out_dir's last checkpoint when it was made with the same settings and
-    inputs (an interrupted `dvc repro` rerun), else None: start over, replacing it."""
-    last = out_dir / outputs.CHECKPOINT_LAST
-    if not last.exists():
-        return None
-    try:
-        found, used = checkpoint.load_for_resume(last, fallback=True)
-    except checkpoint.CheckpointError as err:
-        print(f"train: {err}; starting over", file=sys.stderr)
-        found, used = None, None
-    if found is not None and found.get("train_config", {}).get("fingerprint") == fingerprint:
-        print(f"train: resuming {used} (epoch {found['epoch']}): same settings and inputs",
-              flush=True)
-        return used
-    print(f"train: {last} was made with other settings or inputs; starting over and replacing "
-          f"it (--resume auto)", flush=True)
-    for name in (outputs.CHECKPOINT_LAST, outputs.CHECKPOINT_PREV, outputs.CHECKPOINT_BEST):
-        (out_dir / name).unlink(missing_ok=True)
-    return None
-
-
-def _preflight(stack: contextlib.ExitStack, out_dir: Path, resume, use_mlflow: bool,
-               experiment: str, resume_fallback: bool = False):
-    """Refuse a clobbering or concurrent run; load the checkpoint; open the MLflow run."""
-    refuse_clobbering(out_dir, resume)
+def _preflight(stack: contextlib.ExitStack, out_dir: Path, resume, fingerprint: str,
+               use_mlflow: bool, experiment: str, resume_fallback: bool = False):
+    """Hold the out dir before reading or moving anything in it, refuse a clobbering run,
+    resolve `--resume auto`, load the checkpoint, open the MLflow run. Returns (checkpoint,
+    run, the checkpoint file resumed)."""
     stack.enter_context(exclusive(out_dir))
-    ckpt = checkpoint.load_for_resume(resume, resume_fallback)[0] if resume is not None else None
+    refuse_clobbering(out_dir, resume)
+    uri = tracking.tracking_uri() if use_mlflow else None
+    if uri is not None:
+        tracking.check_reachable(uri)  # before anything is moved aside
+    ckpt = None
+    if resume == AUTO:
+        ckpt, resume = auto_resume(out_dir, fingerprint)
+    elif resume is not None:
+        ckpt, resume = checkpoint.load_for_resume(resume, resume_fallback)
     run_ = tracking.Run()
-    if use_mlflow:
-        uri = tracking.tracking_uri()
-        tracking.check_reachable(uri)
+    if uri is not None:
         run_id = ckpt.get("mlflow_run_id") if ckpt else None
         run_ = stack.enter_context(tracking.Run.open(uri, run_id, experiment))
-    return ckpt, run_
+    return ckpt, run_, resume
 
 
 def _inputs(cfg: TrainConfig, rt: Runtime, train_frame, val_frame, img_dir, weights):
@@ -190,18 +162,20 @@ def _inputs(cfg: TrainConfig, rt: Runtime, train_frame, val_frame, img_dir, weig
 
 
 def _collective(rt: Runtime, fn):
-    """Run fn on rank 0 only; other ranks get (None, a silent Run), or fail as rank 0 did."""
-    result, error = (None, tracking.Run()), None
+    """Run fn (-> checkpoint, run, checkpoint file) on rank 0 only; other ranks get (None, a
+    silent Run, the same file), or fail as rank 0 did."""
+    result, error = (None, tracking.Run(), None), None
     if rt.is_main:
         try:
             result = fn()
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             error = err
     if rt.world_size > 1:
-        box = [error is not None and str(error)]
+        box = [error is not None and str(error), result[2]]
         dist.broadcast_object_list(box, src=0)
         if box[0] and error is None:
             raise TrainingRefused(f"rank 0 stopped: {box[0]}")
+        result = (*result[:2], box[1])
     if error is not None:
         raise error
     return result
@@ -267,8 +241,9 @@ def build_parser() -> cli_args.ArgumentParser:
                     "inverse frequency over --train_csv)")
     io.add_argument("--out_dir", default="outputs/train")
     io.add_argument("--resume", help="checkpoint to continue (and its MLflow run); `auto`: "
-                    "continue --out_dir's checkpoint when it was made with the same settings and "
-                    "inputs, else start over replacing it (the DVC stage uses this)")
+                    "continue --out_dir's checkpoint when it was made with the same recipe and "
+                    "inputs, else move its run to --out_dir/superseded-<UTC time>/ and start "
+                    "over (the DVC stage uses this)")
     io.add_argument("--resume_fallback", action="store_true",
                     help="if the --resume file is unreadable, continue from checkpoint_prev.pt")
     cli_args.add_params_flags(io, "--config")
@@ -319,8 +294,9 @@ HP_FLAGS = tuple(TrainConfig.__dataclass_fields__)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = TrainConfig.resolve(cli_args.params_paths(args),
-                                  **{k: getattr(args, k) for k in HP_FLAGS})
+        params_files = cli_args.params_paths(args)
+        params = load_params(params_files)  # read first: an edit meanwhile is seen at the end
+        cfg = TrainConfig.resolve(params_files, **{k: getattr(args, k) for k in HP_FLAGS})
         if cfg.world_size > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
             return _submit_trainjob(args, cfg, sys.argv[1:] if argv is None else argv)
         summary = run(args.train_csv, args.img_dir, args.out_dir, val_csv=args.val_csv,
@@ -329,9 +305,13 @@ def main(argv: list[str] | None = None) -> int:
                       mlflow=args.mlflow, experiment=args.experiment,
                       stop_after_epoch=args.stop_after_epoch,
                       resume_fallback=args.resume_fallback)
+        check_params_unchanged(params_files, params)
     except (checkpoint.CheckpointError, tracking.TrackingUnreachable, TrainingRefused,
-            LabelError, ConfigError, NonFiniteLoss, FileNotFoundError) as err:
+            LabelError, ConfigError, NonFiniteLoss) as err:
         print(f"train: {tracking.scrub(str(err))}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a missing input, a read-only or full output folder
+        print(f"train: {tracking.scrub(cli_args.os_error(err))}", file=sys.stderr)
         return 1
     if summary and summary.get("tracking_error"):
         print(f"train: {summary['tracking_error']}. Training ran to epoch {summary['epochs']} and "
@@ -339,6 +319,21 @@ def main(argv: list[str] | None = None) -> int:
               f"is incomplete", file=sys.stderr)
         return 1
     return 0
+
+
+def check_params_unchanged(paths: list, started_with: dict) -> None:
+    """A ConfigError naming the keys of the params files' train section that differ from what
+    the training started with: `dvc repro` records the files as they are at the stage's end,
+    and must not record values the training did not use."""
+    section = TrainConfig.SECTION
+    before, now = started_with.get(section) or {}, load_params(paths).get(section) or {}
+    changed = [f"{section}.{key} ({before.get(key)!r} -> {now.get(key)!r})"
+               for key in sorted(before.keys() | now.keys(), key=str)
+               if before.get(key) != now.get(key)]
+    if changed:
+        raise ConfigError(f"{', '.join(map(str, paths))} changed while this training ran: "
+                          f"{', '.join(changed)}. The training used the values it started with "
+                          f"(its checkpoints are kept); run it again to train with the new ones")
 
 
 def log_served_model(run_, ema_weights) -> str | None:

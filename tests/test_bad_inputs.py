@@ -9,11 +9,15 @@ or setting before the first step, in one line.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
 from components import preprocess, split, train
 from components.common.labels import CLASSES, LabelError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HEADER = "image," + ",".join(CLASSES)
 
@@ -108,26 +112,18 @@ def test_labels_matching_no_image_stop_preprocess(tmp_path, capsys):
 
 
 def test_a_full_disk_during_a_checkpoint_write_says_so(tmp_path):
-    """A real full file system: a 64 KiB tmpfs, mounted in a private user and mount namespace
-    (unshare), holds the out dir; the first checkpoint does not fit."""
-    import shutil
-    import subprocess
+    """A real full file system (tests/full_disk.py): the first checkpoint does not fit."""
     import sys
 
+    from full_disk import on_small_tmpfs
     from tiny_data import TINY, make_splits
 
-    if shutil.which("unshare") is None or subprocess.run(
-            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
-        pytest.skip("unshare -rm (user and mount namespaces) is not permitted here")
     data = make_splits(tmp_path / "data")
     out = tmp_path / "full"
-    out.mkdir()
     train_cmd = [sys.executable, "-m", "components.train", "--train_csv", str(data["train"]),
                  "--img_dir", str(data["img_dir"]), "--out_dir", str(out), *TINY,
                  "--batch_size", "8", "--epochs", "1", "--num_workers", "0", "--no_mlflow"]
-    script = f"mount -t tmpfs -o size=64k tmpfs {out} && exec {' '.join(train_cmd)}"
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
-                          timeout=300)
+    done = on_small_tmpfs(out, 64, f"exec {' '.join(train_cmd)}", timeout=300)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"no space left on the device writing {out}/checkpoint_last.pt" in done.stderr
     assert "Traceback" not in done.stderr and "inline_container" not in done.stderr
@@ -201,3 +197,35 @@ def test_exp_run_accepts_yaml_booleans_for_on_off_choices(committed_project, tmp
     (tmp_path / "cpu.yaml").write_text("train:\n  gpu_resident: on\n")  # as DVC writes it
     experiments.check_overrides(committed_project, [str(tmp_path / "cpu.yaml")],
                                 ["train.gpu_resident=off", "~train.dims", "other.yaml:x=1"])
+
+
+def test_a_read_only_output_folder_is_one_line_per_step(tmp_path):
+    """preprocess, split, class_weights and train into a read-only file system (a tmpfs
+    remounted read-only: root ignores file modes, not that): one line naming the path each."""
+    import sys
+
+    from full_disk import on_small_tmpfs
+    from tiny_data import TINY, make_splits
+
+    data = make_splits(tmp_path / "data", n_per_class=12)  # enough for a paper split
+    ro = tmp_path / "ro"
+    python = [sys.executable, "-m"]
+    steps = {
+        "preprocess": ["--labels", data["train"], "--images", data["img_dir"], "--out",
+                       ro / "prepared", "--size", "32", "--workers", "1"],
+        "split": ["--labels", data["train"], "--out", ro / "splits", "--mode", "paper"],
+        "class_weights": ["--train", data["train"], "--out", ro / "class_weights.json"],
+        "train": ["--train_csv", data["train"], "--img_dir", data["img_dir"], "--out_dir",
+                  ro / "train", *TINY, "--epochs", "1", "--num_workers", "0", "--no_mlflow"],
+    }
+    script = "\n".join(
+        [f"mount -o remount,ro {ro}"] +
+        [" ".join(map(str, [*python, f"components.{step}", *args])) +
+         f" >/dev/null 2>{tmp_path}/{step}.err; echo $? >{tmp_path}/{step}.rc"
+         for step, args in steps.items()])
+    on_small_tmpfs(ro, 1024, script, cwd=ROOT, timeout=300)
+    for step in steps:
+        err = (tmp_path / f"{step}.err").read_text().strip().splitlines()
+        assert (tmp_path / f"{step}.rc").read_text().strip() == "1", (step, err)
+        assert err and err[-1].startswith(f"{step}: ") and "Traceback" not in "\n".join(err)
+        assert "Read-only file system" in err[-1] and str(ro) in err[-1], (step, err)

@@ -56,6 +56,30 @@ def test_resume_from_a_truncated_checkpoint_refuses_naming_the_file(data, tmp_pa
         checkpoint.load_model(ckpt)
 
 
+def test_a_resume_puts_back_the_best_checkpoint_a_stopped_run_did_not_leave(data, tmp_path,
+                                                                           capsys):
+    """Stopped after the best epoch's checkpoint_last.pt landed but before checkpoint_best.pt
+    did (a kill, or an earlier version's failed write): the resume restores it."""
+    out = tmp_path / "out"
+    assert _train(data, out, "--stop_after_epoch", "1") == 0
+    (out / "checkpoint_best.pt").unlink()
+    assert _train(data, out, "--stop_after_epoch", "1", "--resume",
+                  str(out / "checkpoint_last.pt")) == 0
+    best = checkpoint.load(out / "checkpoint_best.pt")
+    assert best["epoch"] == best["best"]["epoch"] == 1
+    assert (out / "checkpoint_best.pt").read_bytes() == (out / "checkpoint_last.pt").read_bytes()
+
+    # An earlier best epoch's file gone: not rebuilt (its weights are nowhere), but said.
+    last = checkpoint.load(out / "checkpoint_last.pt")
+    checkpoint.save(out / "checkpoint_last.pt", {**last, "best": {**last["best"], "epoch": 0}})
+    (out / "checkpoint_best.pt").unlink()
+    capsys.readouterr()
+    assert _train(data, out, "--stop_after_epoch", "1", "--resume",
+                  str(out / "checkpoint_last.pt")) == 0
+    assert "checkpoint_best.pt (best epoch 0) is missing" in capsys.readouterr().err
+    assert not (out / "checkpoint_best.pt").exists()
+
+
 def test_load_model_rejects_unknown_weights_and_foreign_files(tmp_path):
     path = tmp_path / "x.pt"
     torch.save({"not": "ours"}, path)

@@ -5,7 +5,8 @@ synthetic data holding two unreadable images (skip_corrupt on):
 - two `skinlesion exp run`s with different -S values: neither the second experiment nor a
   compiled pipeline inherits the first one's values; `skinlesion exp show` lists both with
   their headline metrics and registered versions; the unreadable images are in no split;
-- a train stage killed mid-run resumes from its checkpoint when `dvc repro` runs again."""
+- a train stage killed mid-run resumes from its checkpoint when `dvc repro` runs again; with
+  another recipe it sets the old run aside, and fails when params.yaml is edited meanwhile."""
 from __future__ import annotations
 
 import ast
@@ -279,13 +280,23 @@ def test_an_interrupted_train_stage_resumes_from_its_checkpoint(project):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _git(repo, "commit", "-qam", "tiny recipe, 3 epochs")
     held = repo / "outputs/train/checkpoint_last.pt.held"
-    proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, start_new_session=True,
-                            env={**env, atomic.HOLD_ENV: "checkpoint_last.pt"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while not held.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert held.exists(), "training never reached its second checkpoint"
+
+    log = repo.parent / "repro.log"
+
+    def repro_held_in_epoch_2() -> subprocess.Popen:
+        """`dvc repro` (output in `log`), its training stopped inside its epoch-2 checkpoint
+        write."""
+        with open(log, "w") as sink:
+            proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo,
+                                    start_new_session=True, stdout=sink, stderr=subprocess.STDOUT,
+                                    env={**env, atomic.HOLD_ENV: "checkpoint_last.pt"})
+        deadline = time.monotonic() + 600
+        while not held.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert held.exists(), "training never reached its second checkpoint"
+        return proc
+
+    proc = repro_held_in_epoch_2()
     os.killpg(proc.pid, signal.SIGKILL)  # mid-run: epoch 2's checkpoint never lands
     proc.wait()
     held.unlink()
@@ -294,3 +305,24 @@ def test_an_interrupted_train_stage_resumes_from_its_checkpoint(project):
     summary = json.loads((repo / "outputs/train/training_summary.json").read_text())
     assert summary["completed"] and summary["epochs"] == 3
     assert "up to date" in _run(repo, "dvc", "repro", env=env)
+
+    # Another recipe: the finished run is moved aside, not deleted; params.yaml edited while
+    # that training runs: the stage fails naming the key, and dvc.lock keeps the old values.
+    def set_peak_lr(value: float) -> None:
+        params["train"]["peak_lr"] = value
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    set_peak_lr(0.02)
+    proc = repro_held_in_epoch_2()
+    set_peak_lr(0.03)
+    held.unlink()
+    assert proc.wait(timeout=600) != 0
+    out = log.read_text()
+    assert "train.peak_lr (0.02 -> 0.03)" in out, out[-3000:]
+    [aside] = (repo / "outputs/train").glob("superseded-*")
+    # (DVC itself removes the stage's other outputs before it runs; ema_weights.pt is cached)
+    assert {p.name for p in aside.iterdir()} == {"checkpoint_last.pt", "checkpoint_best.pt",
+                                                 "checkpoint_prev.pt"}
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["peak_lr"] == 0.01
+    assert "up to date" not in _run(repo, "dvc", "status", env=env)

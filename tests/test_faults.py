@@ -26,6 +26,7 @@ from components.training import checkpoint
 
 from components import evaluate, train
 from components.training.trainer import BEST, EMA_WEIGHTS, LAST
+from full_disk import on_small_tmpfs
 from mlflow_server import stoppable_mlflow_server
 from tiny_data import TINY, make_splits
 
@@ -213,6 +214,58 @@ def test_truncated_checkpoint_refuses_and_falls_back_only_when_asked(data, refer
         checkpoint.load_for_resume(last, fallback=True)
 
 
+# -- a full disk ---------------------------------------------------------------------------------
+def test_a_full_disk_then_freed_space_and_a_resume_ends_with_the_best_checkpoint(
+        data, reference, tmp_path):
+    """The out dir on a tmpfs that holds one training checkpoint and the lock, but not half of
+    the EMA weights more: a write of the one-epoch run fails (no space), space is freed, and
+    `--resume auto` (as `dvc repro` reruns it) ends with every output the stage declares,
+    checkpoint_best.pt of the best epoch included."""
+    out, kept = tmp_path / "out", tmp_path / "kept"
+    size_kib = ((reference / LAST).stat().st_size + (reference / EMA_WEIGHTS).stat().st_size // 2
+                ) // 1024
+    run = " ".join(_cmd(data, out, "--no-mlflow", "--resume", "auto", "--epochs", "1"))
+    script = (f"{run}; echo $? > {tmp_path}/full.rc\n"
+              f"mount -o remount,size=64m {out}\n"  # space freed
+              f"{run}; echo $? > {tmp_path}/freed.rc\n"
+              f"mkdir {kept} && cp -a {out}/. {kept}/")
+    done = on_small_tmpfs(out, size_kib, script, cwd=ROOT, env=ENV, timeout=TIMEOUT_S)
+    log = done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "full.rc").read_text().strip() == "1", log
+    assert "no space left on the device writing" in done.stderr, log
+    assert (tmp_path / "freed.rc").read_text().strip() == "0", log
+    summary = json.loads((kept / outputs.TRAINING_SUMMARY).read_text())
+    assert summary["completed"] and summary["best_epoch"] == 1
+    best = checkpoint.load(kept / BEST)
+    assert best["epoch"] == 1 and best["best"]["epoch"] == 1
+    assert_same_weights(kept / BEST, kept / LAST)  # epoch 1 is both
+
+
+# -- params edited while training -------------------------------------------------------------
+def test_params_edited_while_training_fail_the_run_naming_the_keys(data, tmp_path):
+    """`dvc repro` records the params on disk at the stage's end: a training that used other
+    values must fail (no dvc.lock entry), naming the changed keys; other sections are not its
+    business."""
+    import yaml
+
+    params, out = tmp_path / "params.yaml", tmp_path / "out"
+    params.write_text(yaml.safe_dump({"train": {"peak_lr": 0.01, "mixup_alpha": 0.4},
+                                      "evaluate": {"tta": False}}))
+    log = tmp_path / "train.log"
+    hold = {**ENV, atomic.HOLD_ENV: LAST}  # stops inside its epoch-2 checkpoint write
+    with spawned(_cmd(data, out, "--no-mlflow", "--params", str(params)), log, env=hold) as proc:
+        wait_for((out / HELD).exists, proc, log)
+        params.write_text(yaml.safe_dump({"train": {"peak_lr": 0.02, "mixup_alpha": 0.4},
+                                          "evaluate": {"tta": True}}))
+        (out / HELD).unlink()
+        assert proc.wait(timeout=TIMEOUT_S) == 1, log.read_text()[-3000:]
+    final = [line for line in log.read_text().splitlines() if line.startswith("train: ")]
+    assert len(final) == 1 and str(params) in final[0], log.read_text()[-3000:]
+    assert "train.peak_lr (0.01 -> 0.02)" in final[0] and "evaluate" not in final[0]
+    assert "Traceback" not in log.read_text()
+    assert checkpoint.load(out / LAST)["train_config"]["train"]["peak_lr"] == 0.01  # kept
+
+
 # -- the MLflow server dies mid-run ----------------------------------------------------------
 def test_mlflow_server_dying_mid_run_keeps_training_and_fails_the_step_naming_it(
         data, reference, tmp_path):
@@ -265,15 +318,26 @@ def test_a_second_training_into_a_busy_out_dir_refuses_and_overwrites_nothing(
     with spawned(_cmd(data, out, "--no-mlflow"), log, env=hold) as first:
         wait_for((out / HELD).exists, first, log)
         before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-        # A resume of the same dir meets the lock; a fresh start meets the checkpoint.
+        # A resume, (another process) a `--resume auto` with other settings, which would set
+        # the running one's checkpoints aside, and a fresh start: each meets the lock before
+        # it reads or moves anything.
+        busy = f"{out} is in use by another training (pid {first.pid} on"
         assert train.main(_args(data, out, "--no-mlflow", "--resume", str(last))) == 1
-        err = capsys.readouterr().err
-        assert f"{out} is in use by another training (pid {first.pid} on" in err
+        assert busy in capsys.readouterr().err
+        auto = subprocess.run(_cmd(data, out, "--no-mlflow", "--resume", "auto", "--epochs", "3"),
+                              cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+        assert auto.returncode == 1 and busy in auto.stderr, auto.stdout + auto.stderr
+        assert "starting over" not in auto.stdout + auto.stderr
+        assert "Traceback" not in auto.stderr
         assert train.main(_args(data, out, "--no-mlflow")) == 1
-        assert f"{out} already holds {LAST}" in capsys.readouterr().err
+        assert busy in capsys.readouterr().err
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+        assert not list(out.glob("superseded-*"))
         (out / HELD).unlink()  # let the first go on
         assert first.wait(timeout=TIMEOUT_S) == 0, log.read_text()[-3000:]
     assert json.loads((out / outputs.TRAINING_SUMMARY).read_text())["completed"]
     assert_same_weights(last, reference / LAST)
     assert_same_weights(out / EMA_WEIGHTS, reference / EMA_WEIGHTS)
+    assert_same_weights(out / BEST, reference / BEST)
+    assert checkpoint.load(out / checkpoint.PREV)["epoch"] == EPOCHS - 1

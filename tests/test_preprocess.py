@@ -130,19 +130,24 @@ def test_labels_without_images_and_unlabelled_images_are_reported(odd_images, tm
     ("truncated_small", truncated_jpeg((120, 90)), "truncated"),
     ("empty", b"", "cannot identify image file"),
     ("bomb", bomb_png(20000, 20000), "decompression bomb"),
+    ("symlink_loop", None, "Too many levels of symbolic links"),  # None: a link to itself
 ])
 def test_bad_file_fails_by_name_and_leaves_nothing(tmp_path, bad_name, data, match):
     src = tmp_path / "raw"
     src.mkdir()
     for i in range(3):
         noisy((60, 40), seed=i).save(src / f"ok{i}.jpg")
-    (src / f"{bad_name}.{'png' if bad_name == 'bomb' else 'jpg'}").write_bytes(data)
+    bad = src / f"{bad_name}.{'png' if bad_name == 'bomb' else 'jpg'}"
+    if data is None:
+        bad.symlink_to(bad.name)
+    else:
+        bad.write_bytes(data)
     labels = write_labels(tmp_path, [f"ok{i}" for i in range(3)] + [bad_name])
 
     out = tmp_path / "out"
     with pytest.raises(CorruptImageError, match=match) as info:
         preprocess.run(labels, src, out, size=SIZE, workers=1)
-    assert bad_name in str(info.value)
+    assert bad_name in str(info.value) and " at 0x" not in str(info.value)  # no heap address
     assert not out.exists()  # a failed first run leaves no trace
 
     # A failed re-run leaves the earlier good output exactly as it was.

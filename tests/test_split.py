@@ -150,3 +150,54 @@ def test_shared_isic_source_split_by_lesion_prefix(isic, tmp_path, capsys):
     assert rest == {"HAM": 10015, "MSK4": 819, "unknown": 2084}
     assert report["lesions_shared"] == {"train_val": 0, "train_test": 0, "val_test": 0}
     assert 0.12 <= report["sizes"]["val"] / (report["sizes"]["train"] + report["sizes"]["val"]) <= 0.18
+
+
+def _labels(folder, n: int, classes: int = len(CLASSES), lesion=None):
+    """labels.csv of n images i0..i<n-1>, class k % classes (SCC for the last image when
+    classes is 7), and metadata.csv with lesion(k) as lesion ids (when given)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = [k % classes for k in range(n)]
+    if classes < len(CLASSES):
+        labels[-1] = len(CLASSES) - 1
+    (folder / "labels.csv").write_text("image,label\n" + "".join(
+        f"i{k},{label}\n" for k, label in enumerate(labels)))
+    if lesion is not None:
+        (folder / "metadata.csv").write_text("image,lesion_id\n" + "".join(
+            f"i{k},{lesion(k)}\n" for k in range(n)))
+    return ["--labels", str(folder / "labels.csv"), "--out", str(folder / "out")] + (
+        ["--metadata", str(folder / "metadata.csv")] if lesion is not None else [])
+
+
+@pytest.mark.parametrize("n, classes, lesion, mode, message", [
+    (16, 8, lambda k: f"L{k}", "grouped", "16 lesions (an image without a lesion id counts as "
+                                          "one) cannot fill the 20 folds"),
+    (400, 8, lambda k: f"L{k % 8}", "grouped", "8 lesions"),
+    (400, 8, lambda k: "L0", "grouped", "1 lesion (an image"),
+    (40, 8, None, "grouped", "no class has 20 images"),
+    (400, 7, lambda k: f"L{k}", "paper", "class SCC has a single image"),
+    (16, 8, None, "paper", "16 images are too few"),
+], ids=["one_lesion_per_image", "eight_lesions", "one_lesion", "small_classes",
+        "single_image_class", "few_images"])
+def test_data_too_small_to_split_is_one_line_naming_the_labels_file(tmp_path, capsys, n, classes,
+                                                                     lesion, mode, message):
+    args = _labels(tmp_path, n, classes, lesion)
+    assert split.main([*args, "--mode", mode]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"split: {tmp_path / 'labels.csv'}: ") and "\n" not in err, err
+    assert message in err
+    for sklearn_text in ("n_splits", "least populated", "test_size"):
+        assert sklearn_text not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lesion_with_several_classes_is_reported_by_id(tmp_path, caplog):
+    """Reported, not refused: the split keeps such a lesion whole and stays valid, and an
+    archive labels images one by one (a lesion followed over time can change diagnosis);
+    the report and a warning name the lesions so that a labelling error is seen."""
+    _labels(tmp_path, 400, lesion=lambda k: "L0" if k < 3 else f"L{k}")
+    report = split.run(tmp_path / "labels.csv", tmp_path / "out",
+                       metadata=tmp_path / "metadata.csv")
+    assert report["lesions_with_several_classes"] == {"L0": ["MEL", "NV", "BCC"]}
+    saved = json.loads((tmp_path / "out" / "split_report.json").read_text())
+    assert saved["lesions_with_several_classes"] == {"L0": ["MEL", "NV", "BCC"]}
+    assert "1 lesion has images of several classes (L0)" in caplog.text

@@ -3,6 +3,7 @@ transforms, samplers and class weights."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from components.common.config import ConfigError, TrainConfig
 from components.common.labels import CLASSES
 from components.training import checkpoint
 from components.training.balance import class_balance
-from components.training.out_dir import exclusive
+from components.training.out_dir import exclusive, settings_fingerprint
 from components.training.samplers import DistributedWeightedSampler, make_sampler
 from components.training.transforms import eval_transform, train_transform
 from tiny_data import TINY, make_images, make_splits
@@ -85,6 +86,38 @@ def test_a_second_training_into_the_same_out_dir_refuses(data, tmp_path):
         with pytest.raises(train.TrainingRefused, match="in use by another training"):
             train.run(data["train"], data["img_dir"], out, mlflow=False,
                       config=_tiny_config(epochs=1))
+
+
+def test_resume_auto_ignores_how_a_run_is_executed_and_sets_another_recipe_aside(data, tmp_path,
+                                                                              capsys):
+    """`--resume auto` (the DVC stage, a resubmitted TrainJob) continues a run whatever its
+    input path, workers or node layout; a run of another recipe is moved aside, not deleted."""
+    out = tmp_path / "out"
+    auto = ["--val_csv", str(data["val"]), "--epochs", "2", "--resume", "auto"]
+    assert train.main(_args(data, out, *auto, "--stop_after_epoch", "1")) == 0
+    capsys.readouterr()
+    assert train.main(_args(data, out, *auto, "--gpu_resident", "on", "--num_workers", "1",
+                            "--gpu_resident_max_share", "0.9")) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert checkpoint.load(out / "checkpoint_last.pt")["epoch"] == 2
+    run_files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and
+                 not p.name.startswith(".")}
+
+    assert train.main(_args(data, out, *auto, "--peak_lr", "0.02")) == 0
+    printed = capsys.readouterr().out
+    [aside] = out.glob("superseded-*")
+    assert f"moved to {aside}" in printed and "starting over" in printed
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == run_files
+    assert checkpoint.load(out / "checkpoint_last.pt")["train_config"]["train"]["peak_lr"] == 0.02
+
+    def fingerprint(cfg, world_size=1):
+        return settings_fingerprint(cfg, world_size, data["train"], None, None, data["img_dir"],
+                                    None)
+    one = _tiny_config()
+    assert fingerprint(one) == fingerprint(replace(one, num_workers=3, compile=True,
+                                                   gpu_resident="on", gpu_resident_max_share=0.9))
+    assert fingerprint(replace(one, nodes=2), 2) == fingerprint(replace(one, gpus_per_node=2), 2)
+    assert fingerprint(one, 2) != fingerprint(one) != fingerprint(replace(one, peak_lr=0.02))
 
 
 def _tiny_config(**overrides) -> train.TrainConfig:

@@ -84,6 +84,14 @@ def params_paths(args: argparse.Namespace) -> list[str]:
     return [p for p in (base, *(args.params_file or ())) if p]
 
 
+def os_error(err: OSError) -> str:
+    """An OSError as one line, the path first (`out/train: Read-only file system`), instead of
+    a traceback or `[Errno 30] ...`."""
+    if err.filename is None or not err.strerror:
+        return str(err)
+    return f"{err.filename}: {err.strerror}"
+
+
 def parse_assignment(item: str) -> tuple[str, Any]:
     """`KEY=VALUE` -> (KEY, VALUE read as YAML: `2` an int, `0.005` a float, `true` a bool),
     by the params files' loader (no aliases); a ConfigError for a value it cannot read."""

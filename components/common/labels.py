@@ -172,13 +172,20 @@ def image_index(images_dir: str | os.PathLike) -> dict[str, Path]:
     index: dict[str, Path] = {}
     for entry in sorted(os.scandir(images_dir), key=lambda e: e.name):
         path = Path(entry.path)
-        if path.suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+        if path.suffix.lower() in IMAGE_SUFFIXES and _is_file(entry):
             if path.stem in index:  # A.jpg and A.png, or B.jpg and B.JPG: which is the image?
                 raise LabelError(images_dir, None, f"image {path.stem!r} has two files, "
                                                    f"{index[path.stem].name} and {path.name}; "
                                                    f"keep one")
             index[path.stem] = path
     return index
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symlink loop: named as an image, so the step reading it says why
+        return True
 
 
 def find_image(images_dir: str | os.PathLike, image_id: str) -> Path:

@@ -23,7 +23,8 @@ weights-only load would refuse):
 `ema_weights.pt` (the shipped model) has the same layout without the training state.
 
 `save(..., keep_previous=PREV)` keeps the file it replaces as checkpoint_prev.pt (a hard link,
-renamed into place: no copy, and no moment without a readable checkpoint_last.pt);
+renamed into place: no copy, and no moment without a readable checkpoint_last.pt); the
+training links checkpoint_best.pt to the checkpoint_last.pt of its best epoch the same way;
 `load_for_resume(path, fallback=True)` falls back to it when `path` is unreadable, and only then.
 """
 from __future__ import annotations
@@ -78,11 +79,17 @@ def save(path: str | os.PathLike, state: dict, keep_previous: str | None = None)
                     f"the previous checkpoint is intact: free space and --resume it") from err
             raise
         if keep_previous and path.exists():
-            previous = path.with_name(keep_previous)
-            link = previous.with_name(f".{keep_previous}.link")
-            link.unlink(missing_ok=True)
-            os.link(path, link)
-            os.replace(link, previous)
+            link(path, path.with_name(keep_previous))
+
+
+def link(path: str | os.PathLike, name: str | os.PathLike) -> None:
+    """Make `name` (replacing any file of that name) a hard link to `path`: no copy, no space
+    needed (a full disk cannot fail it halfway), and renamed into place (never half-done)."""
+    name = Path(name)
+    staged = name.with_name(f".{name.name}.link")
+    staged.unlink(missing_ok=True)
+    os.link(path, staged)
+    os.replace(staged, name)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

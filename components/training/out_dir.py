@@ -1,18 +1,35 @@
-"""The training output folder: one training at a time, nothing overwritten unasked, and the
+"""The training output folder: one training at a time, nothing overwritten unasked, a
+`--resume auto` that continues the same recipe or sets another one's run aside, and the
 lineage of the inputs (which preprocess and which split made them).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import socket
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from components.common import outputs
+from components.common.config import TrainConfig
+from components.training import checkpoint
 
 LOCK = ".train.lock"
+# Settings that change how a training runs, not what it computes: `--resume auto` continues a
+# run whichever of them differ (the sampling and augmentation draws are seeded per sample, so
+# workers and input path do not change them). Of nodes and gpus_per_node only the number of
+# processes counts (the world size, as run): the effective batch, steps per epoch and LR
+# schedule follow it.
+EXECUTION_SETTINGS = ("num_workers", "compile", "gpu_resident", "gpu_resident_max_share",
+                      "nodes", "gpus_per_node")
+# What a run leaves in its out dir, moved aside together when another recipe supersedes it.
+RUN_FILES = (outputs.CHECKPOINT_LAST, outputs.CHECKPOINT_PREV, outputs.CHECKPOINT_BEST,
+             f"{outputs.CHECKPOINT_LAST}.corrupt", outputs.EMA_WEIGHTS, outputs.TRAINING_SUMMARY)
+SUPERSEDED = "superseded-"
 
 
 class TrainingRefused(RuntimeError):
@@ -49,6 +66,58 @@ def exclusive(out_dir: Path):
         for stale in [*out_dir.glob(".*.tmp"), *out_dir.glob(".*.link")]:
             stale.unlink()
         yield
+
+
+def settings_fingerprint(cfg: TrainConfig, world_size: int, train_csv, val_csv, class_weights,
+                         img_dir, overfit_n) -> str:
+    """sha256 of what a training's result depends on: the settings but EXECUTION_SETTINGS, the
+    number of processes, and the input files (split CSVs, class weights, the preprocess report
+    naming the images)."""
+    recipe = {k: v for k, v in cfg.as_dict().items() if k not in EXECUTION_SETTINGS}
+    digest = hashlib.sha256(json.dumps([recipe, world_size, overfit_n], sort_keys=True,
+                                       default=str).encode())
+    report = Path(img_dir).parent / outputs.PREPROCESS_REPORT
+    for path in (train_csv, val_csv, class_weights, report if report.is_file() else None):
+        digest.update(Path(path).read_bytes() if path else b"-")
+    return digest.hexdigest()
+
+
+def auto_resume(out_dir: Path, fingerprint: str) -> tuple[dict | None, Path | None]:
+    """`--resume auto`, with out_dir locked (`exclusive`): (checkpoint, its file) of out_dir's
+    last checkpoint when it was made with the same recipe and inputs (an interrupted `dvc
+    repro` rerun, a resubmitted TrainJob); else (None, None), a fresh start, with any earlier
+    run moved aside.
+
+    Moved aside rather than refused: the callers (a DVC stage, a KFP retry) run unattended, and
+    a refusal would stop every `dvc repro` after a params change until someone deletes files by
+    hand; moved, nothing is lost and the folder is named for whoever wants it back or gone.
+    """
+    last = out_dir / outputs.CHECKPOINT_LAST
+    if not last.exists():
+        return None, None
+    try:
+        found, used = checkpoint.load_for_resume(last, fallback=True)
+    except checkpoint.CheckpointError as err:
+        print(f"train: {err}", file=sys.stderr)
+        found, used = None, None
+    if found is not None and found.get("train_config", {}).get("fingerprint") == fingerprint:
+        print(f"train: resuming {used} (epoch {found['epoch']}): same recipe and inputs",
+              flush=True)
+        return found, used
+    why = "is unreadable" if found is None else "was made with another recipe or inputs"
+    print(f"train: {last.name} {why}; its run is moved to {_supersede(out_dir)}; starting over "
+          f"(--resume auto)", flush=True)
+    return None, None
+
+
+def _supersede(out_dir: Path) -> Path:
+    """Move the run files in out_dir to out_dir/superseded-<UTC time>/; returns that folder."""
+    aside = out_dir / f"{SUPERSEDED}{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}"
+    aside.mkdir()
+    for name in RUN_FILES:
+        if (out_dir / name).exists():
+            os.replace(out_dir / name, aside / name)
+    return aside
 
 
 def lineage(train_csv, img_dir) -> dict:

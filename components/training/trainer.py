@@ -8,6 +8,7 @@ class-weighted cross-entropy, optionally on top of a weighted sampler.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,10 +244,10 @@ class Trainer:
         if improved:
             state.best = {"epoch": state.epoch, "metric": BEST_METRIC,
                           "value": metrics[BEST_METRIC]}
-        ckpt = self.checkpoint_state()
-        checkpoint.save(self.out_dir / LAST, ckpt, keep_previous=checkpoint.PREV)
-        if improved:
-            checkpoint.save(self.out_dir / BEST, ckpt)
+        checkpoint.save(self.out_dir / LAST, self.checkpoint_state(),
+                        keep_previous=checkpoint.PREV)
+        if improved:  # the same file: linked, so a full disk cannot fail between the two
+            checkpoint.link(self.out_dir / LAST, self.out_dir / BEST)
         self.run.log_metrics(metrics, step=state.epoch)
         tqdm.write(epoch_line(state.epoch, self.cfg.epochs, metrics, improved))
 
@@ -282,6 +283,21 @@ class Trainer:
         self.state = State(ckpt["epoch"], ckpt["step"], ckpt["best"], list(ckpt["history"]))
         if self.rt.is_main:
             checkpoint.set_rng_state(ckpt["rng"])
+
+    def restore_best_link(self, resumed: Path) -> None:
+        """After restore(resumed): when the resumed checkpoint is itself the best epoch but
+        checkpoint_best.pt is another file (the run stopped between the two, or an earlier
+        version's write of it failed), link it again; otherwise it would stay wrong for good."""
+        best, path = self.state.best, self.out_dir / BEST
+        if best is None:
+            return
+        if best["epoch"] == self.state.epoch:
+            if not (path.exists() and path.samefile(resumed)):
+                checkpoint.link(resumed, path)
+        elif not path.exists():
+            print(f"warning: {path} (best epoch {best['epoch']}) is missing and cannot be "
+                  f"rebuilt; a later better epoch will write it again", file=sys.stderr,
+                  flush=True)
 
     def save_ema_weights(self) -> Path:
         """The shipped model: EMA weights + what load_model needs, no training state."""
