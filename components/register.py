@@ -215,6 +215,8 @@ def run(source: str | os.PathLike, metrics: str | os.PathLike | dict,
          "model_uri", "aliases"} plus "skipped" (the reason) when the gate refused.
     """
     cfg = config or RegisterConfig()
+    registry.check_name(cfg.model_name)
+    registry.check_alias(alias)
     metrics = _load_json(metrics, "metrics")
     split_report = _load_json(split_report, "split report")
     client, uri = registry.client_for(tracking_uri)
@@ -345,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = RegisterConfig.resolve(cli_args.params_paths(args), model_name=args.model_name)
         result = run(args.train_dir or args.run_id, args.metrics, args.split_report, cfg,
                      tracking_uri=args.tracking_uri, alias=args.alias, use_gate=args.gate)
-    except (registry.RegistryUnavailable, FileNotFoundError, LookupError, LineageError,
-            ConfigError, checkpoint.CheckpointError) as err:
+    except (registry.RegistryUnavailable, registry.BadName, FileNotFoundError, LookupError,
+            LineageError, ConfigError, checkpoint.CheckpointError) as err:
         print(f"register: {tracking.scrub(str(err))}", file=sys.stderr)
         return 1
     except Exception as err:  # noqa: BLE001 - the S3 artifact store refusing: name it
