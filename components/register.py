@@ -6,19 +6,19 @@
 
 What it does, in order:
 
-1. finds the weights (ema_weights.pt in the training folder, or the serving model the training
+1. the gate: registers only when metrics[register.gate_metric] clears register.gate_threshold
+   (>=, or <= for a lower-is-better metric such as ece; the one place the pipeline decides
+   it: DVC, KFP and the CLI all come here);
+2. finds the weights (ema_weights.pt in the training folder, or the serving model the training
    logged into its run) and checks them: finite, and the very weights metrics.json scored
    (evaluate records their digest) on the split the training used (split hashes of the
    training, of metrics.json and of the split report agree); otherwise it refuses, naming both;
-2. checks the numbers it copies from metrics.json (the gate metric, its interval, the card's
+3. checks the numbers it copies from metrics.json (the gate metric, its interval, the card's
    metrics) against those evaluate logged to MLflow for these weights (the training run, or
    the evaluation run tagged with their digest): an edited metrics.json is refused, naming the
-   metric and both values;
-3. the gate: registers only when metrics[register.gate_metric] clears register.gate_threshold
-   (>=, or <= for a lower-is-better metric such as ece; the one place the pipeline decides
-   it: DVC, KFP and the CLI all come here);
-   if a version of the registered model already comes from this run (or, untracked, these
-   weights), returns it: no second version, also when several registers run at once;
+   metric and both values; if a version of the registered model already comes from this run
+   (or, untracked, these weights), returns it: no second version, also when several
+   registers run at once;
 4. reuses the serving model the training logged into its run (registry/pyfunc.py), or logs it
    (an untracked training gets a run of its own);
 5. creates the version with a handful of lineage tags and the model card as its description
@@ -219,6 +219,11 @@ def run(source: str | os.PathLike, metrics: str | os.PathLike | dict,
     registry.check_alias(alias)
     metrics = _load_json(metrics, "metrics")
     split_report = _load_json(split_report, "split report")
+    # not registering needs no check: an edited metrics.json can only cost a registration
+    if use_gate and (reason := gate(metrics, cfg)):
+        log.warning("not registering: %s", reason)
+        return {"name": cfg.model_name, "version": None, "alias": None, "run_id": None,
+                "created": False, "model_uri": None, "aliases": [], "skipped": reason}
     client, uri = registry.client_for(tracking_uri)
 
     def attempt() -> dict:
@@ -226,10 +231,6 @@ def run(source: str | os.PathLike, metrics: str | os.PathLike | dict,
         candidate = load_candidate(source, metrics, split_report, client)
         run = training_run(client, uri, candidate)
         check_metrics(client, candidate, run, cfg.gate_metric)
-        if use_gate and (reason := gate(metrics, cfg)):
-            log.warning("not registering: %s", reason)
-            return {"name": cfg.model_name, "version": None, "alias": None, "run_id": None,
-                    "created": False, "model_uri": None, "aliases": [], "skipped": reason}
         return _register(client, candidate, run, cfg, alias, extra_tags, experiment)
 
     return registry.with_retries(attempt, uri, cfg.retries, cfg.backoff_s)

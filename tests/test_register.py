@@ -333,6 +333,16 @@ def test_run_id_source(store, registered):
                      tracking_uri=uri)
 
 
+@pytest.mark.parametrize("flag, value, says", [("--alias", "prod'env", "Invalid alias name"),
+                                               ("--alias", "latest", "is reserved"),
+                                               ("--model_name", "a/b", "is not usable")])
+def test_bad_alias_or_model_name_is_refused_in_one_line(tmp_path, capsys, flag, value, says):
+    assert register.main(["--train_dir", str(tmp_path), "--metrics", "m.json", "--split_report",
+                          "s.json", flag, value, "--no_gate"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
+
+
 def test_an_edited_metrics_json_is_refused(store, tmp_path, capsys):
     """metrics.json's balanced_accuracy raised to 0.99 by hand: the run logged 0.4, so register
     refuses naming both, for a tracked training and for an untracked one (whose evaluation
