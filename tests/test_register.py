@@ -228,6 +228,14 @@ def test_gate_of_a_lower_is_better_metric_keeps_the_low_values(store):
     assert good["version"] == "1" and good["created"]
 
 
+def test_gate_metrics_are_evaluate_s_headline_metrics():
+    from components.common.config import GATE_METRICS, lower_is_better
+    from components.evaluation.metrics import HEADLINE
+
+    assert set(GATE_METRICS) == set(HEADLINE)
+    assert [m for m in GATE_METRICS if lower_is_better(m)] == ["ece"]
+
+
 @pytest.mark.parametrize("setting, key", [("gate_threshold: nan", "gate_threshold"),
                                           ("gate_threshold: .nan", "gate_threshold"),
                                           ("gate_metric: balanced_acc", "gate_metric"),
