@@ -77,8 +77,7 @@ def _load_json(value: str | os.PathLike | dict, what: str) -> dict:
 
 def gate(metrics: dict, cfg: RegisterConfig) -> str | None:
     """Why the gate refuses these metrics, or None when they pass it (NaN never does)."""
-    value = metrics.get(cfg.gate_metric)
-    value = float("nan") if value is None else float(value)
+    value = _number(metrics, cfg.gate_metric)
     if lower_is_better(cfg.gate_metric):
         if value <= cfg.gate_threshold:
             return None
@@ -88,14 +87,23 @@ def gate(metrics: dict, cfg: RegisterConfig) -> str | None:
     return f"{cfg.gate_metric}={value} is below the gate {cfg.gate_threshold}"
 
 
+def _number(metrics: dict, name: str) -> float:
+    """metrics.json's `name` as a float (NaN when absent); a LineageError when not a number."""
+    value = metrics.get(name)
+    try:
+        return float("nan") if value is None else float(value)
+    except (TypeError, ValueError):
+        raise LineageError(f"metrics.json: {name} is not a number; re-run evaluate") from None
+
+
 def copied_numbers(metrics: dict, gate_metric: str) -> dict[str, float]:
     """The numbers register copies from metrics.json into tags and the card, under the names
     evaluate logged them to MLflow (evaluation/mlflow_log.py: `test_`-prefixed)."""
     names = dict.fromkeys(("n_images", gate_metric, *model_card.CARD_METRICS))
-    numbers = {f"test_{n}": metrics[n] for n in names if metrics.get(n) is not None}
+    numbers = {f"test_{n}": _number(metrics, n) for n in names if metrics.get(n) is not None}
     for n in names:
         ci = (metrics.get("ci95") or {}).get(n) or {}
-        numbers.update({f"test_{n}_ci_{end}": ci[end] for end in ("low", "high")
+        numbers.update({f"test_{n}_ci_{end}": _number(ci, end) for end in ("low", "high")
                         if ci.get(end) is not None})
     return numbers
 
@@ -107,8 +115,8 @@ def mismatch(metrics: dict, logged: dict, gate_metric: str) -> str | None:
         name = key.removeprefix("test_")
         if theirs is None:
             return f"evaluate logged no {key} (metrics.json has {name} = {value})"
-        if not (math.isclose(float(value), theirs, rel_tol=1e-9, abs_tol=1e-12)
-                or math.isnan(float(value)) and math.isnan(theirs)):
+        if not (math.isclose(value, theirs, rel_tol=1e-9, abs_tol=1e-12)
+                or math.isnan(value) and math.isnan(theirs)):
             return f"metrics.json has {name} = {value} but evaluate logged {theirs}"
     return None
 

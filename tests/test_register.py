@@ -370,6 +370,12 @@ def test_an_edited_metrics_json_is_refused(store, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "balanced_accuracy = 0.99 but evaluate logged 0.4" in err, err
         assert len(err.strip().splitlines()) == 1
+    (tmp_path / "metrics.json").write_text(json.dumps({**edited, "balanced_accuracy": "high"}))
+    assert register.main(["--train_dir", str(untracked), "--metrics", str(tmp_path / "metrics.json"),
+                          "--split_report", str(tmp_path / "split.json"), "--tracking_uri", uri,
+                          "--model_name", "m-edited"]) == 1
+    assert capsys.readouterr().err.strip() == \
+        "register: metrics.json: balanced_accuracy is not a number; re-run evaluate"
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     assert registry.versions(client, "m-edited") == []
     # unedited, the untracked one registers (its evaluation record is a run of its own)
