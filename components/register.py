@@ -6,14 +6,19 @@
 
 What it does, in order:
 
-1. the gate: registers only when metrics[register.gate_metric] >= register.gate_threshold
-   (the one place the pipeline decides it; DVC, KFP and the CLI all come here);
+1. the gate: registers only when metrics[register.gate_metric] clears register.gate_threshold
+   (>=, or <= for a lower-is-better metric such as ece; the one place the pipeline decides
+   it: DVC, KFP and the CLI all come here);
 2. finds the weights (ema_weights.pt in the training folder, or the serving model the training
    logged into its run) and checks them: finite, and the very weights metrics.json scored
    (evaluate records their digest) on the split the training used (split hashes of the
    training, of metrics.json and of the split report agree); otherwise it refuses, naming both;
-3. if a version of the registered model already comes from this run (or, untracked, these
-   weights), returns it: no second version;
+3. checks the numbers it copies from metrics.json (the gate metric, its interval, the card's
+   metrics) against those evaluate logged to MLflow for these weights (the training run, or
+   the evaluation run tagged with their digest): an edited metrics.json is refused, naming the
+   metric and both values; if a version of the registered model already comes from this run
+   (or, untracked, these weights), returns it: no second version, also when several
+   registers run at once;
 4. reuses the serving model the training logged into its run (registry/pyfunc.py), or logs it
    (an untracked training gets a run of its own);
 5. creates the version with a handful of lineage tags and the model card as its description
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -35,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.common import atomic, cli_args, outputs, tracking
-from components.common.config import ConfigError, RegisterConfig
+from components.common.config import ConfigError, RegisterConfig, lower_is_better
+from components.evaluation.mlflow_log import DIGEST_TAG
 from components.registry import client as registry
 from components.registry import model_card, pyfunc
 from components.training import checkpoint
@@ -69,11 +76,70 @@ def _load_json(value: str | os.PathLike | dict, what: str) -> dict:
 
 
 def gate(metrics: dict, cfg: RegisterConfig) -> str | None:
-    """Why the gate refuses these metrics, or None when they pass it."""
-    value = metrics.get(cfg.gate_metric)
-    if value is None or not float(value) >= float(cfg.gate_threshold):
-        return f"{cfg.gate_metric}={value} is below the gate {cfg.gate_threshold}"
+    """Why the gate refuses these metrics, or None when they pass it (NaN never does)."""
+    value = _number(metrics, cfg.gate_metric)
+    if lower_is_better(cfg.gate_metric):
+        if value <= cfg.gate_threshold:
+            return None
+        return f"{cfg.gate_metric}={value} is above the gate {cfg.gate_threshold} (lower is better)"
+    if value >= cfg.gate_threshold:
+        return None
+    return f"{cfg.gate_metric}={value} is below the gate {cfg.gate_threshold}"
+
+
+def _number(metrics: dict, name: str) -> float:
+    """metrics.json's `name` as a float (NaN when absent); a LineageError when not a number."""
+    value = metrics.get(name)
+    try:
+        return float("nan") if value is None else float(value)
+    except (TypeError, ValueError):
+        raise LineageError(f"metrics.json: {name} is not a number; re-run evaluate") from None
+
+
+def copied_numbers(metrics: dict, gate_metric: str) -> dict[str, float]:
+    """The numbers register copies from metrics.json into tags and the card, under the names
+    evaluate logged them to MLflow (evaluation/mlflow_log.py: `test_`-prefixed)."""
+    names = dict.fromkeys(("n_images", gate_metric, *model_card.CARD_METRICS))
+    numbers = {f"test_{n}": _number(metrics, n) for n in names if metrics.get(n) is not None}
+    for n in names:
+        ci = (metrics.get("ci95") or {}).get(n) or {}
+        numbers.update({f"test_{n}_ci_{end}": _number(ci, end) for end in ("low", "high")
+                        if ci.get(end) is not None})
+    return numbers
+
+
+def mismatch(metrics: dict, logged: dict, gate_metric: str) -> str | None:
+    """The first number metrics.json and an MLflow record of the evaluation disagree on."""
+    for key, value in copied_numbers(metrics, gate_metric).items():
+        theirs = logged.get(key)
+        name = key.removeprefix("test_")
+        if theirs is None:
+            return f"evaluate logged no {key} (metrics.json has {name} = {value})"
+        if not (math.isclose(value, theirs, rel_tol=1e-9, abs_tol=1e-12)
+                or math.isnan(value) and math.isnan(theirs)):
+            return f"metrics.json has {name} = {value} but evaluate logged {theirs}"
     return None
+
+
+def check_metrics(client, c: Candidate, run, gate_metric: str) -> None:
+    """Refuse metrics.json unless its numbers are those evaluate logged for these weights: in
+    an evaluation run tagged with their digest, or (evaluated before that tag) the training
+    run. MLflow's record, not the file: a file is edited by hand or by mistake."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, f"tags.`{DIGEST_TAG}` = '{c.digest}'",
+                               order_by=["attributes.start_time DESC"], max_results=20)
+    records = [(r.info.run_id, r.data.metrics) for r in found]
+    if run is not None and run.info.run_id not in {r for r, _ in records}:
+        records.append((run.info.run_id, run.data.metrics))
+    problems = [(run_id, mismatch(c.metrics, logged, gate_metric)) for run_id, logged in records]
+    if not problems:
+        raise LineageError(f"MLflow holds no evaluation of weights {c.digest[:16]}: register "
+                           f"checks metrics.json against what evaluate logged; run evaluate "
+                           f"with MLflow (not --no_mlflow) on the same tracking server")
+    if all(problem for _, problem in problems):
+        run_id, problem = problems[0]
+        raise LineageError(f"{problem} (run {run_id}): metrics.json is not what evaluate "
+                           f"wrote; re-run evaluate, or restore the file")
 
 
 def check_lineage(metrics: dict, split_report: dict, digest: str,
@@ -157,8 +223,11 @@ def run(source: str | os.PathLike, metrics: str | os.PathLike | dict,
          "model_uri", "aliases"} plus "skipped" (the reason) when the gate refused.
     """
     cfg = config or RegisterConfig()
+    registry.check_name(cfg.model_name)
+    registry.check_alias(alias)
     metrics = _load_json(metrics, "metrics")
     split_report = _load_json(split_report, "split report")
+    # not registering needs no check: an edited metrics.json can only cost a registration
     if use_gate and (reason := gate(metrics, cfg)):
         log.warning("not registering: %s", reason)
         return {"name": cfg.model_name, "version": None, "alias": None, "run_id": None,
@@ -168,36 +237,35 @@ def run(source: str | os.PathLike, metrics: str | os.PathLike | dict,
     def attempt() -> dict:
         tracking.check_reachable(uri)
         candidate = load_candidate(source, metrics, split_report, client)
-        return _register(client, uri, candidate, cfg, alias, extra_tags, experiment)
+        run = training_run(client, uri, candidate)
+        check_metrics(client, candidate, run, cfg.gate_metric)
+        return _register(client, candidate, run, cfg, alias, extra_tags, experiment)
 
     return registry.with_retries(attempt, uri, cfg.retries, cfg.backoff_s)
 
 
-def _register(client, uri: str, c: Candidate, cfg: RegisterConfig, alias: str,
-              extra_tags: dict | None, experiment: str) -> dict:
-    import mlflow
+def training_run(client, uri: str, c: Candidate):
+    """The training's MLflow run, or None for an untracked training."""
     from mlflow.exceptions import MlflowException
 
-    name = cfg.model_name
-    run = None
-    if c.run_id:
-        try:
-            run = client.get_run(c.run_id)
-        except MlflowException as err:
-            where = c.tracking_uri_of_training
-            raise LookupError(f"training run {c.run_id} is not in {tracking.redact(uri)}"
-                              + (f" (training logged to {where})" if where else "")) from err
+    if not c.run_id:
+        return None
+    try:
+        return client.get_run(c.run_id)
+    except MlflowException as err:
+        where = c.tracking_uri_of_training
+        raise LookupError(f"training run {c.run_id} is not in {tracking.redact(uri)}"
+                          + (f" (training logged to {where})" if where else "")) from err
 
+
+def _register(client, c: Candidate, run, cfg: RegisterConfig, alias: str,
+              extra_tags: dict | None, experiment: str) -> dict:
+    import mlflow
+
+    name = cfg.model_name
     existing = registry.find_version(client, name, c.run_id, c.digest)
     if existing is not None:
-        aliases = registry.aliases_of(client, name, existing.version)
-        if not aliases:
-            client.set_registered_model_alias(name, alias, existing.version)
-            aliases = [alias]
-        log.info("run %s is already %s version %s (aliases %s)", c.run_id, name,
-                 existing.version, aliases)
-        return _result(name, existing.version, alias if alias in aliases else None, c.run_id,
-                       False, aliases)
+        return _already(client, name, existing.version, alias, c.run_id)
 
     if run is None:  # untracked training: a run of its own holds the registered model
         mlflow.set_experiment(experiment)
@@ -224,6 +292,17 @@ def _register(client, uri: str, c: Candidate, cfg: RegisterConfig, alias: str,
     registry.ensure_registered_model(client, name)
     version = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
                                           description=card, model_id=model_id)
+    # MLflow has no transactions, so concurrent registers of one run (a KFP retry beside the
+    # first try) can each create a version. Each looks again after creating: the lowest
+    # version from this run wins (any lower one was created earlier, so every later look sees
+    # it), and a register whose version is not the lowest deletes its own and reports the
+    # winner. No lock: a killed register would leave one blocking the very retry that heals.
+    first = registry.find_version(client, name, c.run_id, c.digest)
+    if str(first.version) != str(version.version):
+        client.delete_model_version(name, version.version)
+        if not c.run_id:  # the run this register made for an untracked training
+            client.delete_run(run_id)
+        return _already(client, name, first.version, alias, c.run_id)
     client.set_registered_model_alias(name, alias, version.version)
     details = model_card.card_details(name, str(version.version), tags, c.metrics,
                                       c.split_report, preprocessing, params, n_params)
@@ -240,6 +319,15 @@ def _register(client, uri: str, c: Candidate, cfg: RegisterConfig, alias: str,
                    registry.aliases_of(client, name, version.version))
 
 
+def _already(client, name: str, version, alias: str, run_id: str | None) -> dict:
+    """The result for a version registered before (by an earlier or a concurrent register);
+    it gets `alias` unless it already has aliases."""
+    aliases = registry.aliases_of(client, name, version)
+    if not aliases:
+        client.set_registered_model_alias(name, alias, version)
+        aliases = [alias]
+    log.info("run %s is already %s version %s (aliases %s)", run_id, name, version, aliases)
+    return _result(name, version, alias if alias in aliases else None, run_id, False, aliases)
 
 
 def _result(name, version, alias, run_id, created, aliases) -> dict:
@@ -268,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = RegisterConfig.resolve(cli_args.params_paths(args), model_name=args.model_name)
         result = run(args.train_dir or args.run_id, args.metrics, args.split_report, cfg,
                      tracking_uri=args.tracking_uri, alias=args.alias, use_gate=args.gate)
-    except (registry.RegistryUnavailable, FileNotFoundError, LookupError, LineageError,
-            ConfigError, checkpoint.CheckpointError) as err:
+    except (registry.RegistryUnavailable, registry.BadName, FileNotFoundError, LookupError,
+            LineageError, ConfigError, checkpoint.CheckpointError) as err:
         print(f"register: {tracking.scrub(str(err))}", file=sys.stderr)
         return 1
     except Exception as err:  # noqa: BLE001 - the S3 artifact store refusing: name it

@@ -20,6 +20,7 @@ from components import register
 from components.common import atomic
 from components.common.config import RegisterConfig
 from components.common.labels import CLASSES
+from components.evaluation import mlflow_log
 from components.registry import client as registry
 from components.registry import model_card, pyfunc
 from components.training import checkpoint
@@ -74,11 +75,25 @@ def fake_training(root: Path, uri: str, seed: int = 0, run_name: str | None = No
 def metrics_json(out: Path, value: float = 0.5, **extra) -> dict:
     """evaluate's metrics.json for the weights in `out` (their digest, the split trained on)."""
     weights = checkpoint.load(out / "ema_weights.pt")["ema"]
-    return {"weights": "ema", "n_images": 20, "balanced_accuracy": value, "accuracy": value + 0.1,
-            "f1_macro": value - 0.1, "ece": 0.1,
+    return {"weights": "ema", "tta": False, "n_images": 20, "balanced_accuracy": value,
+            "accuracy": value + 0.1, "f1_macro": value - 0.1, "ece": 0.1,
             "ci95": {"balanced_accuracy": {"low": value - 0.05, "high": value + 0.05}},
-            "bootstrap": {"resamples": 100, "unit": "lesion"},
+            "roc_auc_per_class": {}, "bootstrap": {"resamples": 100, "unit": "lesion"},
             "weights_digest": checkpoint.weights_digest(weights), "split_hash": SPLIT, **extra}
+
+
+def evaluated(out: Path, uri: str, value: float = 0.5, **extra) -> dict:
+    """metrics_json, logged to MLflow as evaluate logs it (into the training run of `out`, or
+    for an untracked training a run of its own): the record register checks the file with."""
+    metrics = metrics_json(out, value, **extra)
+    folder = out / "eval"
+    atomic.write_json(folder / "metrics.json", metrics)
+    summary = out / "training_summary.json"
+    run_id = json.loads(summary.read_text())["mlflow_run_id"] if summary.is_file() else None
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow_log.log_metrics(metrics, folder, run_id, [])
+    return metrics
 
 
 def cfg(name: str, **settings) -> RegisterConfig:
@@ -110,7 +125,7 @@ def store(tmp_path_factory):
 def registered(store):
     root, uri = store
     out, run_id = fake_training(root, uri, seed=1, run_name="paper-grouped-e1-s1", log_model=True)
-    result = register.run(out, metrics_json(out, 0.5), split_report(), cfg("m-reg"),
+    result = register.run(out, evaluated(out, uri, 0.5), split_report(), cfg("m-reg"),
                           tracking_uri=uri)
     return out, run_id, result
 
@@ -184,7 +199,7 @@ def test_registered_pyfunc_matches_evaluation_preprocessing(store, registered, t
 def test_second_run_moves_challenger(store, registered):
     root, uri = store
     out2, run2 = fake_training(root, uri, seed=2, run_name="paper-grouped-e1-s2")
-    result = register.run(out2, metrics_json(out2, 0.6), split_report(), cfg("m-reg"),
+    result = register.run(out2, evaluated(out2, uri, 0.6), split_report(), cfg("m-reg"),
                           tracking_uri=uri)
     assert result["version"] == "2" and result["created"] and result["run_id"] == run2
     client = mlflow.MlflowClient(uri, registry_uri=uri)
@@ -194,12 +209,44 @@ def test_second_run_moves_challenger(store, registered):
 def test_gate_skips_registration(store):
     root, uri = store
     out, _ = fake_training(root, uri, seed=3)
-    result = register.run(out, metrics_json(out, 0.2), split_report(),
+    result = register.run(out, evaluated(out, uri, 0.2), split_report(),
                           cfg("m-gate", gate_threshold=0.3), tracking_uri=uri)
     assert result["version"] is None and "below the gate" in result["skipped"]
-    nan = register.run(out, metrics_json(out, float("nan")), split_report(),
+    nan = register.run(out, evaluated(out, uri, float("nan")), split_report(),
                        cfg("m-gate", gate_threshold=0.0), tracking_uri=uri)
     assert nan["version"] is None  # NaN never clears a gate
+
+
+def test_gate_of_a_lower_is_better_metric_keeps_the_low_values(store):
+    """gate_metric ece, threshold 0.1: an ECE of 0.33 is refused, 0.02 registered."""
+    root, uri = store
+    out, _ = fake_training(root, uri, seed=9)
+    gate = cfg("m-ece", gate_metric="ece", gate_threshold=0.1)
+    poor = register.run(out, evaluated(out, uri, ece=0.33), split_report(), gate, tracking_uri=uri)
+    assert poor["version"] is None and "ece=0.33 is above the gate 0.1" in poor["skipped"]
+    good = register.run(out, evaluated(out, uri, ece=0.02), split_report(), gate, tracking_uri=uri)
+    assert good["version"] == "1" and good["created"]
+
+
+def test_gate_metrics_are_evaluate_s_headline_metrics():
+    from components.common.config import GATE_METRICS, lower_is_better
+    from components.evaluation.metrics import HEADLINE
+
+    assert set(GATE_METRICS) == set(HEADLINE)
+    assert [m for m in GATE_METRICS if lower_is_better(m)] == ["ece"]
+
+
+@pytest.mark.parametrize("setting, key", [("gate_threshold: nan", "gate_threshold"),
+                                          ("gate_threshold: .nan", "gate_threshold"),
+                                          ("gate_metric: balanced_acc", "gate_metric"),
+                                          ("min_delta: -5", "min_delta")])
+def test_bad_gate_settings_are_refused_naming_file_and_key(tmp_path, capsys, setting, key):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"register:\n  {setting}\n")
+    assert register.main(["--train_dir", str(tmp_path), "--metrics", "m.json", "--split_report",
+                          "s.json", "--params", str(params)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"register.{key} = " in err and str(params) in err
 
 
 def test_metrics_of_other_weights_or_another_split_are_refused(store, tmp_path, capsys):
@@ -261,7 +308,7 @@ def test_cli_main_reads_params(store, tmp_path, capsys):
     out, run_id = fake_training(root, uri, seed=5)
     (tmp_path / "params.yaml").write_text("register:\n  model_name: m-cli\n  gate_metric: balanced_accuracy\n"
                                           "  gate_threshold: 0.0\n")
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics_json(out, 0.4)))
+    (tmp_path / "metrics.json").write_text(json.dumps(evaluated(out, uri, 0.4)))
     (tmp_path / "split.json").write_text(json.dumps(split_report()))
     rc = register.main(["--train_dir", str(out), "--metrics", str(tmp_path / "metrics.json"),
                         "--split_report", str(tmp_path / "split.json"), "--params",
@@ -292,3 +339,84 @@ def test_run_id_source(store, registered):
     with pytest.raises(FileNotFoundError, match="no logged `classifier` model"):
         register.run(other, metrics_json(other_out, 0.5), split_report(), cfg("m-reg"),
                      tracking_uri=uri)
+
+
+@pytest.mark.parametrize("flag, value, says", [("--alias", "prod'env", "Invalid alias name"),
+                                               ("--alias", "latest", "is reserved"),
+                                               ("--model_name", "a/b", "is not usable")])
+def test_bad_alias_or_model_name_is_refused_in_one_line(tmp_path, capsys, flag, value, says):
+    assert register.main(["--train_dir", str(tmp_path), "--metrics", "m.json", "--split_report",
+                          "s.json", flag, value, "--no_gate"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
+
+
+def test_an_edited_metrics_json_is_refused(store, tmp_path, capsys):
+    """metrics.json's balanced_accuracy raised to 0.99 by hand: the run logged 0.4, so register
+    refuses naming both, for a tracked training and for an untracked one (whose evaluation
+    run is found by the weights' digest)."""
+    root, uri = store
+    out, _ = fake_training(root, uri, seed=10)
+    untracked, _ = fake_training(root, uri, seed=11)
+    (untracked / "training_summary.json").unlink()
+    for source in (out, untracked / "ema_weights.pt"):
+        edited = {**evaluated(source if source.is_dir() else untracked, uri, 0.4),
+                  "balanced_accuracy": 0.99}
+        (tmp_path / "metrics.json").write_text(json.dumps(edited))
+        (tmp_path / "split.json").write_text(json.dumps(split_report()))
+        assert register.main(["--train_dir", str(source), "--metrics", str(tmp_path / "metrics.json"),
+                              "--split_report", str(tmp_path / "split.json"), "--tracking_uri", uri,
+                              "--model_name", "m-edited"]) == 1
+        err = capsys.readouterr().err
+        assert "balanced_accuracy = 0.99 but evaluate logged 0.4" in err, err
+        assert len(err.strip().splitlines()) == 1
+    (tmp_path / "metrics.json").write_text(json.dumps({**edited, "balanced_accuracy": "high"}))
+    assert register.main(["--train_dir", str(untracked), "--metrics", str(tmp_path / "metrics.json"),
+                          "--split_report", str(tmp_path / "split.json"), "--tracking_uri", uri,
+                          "--model_name", "m-edited"]) == 1
+    assert capsys.readouterr().err.strip() == \
+        "register: metrics.json: balanced_accuracy is not a number; re-run evaluate"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    assert registry.versions(client, "m-edited") == []
+    # unedited, the untracked one registers (its evaluation record is a run of its own)
+    result = register.run(untracked / "ema_weights.pt", evaluated(untracked, uri, 0.4),
+                          split_report(), cfg("m-edited"), tracking_uri=uri)
+    assert result["version"] == "1"
+    assert client.get_model_version("m-edited", "1").tags["test_balanced_accuracy"] == "0.400000"
+
+
+def test_concurrent_registers_of_one_run_make_one_version(mlflow_server, tmp_path):
+    """Four real `register` processes of one run, released at once against a real server (as
+    a KFP retry beside its first try): one version, every process exits 0 reporting it, and
+    the alias points at it."""
+    import subprocess
+    import sys
+
+    client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    if client.get_experiment_by_name(EXPERIMENT) is None:
+        client.create_experiment(EXPERIMENT)
+    out, run_id = fake_training(tmp_path, mlflow_server, seed=12, log_model=True)
+    evaluated(out, mlflow_server, 0.5)
+    (tmp_path / "split.json").write_text(json.dumps(split_report()))
+    name = f"m-concurrent-{tmp_path.name}"[:60]
+    # each child imports everything, says "ready" and waits for one line on stdin: all four
+    # then look for an existing version at the same moment
+    child = ("import sys, mlflow; from components import register; print('ready', flush=True); "
+             "sys.stdin.readline(); sys.exit(register.main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", child, "--train_dir", str(out), "--metrics",
+           str(out / "eval" / "metrics.json"), "--split_report", str(tmp_path / "split.json"),
+           "--tracking_uri", mlflow_server, "--model_name", name]
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outcomes = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert [rc for rc, _, _ in outcomes] == [0] * 4, outcomes
+    reported = [json.loads(stdout) for _, stdout, _ in outcomes]
+    assert {r["version"] for r in reported} == {"1"} and {r["alias"] for r in reported} == {"challenger"}
+    assert [v.version for v in registry.versions(client, name)] == ["1"]
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
+    assert sum(r["created"] for r in reported) == 1

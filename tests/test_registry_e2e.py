@@ -91,13 +91,17 @@ def test_train_register_promote_predict_on_real_services(services, tmp_path, mon
     metrics2 = _train_and_evaluate(data, tmp_path / "r2", seed=1, epochs=2)
     second = register.run(tmp_path / "r2" / "train", metrics2, report)
     assert second["version"] == "2" and second["run_id"] != first["run_id"]
+    edited = {**json.loads(metrics2.read_text()), "balanced_accuracy": 0.99}
+    with pytest.raises(register.LineageError, match="balanced_accuracy = 0.99 but evaluate logged"):
+        register.run(tmp_path / "r2" / "train", edited, report)  # checked against the run
     kept = promote.run("balanced_accuracy", min_delta=1.0)  # no score improves by more than 1
     assert kept["decision"] == "kept" and str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     natural = promote.run("balanced_accuracy")
     better = natural["challenger_value"] > natural["champion_value"]
     assert natural["decision"] == ("promoted" if better else "kept")
-    if not better:  # make the move happen as well: any change beats a delta of -1
-        assert promote.run("balanced_accuracy", min_delta=-1.0)["decision"] == "promoted"
+    if not better:  # make the move happen as well: a recorded human override
+        assert promote.run("balanced_accuracy", force=True,
+                           reason="the test needs v2 as champion")["decision"] == "forced"
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
 
     # predict through the alias (artifacts come from S3 through the server)

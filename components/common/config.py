@@ -343,6 +343,20 @@ class EvaluateConfig(StepConfig):
                  "must be between 0 and 1")
 
 
+# The test metrics a gate (register) or promote can compare, and which way is better: True
+# where lower is better. The names are evaluate's headline metrics (evaluation/metrics.py
+# HEADLINE; tests/test_register.py checks they agree); both register and promote read this.
+GATE_METRICS = {name: name == "ece" for name in (
+    "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
+    "precision_weighted", "recall_weighted", "f1_weighted", "roc_auc_macro", "top2_accuracy",
+    "ece")}
+
+
+def lower_is_better(metric: str) -> bool:
+    """True when a smaller value of gate metric `metric` is the better one (ECE)."""
+    return GATE_METRICS[metric]
+
+
 @dataclass
 class RegisterConfig(StepConfig):
     SECTION = "register"
@@ -355,6 +369,12 @@ class RegisterConfig(StepConfig):
 
     def check(self) -> None:
         _require(bool(self.model_name.strip()), self, "model_name", "must not be empty")
+        _require(self.gate_metric in GATE_METRICS, self, "gate_metric",
+                 f"must be one of {sorted(GATE_METRICS)}")
+        _require(math.isfinite(self.gate_threshold), self, "gate_threshold",
+                 "must be a finite number")
+        _require(math.isfinite(self.min_delta) and self.min_delta >= 0, self, "min_delta",
+                 "must be a finite number >= 0")
         _require(self.retries >= 0, self, "retries", "must be >= 0")
         _require(self.backoff_s >= 0, self, "backoff_s", "must be >= 0")
 

@@ -40,14 +40,14 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+# user[:password]@ after a scheme: everything up to the LAST @ before the path, so a password
+# holding a raw @ (or # or ?, which urlsplit would cut at) is masked whole
+USERINFO = re.compile(r"(\b[A-Za-z][\w+.-]*://)[^/\s]*@")
+
+
 def redact(uri: str) -> str:
-    """The URI with any user:password removed, fit for logs and messages."""
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URI with any user:password replaced by ***, fit for logs and messages."""
+    return USERINFO.sub(r"\1***@", uri, count=1)
 
 
 def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
@@ -260,7 +260,7 @@ SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PAS
 
 def scrub(text: str) -> str:
     """`text` without user:password in URLs or the values of the secret variables above."""
-    text = re.sub(r"(\w+://)[^/\s@]+@", r"\1***@", text)
+    text = USERINFO.sub(r"\1***@", text)
     for name in SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 4:

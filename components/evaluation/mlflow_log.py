@@ -12,6 +12,7 @@ from components.evaluation.metrics import HEADLINE, HEADLINE_SHOWN
 log = logging.getLogger(__name__)
 
 NOTE, NOTE_TEST = "mlflow.note.content", "## Test metrics"
+DIGEST_TAG = "evaluate.weights_digest"
 
 
 def log_metrics(metrics: dict, out: Path, training_run_id: str | None,
@@ -43,7 +44,9 @@ def log_metrics(metrics: dict, out: Path, training_run_id: str | None,
             if isinstance(metrics.get(name), dict):
                 mlflow.log_metrics(_flat_metrics(metrics[name], f"test_{name}_"))
         note = mlflow.get_run(active.info.run_id).data.tags.get(NOTE, "")
+        # the weights scored: register finds this record of an untracked training by it
         mlflow.set_tags({"evaluate.weights": metrics["weights"],
+                         DIGEST_TAG: metrics["weights_digest"],
                          "evaluate.tta": str(metrics["tta"]).lower(),
                          NOTE: note.split(NOTE_TEST)[0].rstrip() + "\n\n" + test_note(metrics)})
         mlflow.log_artifacts(str(out), artifact_path="evaluation")

@@ -73,6 +73,35 @@ def client_for(tracking_uri: str | None = None):
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
+class BadName(ValueError):
+    """A registered model name or alias that MLflow or this project's look-ups cannot take."""
+
+
+def check_name(name: str, what: str = "registered model") -> str:
+    """`name`, unless MLflow refuses it ('/', ':') or the search filters here (`name = '...'`)
+    cannot quote it: without this check `promote --to "prod'env"` found no earlier copy and
+    made a new one every time."""
+    if not name.strip() or set(name) & set("/:'\"`\\") or not name.isprintable():
+        raise BadName(f"{what} name {name[:100]!r} is not usable: it must be printable and "
+                      f"must not contain / : ' \" ` or \\")
+    return name
+
+
+def check_alias(alias: str) -> str:
+    """`alias`, unless MLflow's alias rules refuse it (its own validators, so the rules stay
+    MLflow's: letters, digits, _ and -, not `latest`, not a version like v3)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import (_validate_model_alias_name,
+                                         _validate_model_alias_name_reserved)
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except MlflowException as err:
+        raise BadName(f"alias {alias[:100]!r}: {err.message}") from None
+    return alias
+
+
 def _missing(err) -> bool:
     return "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or \
         "not found" in str(err).lower()
@@ -121,7 +150,7 @@ def aliases_of(client, name: str, version: str | int) -> list[str]:
     return sorted(a for a, v in (model.aliases or {}).items() if str(v) == str(version))
 
 
-def ensure_registered_model(client, name: str) -> None:
+def ensure_registered_model(client, name: str, description: str = MODEL_DESCRIPTION) -> None:
     """Create the registered model unless it exists (another process may create it meanwhile)."""
     from mlflow.exceptions import MlflowException
 
@@ -131,7 +160,7 @@ def ensure_registered_model(client, name: str) -> None:
         if not _missing(err):
             raise
         try:
-            client.create_registered_model(name, description=MODEL_DESCRIPTION)
+            client.create_registered_model(name, description=description)
         except MlflowException as race:
             if "ALREADY_EXISTS" not in str(race.error_code):
                 raise

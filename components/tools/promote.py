@@ -13,11 +13,12 @@ Decision, from the versions behind the two aliases of the registered model:
   when there is none (a deleted champion never lets an untested model through; `--force`);
 - challenger already champion: kept;
 - each side's metric is what its version recorded at registration (tag `test_<metric>`, else
-  its run's `test_<metric>` metric); a side without it: refused;
+  its run's `test_<metric>` metric); a tag that none of the values its run logged for that
+  metric agrees with (edited) gives way to the run's; a side without it: refused;
 - different test splits (tag `split_hash`, else the run's tag) or an unknown split: refused,
   naming both hashes: scores on different test sets do not compare;
 - otherwise promoted when the challenger is better by more than `--min_delta` (higher is better,
-  except for ece/loss-like metrics), else kept.
+  except for ece: config.GATE_METRICS, which the register gate reads too), else kept.
 
 `--force --reason TEXT` promotes regardless (a human override) and records tags on the version:
 forced=true, force_reason, forced_at (UTC), forced_by ($USER). Every promotion records
@@ -28,55 +29,54 @@ the replaced champion gets replaced_by and keeps alias `previous-champion`.
 skin-lesion-hybrid-staging) with MlflowClient.copy_model_version, sets alias `champion` there,
 and does nothing new when that exact version was copied before (tag `copied_from`).
 
-Promotions of one registered model are serialised: each holds a lock for its duration, a
-registered model named `<name>.promotion-lock` that the tracking server creates atomically
-(its database refuses a second one). A promote that finds it taken changes nothing and
-reports that it lost ("busy"); a lock older than LOCK_STALE_S (a killed promote) is broken.
+Promotions of one registered model are serialised by a lock in the registry
+(registry/lock.py). A promote that finds it taken changes nothing and reports that it lost
+("busy"); a lock whose promote is gone (killed on this host, or older than 10 minutes) is
+broken, and a promote retrying after an outage takes its own lock back.
+`--break_lock --reason TEXT` breaks the lock by hand (recorded on the registered model's tag
+promotion_lock_broken) and changes nothing else.
 
 Exit status: 0 promoted / first / forced / kept; 1 refused, busy or an error.
 """
 from __future__ import annotations
 
-import contextlib
-import getpass
 import json
 import logging
 import math
-import os
-import socket
 import sys
-import time
-from datetime import datetime, timezone
+import uuid
 
 from components.common import cli_args, tracking
-from components.common.config import RegisterConfig
-from components.registry.client import (CHALLENGER, CHAMPION, PREVIOUS, by_alias, client_for,
-                                        versions, with_retries)
+from components.common.config import GATE_METRICS, RegisterConfig, lower_is_better
+from components.registry import lock
+from components.registry.client import (CHALLENGER, CHAMPION, PREVIOUS, by_alias, check_name,
+                                        client_for, versions, with_retries)
 
 log = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = ("ece", "loss", "log_loss", "brier", "nll")
 HISTORY_TAG = "champion_history"   # on the registered model: versions that were champion
-LOCK_SUFFIX, LOCK_STALE_S = ".promotion-lock", 600
-
-
-class PromotionBusy(RuntimeError):
-    """Another promote of the same registered model holds the lock."""
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(metric == m or metric.endswith(f"_{m}") for m in LOWER_IS_BETTER)
 
 
 def recorded_metric(client, version, metric: str) -> float | None:
-    """The metric a version recorded: its tag test_<metric>, else its run's test_<metric>."""
-    key = metric if metric.startswith("test_") else f"test_{metric}"
-    value = version.tags.get(key)
-    if value in (None, "") and version.run_id:
+    """The metric a version recorded: its tag test_<metric>, unless its run logged that
+    metric and never this value (the tag was edited); then, or without a tag, the run's."""
+    key = f"test_{metric}"
+    value = _number(version.tags.get(key))
+    logged = []
+    if version.run_id:
         try:
-            value = client.get_run(version.run_id).data.metrics.get(key)
+            logged = [m.value for m in client.get_metric_history(version.run_id, key)]
         except Exception:  # noqa: BLE001 - a deleted run: the metric is just unknown
-            value = None
+            logged = []
+    if logged and (value is None or not any(math.isclose(value, x, abs_tol=5e-7) for x in logged)):
+        if value is not None:
+            log.warning("%s v%s: tag %s=%s is no value its run %s logged; using the run's %s",
+                        version.name, version.version, key, value, version.run_id, logged[-1])
+        value = _number(logged[-1])
+    return value
+
+
+def _number(value) -> float | None:
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -94,10 +94,6 @@ def split_hash(client, version) -> str:
     return value
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def run(metric: str | None = None, model_name: str | None = None,
         min_delta: float | None = None, force: bool = False, reason: str | None = None,
         to: str | None = None, tracking_uri: str | None = None,
@@ -109,56 +105,40 @@ def run(metric: str | None = None, model_name: str | None = None,
     Returns {"decision": "first"|"promoted"|"forced"|"kept"|"refused", "reason", "metric",
     "challenger": version|None, "champion": the champion's version after the decision,
     "previous_champion", "challenger_value", "champion_value", "delta", "copied": {"name",
-    "version", "created"} or None}. Raises PromotionBusy when another promote holds the lock.
+    "version", "created"} or None}. Raises lock.Busy when another promote holds the lock.
     """
     cfg = config or RegisterConfig()
-    metric = metric or cfg.gate_metric
-    name = model_name or cfg.model_name
+    metric = (metric or cfg.gate_metric).removeprefix("test_")
+    if metric not in GATE_METRICS:
+        raise ValueError(f"--metric {metric[:100]!r}: must be one of {sorted(GATE_METRICS)}")
+    name = check_name(model_name or cfg.model_name)
+    to = to and check_name(to, "--to")
     min_delta = cfg.min_delta if min_delta is None else min_delta
+    if not (math.isfinite(min_delta) and min_delta >= 0):
+        raise ValueError(f"--min_delta {min_delta}: must be a finite number >= 0")
     if force and not (reason and reason.strip()):
         raise ValueError("--force needs --reason TEXT (it is recorded with the promotion)")
     client, uri = client_for(tracking_uri)
+    token = uuid.uuid4().hex  # this promote's: its retries take back the lock it left
 
     def attempt():
         tracking.check_reachable(uri)
-        with promotion_lock(client, name):
+        with lock.held(client, name, token):
             return _promote(client, metric, name, min_delta, force, reason, to)
 
     return with_retries(attempt, uri, cfg.retries, cfg.backoff_s)
 
 
-@contextlib.contextmanager
-def promotion_lock(client, name: str):
-    """Hold `<name>.promotion-lock` (see the module docstring) while promoting."""
-    from mlflow.exceptions import MlflowException
-
-    lock = name + LOCK_SUFFIX
-    for _ in range(2):  # a second try after breaking a stale lock
-        try:
-            client.create_registered_model(lock, tags={"holder": _holder(),
-                                                       "since": str(time.time())},
-                                           description=f"held while promoting {name}")
-            break
-        except MlflowException as err:
-            if "ALREADY_EXISTS" not in str(err.error_code):
-                raise
-            held = client.get_registered_model(lock)
-            since = float(held.tags.get("since") or 0)
-            if time.time() - since < LOCK_STALE_S:
-                raise PromotionBusy(f"another promote of {name} is running ({held.tags.get('holder')}"
-                                    f", for {time.time() - since:.0f} s); nothing was changed") from None
-            log.warning("breaking the stale promotion lock of %s (%s)", name, held.tags)
-            client.delete_registered_model(lock)
-    else:
-        raise PromotionBusy(f"could not take the promotion lock of {name}")
-    try:
-        yield
-    finally:
-        client.delete_registered_model(lock)
-
-
-def _holder() -> str:
-    return f"{_user()}@{socket.gethostname()} pid {os.getpid()}"
+def break_lock(reason: str, model_name: str | None = None, tracking_uri: str | None = None,
+               config: RegisterConfig | None = None) -> list[str]:
+    """`--break_lock`: break the promotion lock of the model by hand; returns who held it."""
+    cfg = config or RegisterConfig()
+    if not (reason and reason.strip()):
+        raise ValueError("--break_lock needs --reason TEXT (it is recorded on the model)")
+    name = check_name(model_name or cfg.model_name)
+    client, uri = client_for(tracking_uri)
+    return with_retries(lambda: lock.break_lock(client, name, reason.strip()), uri,
+                        cfg.retries, cfg.backoff_s)
 
 
 def _promote(client, metric, name, min_delta, force, reason, to) -> dict:
@@ -174,7 +154,7 @@ def _promote(client, metric, name, min_delta, force, reason, to) -> dict:
         result.update(decision=decision, reason=why)
         if challenger is not None:
             client.set_model_version_tag(name, str(challenger.version), "promotion_decision",
-                                         f"{decision} at {_now()}: {why}"[:5000])
+                                         f"{decision} at {lock.now()}: {why}"[:5000])
         if to and decision != "refused" and result["champion"] is not None:
             result["copied"] = copy_to(client, name, result["champion"], to)
         log.info("%s: %s", decision, why)
@@ -190,11 +170,11 @@ def _promote(client, metric, name, min_delta, force, reason, to) -> dict:
 
     if force:
         _move_champion(client, name, challenger, champion, metric, result)
-        stamp = _now()
+        stamp = lock.now()
         for key, value in (("forced", "true"), ("force_reason", reason.strip()),
-                           ("forced_at", stamp), ("forced_by", _user())):
+                           ("forced_at", stamp), ("forced_by", lock.user())):
             client.set_model_version_tag(name, str(challenger.version), key, value[:5000])
-        return done("forced", f"forced by {_user()}: {reason.strip()}")
+        return done("forced", f"forced by {lock.user()}: {reason.strip()}")
 
     if champion is None:
         history = client.get_registered_model(name).tags.get(HISTORY_TAG)
@@ -235,13 +215,6 @@ def _promote(client, metric, name, min_delta, force, reason, to) -> dict:
     return done("kept", f"{comparison}: improvement {delta:.4f} is not above {min_delta}")
 
 
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user name in some containers
-        return "unknown"
-
-
 def _best_remaining(client, name, challenger, metric):
     """The best other live version on the challenger's test split, by recorded `metric`."""
     split = split_hash(client, challenger)
@@ -260,7 +233,7 @@ def _move_champion(client, name, challenger, champion, metric, result) -> None:
     history = client.get_registered_model(name).tags.get(HISTORY_TAG)
     client.set_registered_model_tag(name, HISTORY_TAG, ",".join(
         filter(None, [history, str(challenger.version)]))[-5000:])
-    stamp = _now()
+    stamp = lock.now()
     tags = {"promoted_at": stamp, "promotion_metric": metric,
             "promoted_from": str(champion.version) if champion else "",
             "promotion_challenger_value": str(result["challenger_value"]),
@@ -283,7 +256,9 @@ def copy_to(client, name: str, version: str, dst: str) -> dict:
     origin = f"{name}/{version}"
     try:
         found = client.search_model_versions(f"name = '{dst}' and tags.copied_from = '{origin}'")
-    except MlflowException:
+    except MlflowException as err:
+        if "RESOURCE_DOES_NOT_EXIST" not in str(err.error_code):
+            raise  # a filter the server cannot read must not look like "no copy yet"
         found = []
     created = not found
     if found:
@@ -291,7 +266,7 @@ def copy_to(client, name: str, version: str, dst: str) -> dict:
     else:
         copy = client.copy_model_version(f"models:/{name}/{version}", dst)
         client.set_model_version_tag(dst, copy.version, "copied_from", origin)
-        client.set_model_version_tag(dst, copy.version, "copied_at", _now())
+        client.set_model_version_tag(dst, copy.version, "copied_at", lock.now())
     client.set_registered_model_alias(dst, CHAMPION, copy.version)
     return {"name": dst, "version": str(copy.version), "created": created}
 
@@ -305,21 +280,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min_delta", type=float,
                         help="required improvement (default: register.min_delta)")
     parser.add_argument("--force", action="store_true", help="promote regardless (needs --reason)")
-    parser.add_argument("--reason", help="why a --force promotion is made (recorded as a tag)")
+    parser.add_argument("--break_lock", action="store_true",
+                        help="break the promotion lock by hand (needs --reason); changes nothing "
+                             "else")
+    parser.add_argument("--reason", help="why --force or --break_lock (recorded)")
     parser.add_argument("--to", help="also copy the champion into this registered model "
                                      "(an environment, e.g. skin-lesion-hybrid-prod)")
     parser.add_argument("--model_name", help="default: register.model_name")
     cli_args.add_params_flags(parser)
     parser.add_argument("--tracking_uri")
     args = parser.parse_args(argv)
-    if args.force and not (args.reason and args.reason.strip()):
-        parser.error("--force needs --reason TEXT")
+    if (args.force or args.break_lock) and not (args.reason and args.reason.strip()):
+        parser.error(f"--{'force' if args.force else 'break_lock'} needs --reason TEXT")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = RegisterConfig.resolve(cli_args.params_paths(args))
+        if args.break_lock:
+            holders = break_lock(args.reason, args.model_name, args.tracking_uri, cfg)
+            print(f"broke the promotion lock held by {', '.join(holders)}" if holders
+                  else "no promotion lock was held")
+            return 0
         result = run(args.metric, args.model_name, args.min_delta, args.force, args.reason,
                      args.to, args.tracking_uri, cfg)
-    except PromotionBusy as err:
+    except lock.Busy as err:
         print(f"skinlesion promote: lost: {err}", file=sys.stderr)
         return 1
     except Exception as err:  # noqa: BLE001 - one clear line for the user (ConfigError too)
