@@ -219,13 +219,20 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.mark.slow
-def test_demo_leaves_the_project_untouched(project):
+def test_demo_leaves_the_project_untouched_and_its_model_loads(project, tmp_path):
     repo, env = project
-    out = _run(repo, "skinlesion", "demo", "--override", "tiny.yaml", "--name", "d1", env=env)
+    local = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the default store
+    out = _run(repo, "skinlesion", "demo", "--override", "tiny.yaml", "--name", "d1", env=local)
     assert "Registered: skin-lesion-hybrid version" in out and "alias challenger" in out
     assert _git(repo, "status", "--porcelain") == "", "the demo changed tracked files"
     # the experiment ran in the scratch copy (its outputs live in the experiment's commit)
     assert not (repo / "outputs").exists() and (repo / ".demo/d1/dvc.yaml").is_file()
+    # ... which DVC deleted: the registered model's files must outlive it
+    images = sorted((repo / "data/raw/images").glob("*.jpg"))[2:5]  # [0:2]: unreadable
+    _run(repo, "skinlesion", "predict", "--model", "models:/skin-lesion-hybrid@challenger",
+         *map(str, images), "--out", str(tmp_path / "p.csv"), env=local)
+    predicted = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(predicted) == 4 and all(line.split(",")[-1] == "" for line in predicted[1:])
 
 
 @pytest.mark.slow
