@@ -1,9 +1,11 @@
 """dvc.yaml: six stages wired by their files, each reading its own params section, every
 module it runs declared as a dependency; and (slow) on a copy of the project with tiny
 synthetic data holding two unreadable images (skip_corrupt on):
-- `skinlesion demo` runs the chain and leaves the project's tracked files untouched;
-- two `skinlesion exp run`s with different -S values: neither the second experiment nor a
-  compiled pipeline inherits the first one's values; `skinlesion exp show` lists both with
+- `skinlesion demo` runs the chain with the default MLflow store, leaves the project's tracked
+  files untouched, and its registered model loads from the project (`skinlesion predict`);
+- two `skinlesion exp run`s with different -S values: the first one's epoch line arrives while
+  it runs, its summary has intervals, its MLflow run names the DVC experiment; neither the
+  second experiment nor a compiled pipeline inherits the first one's values; `skinlesion exp show` lists both with
   their headline metrics and registered versions; the unreadable images are in no split;
 - a train stage killed mid-run resumes from its checkpoint when `dvc repro` runs again."""
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
@@ -235,13 +238,38 @@ def test_demo_leaves_the_project_untouched_and_its_model_loads(project, tmp_path
     assert len(predicted) == 4 and all(line.split(",")[-1] == "" for line in predicted[1:])
 
 
+def _stream_exp_run(repo: Path, env: dict, *args: str) -> tuple[str, str | None]:
+    """`skinlesion exp run ARGS`, read line by line as it runs; returns its output and the
+    experiment refs git held when the first epoch line arrived (None: no epoch line)."""
+    proc = subprocess.Popen([str(BIN / "skinlesion"), "exp", "run", *args], cwd=repo, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines, recorded = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if recorded is None and re.match(r"epoch 1/\d+ +loss .* img/s", line):
+            recorded = _git(repo, "for-each-ref", "refs/exps")
+    out = "".join(lines)
+    assert proc.wait(timeout=60) == 0, f"exp run failed:\n{out[-4000:]}"
+    return out, recorded
+
+
 @pytest.mark.slow
 def test_experiments_do_not_leak_into_each_other_or_into_the_pipeline(project, tmp_path):
     repo, env = project
     committed = (repo / "params.yaml").read_text()
-    out = _run(repo, "skinlesion", "exp", "run", "-n", "first", "--params_file", "tiny.yaml",
-               "-S", "train.seed=1", env=env)
+    out, recorded = _stream_exp_run(repo, env, "-n", "first", "--params_file", "tiny.yaml",
+                                    "-S", "train.seed=1")
     assert _ran(out) == STAGES
+    assert recorded is not None and "/first" not in recorded, \
+        "the epoch line came only after the experiment was recorded:\n" + out[-3000:]
+    assert "No file hash info" not in out and "test None" not in out
+    assert re.search(r"balanced accuracy +0\.\d{3} +\[0\.\d{3}, [01]\.\d{3}\]", out), out[-3000:]
+    assert "Registered: skin-lesion-hybrid version" in out
+    # the MLflow run names the DVC experiment and the commit it started from
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs([client.get_experiment_by_name("skin-lesion").experiment_id],
+                               "tags.dvc_experiment = 'first'")
+    assert run.data.tags["dvc_baseline_rev"] == _git(repo, "rev-parse", "HEAD").strip()
     out = _run(repo, "skinlesion", "exp", "run", "-n", "second", "--params_file", "tiny.yaml",
                "-S", "train.peak_lr=0.005", env=env)
     assert set(_ran(out)) >= {"train", "evaluate", "register"}
