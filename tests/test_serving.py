@@ -112,3 +112,11 @@ def test_limits_answer_with_clear_errors(server):
     assert status == 400 and f"the limit is {MAX_ROWS}" in text
     status, text = _post(server, ["x"], params={"batch_size": -1})
     assert status == 400 and "batch_size must be an integer of at least 1" in text
+
+
+def test_serve_turns_off_mlflows_download_progress_lines(monkeypatch):
+    """(One progress line per file fetched from the registry: 59 for this model.)"""
+    from components.tools import serve as serve_command
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    assert serve_command.environment()["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"

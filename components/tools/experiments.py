@@ -99,6 +99,7 @@ def environment(root: Path) -> dict[str, str]:
     env = venv.with_tools_on_path()
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     env["PYTHONUNBUFFERED"] = "1"  # each epoch line reaches the terminal when it is printed
+    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars, in a log
     if not _git(root, "config", "user.email", check=False).strip():
         for role in ("AUTHOR", "COMMITTER"):
             env.setdefault(f"GIT_{role}_NAME", "skinlesion")
