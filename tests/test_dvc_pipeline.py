@@ -25,6 +25,7 @@ import mlflow
 import pytest
 import yaml
 
+from components.tools import experiments
 from components.tools.experiments import dvc_set_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +181,22 @@ def _ran(output: str) -> list[str]:
 def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, text=True,
                           capture_output=True).stdout
+
+
+def test_exp_run_relays_its_output_as_it_comes(monkeypatch, tmp_path, capsys):
+    """Stages numbered, DVC's per-output warnings folded into one line, a note when a stage
+    is quiet (here 0.2 s; a minute in use), then the stage's next line."""
+    monkeypatch.setattr(experiments, "QUIET_NOTE_S", 0.2)
+    warn = "WARNING: No file hash info found for '{}'. It won't be created."
+    script = (f"import time; print({warn.format('a')!r}); print({warn.format('b')!r}); "
+              "print(\"Running stage 'train':\", flush=True); time.sleep(1); print('epoch 1/1')")
+    code, lines = experiments.stream([sys.executable, "-c", script], tmp_path,
+                                     dict(os.environ), 6)
+    out = capsys.readouterr().out
+    assert code == 0 and lines[-1] == "epoch 1/1" and "No file hash" not in out
+    assert "(DVC had no version of 2 outputs to restore" in out
+    assert "[1/6] Running stage 'train':" in out
+    assert out.index("stage train still running") < out.index("epoch 1/1")
 
 
 TINY = """\

@@ -42,8 +42,8 @@ SUMMARY = (("accuracy", "accuracy", 0.9348), ("balanced_accuracy", "balanced acc
            ("precision_macro", "precision (macro)", 0.9324),
            ("recall_macro", "recall (macro)", 0.9070), ("f1_macro", "F1 (macro)", 0.9182),
            ("roc_auc_macro", "ROC-AUC (macro)", None), ("ece", "calibration error", None))
-# DVC warns once per output of the baseline that it cannot restore into its temporary copy
-# (none is cached before the first run); the stages make them, so one line says it instead.
+# DVC warns once per output it cannot restore into its temporary copy (the commit's dvc.lock
+# has no entry for it, or the cache lacks it); the stages make them: one line says so.
 NO_HASH_WARNING = re.compile(r"WARNING: No file hash info found for '(.+)'\. It won't be created\.")
 STAGE_MENTION = re.compile(r"(Running stage|Stage) '(\w+)'")
 QUIET_NOTE_S = 60  # a stage silent this long gets a line saying it is still running
@@ -176,8 +176,9 @@ def stream(command: list[str], root: Path, env: dict, n_stages: int) -> tuple[in
             uncached.append(match.group(1))
             continue
         if uncached:
-            print(f"(DVC: {len(uncached)} outputs of the baseline are not in its cache, so the "
-                  f"stages will make them)", flush=True)
+            print(f"(DVC had no version of {len(uncached)} outputs to restore: none in "
+                  f"dvc.lock at this commit, or not in the cache; the stages make them)",
+                  flush=True)
             uncached = []
         if (match := STAGE_MENTION.search(line)) and match.group(2) not in stages:
             stages.append(match.group(2))
