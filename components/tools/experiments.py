@@ -148,8 +148,8 @@ def run(root: Path, name: str | None = None, params_files: list[str] = (),
 
 def stream(command: list[str], root: Path, env: dict, n_stages: int) -> tuple[int, list[str]]:
     """Run `command`, printing its output line by line as it comes: each stage numbered
-    ([4/6]), a line when a stage has been quiet for QUIET_NOTE_S, DVC's warnings about the
-    baseline's uncached outputs folded into one line. Returns the exit status and the lines."""
+    ([4/6]), a line each time a stage is quiet for QUIET_NOTE_S, DVC's warnings about the
+    outputs it cannot restore folded into one line. Returns the exit status and the lines."""
     proc = subprocess.Popen(command, cwd=root, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, bufsize=1)
     lines: queue.Queue[str | None] = queue.Queue()
