@@ -184,8 +184,10 @@ def ensure_experiment(uri: str, name: str):
             location = folder.as_uri()
         try:
             client.create_experiment(name, artifact_location=location)
-        except MlflowException:  # created meanwhile by another step: use that one
-            pass
+        except MlflowException:
+            if client.get_experiment_by_name(name) is None:
+                raise
+            # else another step created it meanwhile: use that one
         found = client.get_experiment_by_name(name)
     if EXPERIMENT_KIND_TAG not in (found.tags or {}):
         # Without it, MLflow 3's UI opens an experiment in its GenAI mode (traces, prompts).
