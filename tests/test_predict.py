@@ -102,3 +102,12 @@ def test_cli_names_a_model_that_does_not_load(tmp_path, images, capsys):
     rc = predict.main(["--model", "models:/no-such-model@champion", "--tracking-uri", uri,
                        str(images["a.jpg"])])
     assert rc == 2 and "cannot load models:/no-such-model@champion" in capsys.readouterr().err
+
+
+def test_more_images_than_a_scoring_request_may_hold_are_sent_a_batch_at_a_time(
+        model_dir, images, monkeypatch):
+    """(The demo's suggested `predict --dir` holds 400 images; a request may hold 256.)"""
+    monkeypatch.setenv("SKINLESION_SERVING_MAX_ROWS", "4")
+    result = predict.run(str(model_dir), [str(images["a.jpg"])] * 10, batch_size=4)
+    assert result["n_images"] == 10 and result["n_failed"] == 0
+    assert result["table"]["predicted"].nunique() == 1  # the same image, the same answer

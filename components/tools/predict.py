@@ -88,9 +88,11 @@ def predict_paths(model, paths: list[str], batch_size: int = 32) -> pd.DataFrame
     present = [i for i in range(len(paths)) if i not in missing]
     result = None
     if present:
-        result = model.predict(pd.DataFrame({"image": [paths[i] for i in present]}),
-                               params={"batch_size": batch_size})
-        result.index = present
+        # a batch per call: the model refuses more rows than a scoring request may hold
+        batches = [present[i:i + batch_size] for i in range(0, len(present), batch_size)]
+        result = pd.concat([model.predict(pd.DataFrame({"image": [paths[i] for i in batch]}),
+                                          params={"batch_size": batch_size}).set_axis(batch)
+                            for batch in batches])
     columns = list(result.columns) if result is not None else ["predicted", "error"]
     blank = pd.DataFrame({c: ([""] * len(missing) if c in ("predicted", "error") else float("nan"))
                           for c in columns}, index=list(missing))
