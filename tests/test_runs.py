@@ -77,6 +77,7 @@ def test_the_table_fits_120_columns_and_wide_shows_everything(uri, capsys, monke
 
 def test_long_cells_are_cut_and_columns_left_out_in_order():
     frame = pd.DataFrame([{"name": "x" * 60, "a": "1" * 30, "b": "2" * 30, "c": "3"}])
+    assert text_table.render(frame.iloc[:, ::-1], 10).endswith("x" * 60)  # the last: whole
     text = text_table.fit(frame, ["b", "a"], width=80)
     assert text.splitlines()[1].startswith("x" * 33 + "~") and "  3" in text.splitlines()[1]
     assert " b " not in text.splitlines()[0] and "a" in text.splitlines()[0]

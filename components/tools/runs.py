@@ -24,10 +24,10 @@ import pandas as pd
 from components.common import cli_args, tracking
 from components.tools import text_table
 
-# what a narrow terminal loses first (the run's name already says what differs), then
-# the validation metric, "started", "f1_macro" and "accuracy" (drop_order)
-DROP_FIRST = ("data", "status", "dvc_exp", "bs", "seed", "img", "epochs", "preset", "lr",
-              "split")
+# what a narrow terminal loses first (the run's name already says what differs), then the
+# validation metric, "started", "f1_macro", the run's name (long, and cut where runs differ:
+# run_id and dvc_exp still tell them apart) and "accuracy" (main)
+DROP_FIRST = ("data", "status", "bs", "seed", "img", "epochs", "preset", "lr", "split")
 KEY_PARAMS = {"preset": "train.preset", "epochs": "train.epochs", "img": "train.img_size",
               "seed": "train.seed", "bs": "train.batch_size", "lr": "train.peak_lr"}
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.format == "json":
         print(json.dumps(table.to_dict(orient="records"), indent=2, default=str))
     else:
-        drop = [*DROP_FIRST, f"val_{args.metric}", "started", "f1_macro", "accuracy"]
+        drop = [*DROP_FIRST, f"val_{args.metric}", "started", "f1_macro", "run", "accuracy"]
         print(text_table.fit(table, drop, wide=args.wide) if not table.empty else "(no runs)")
     return 0
 

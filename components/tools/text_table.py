@@ -29,10 +29,12 @@ def _cell(value) -> str:
 
 def render(table: pd.DataFrame, max_cell: int | None = None) -> str:
     """Fixed-width text; floats with 4 decimals, empty cells as '-', cells longer than
-    `max_cell` cut."""
+    `max_cell` cut except in the last column (nothing comes after it)."""
     cut = (lambda s: s if max_cell is None or len(s) <= max_cell  # noqa: E731
            else s[:max_cell - 1] + "~")
-    cells = [[cut(_cell(v)) for v in row] for row in table.itertuples(index=False)]
+    last = len(table.columns) - 1
+    cells = [[_cell(v) if i == last else cut(_cell(v)) for i, v in enumerate(row)]
+             for row in table.itertuples(index=False)]
     widths = [max(len(str(c)), *(len(r[i]) for r in cells)) for i, c in enumerate(table.columns)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(table.columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
@@ -56,14 +58,18 @@ def fit(table: pd.DataFrame, drop_order: list[str], width: int | None = None,
     if wide:
         return render(table)
     width = width or terminal_width()
-    left_out: list[str] = []
+
+    def without(columns: list[str]) -> str | None:
+        text = render(table.drop(columns=columns).rename(columns=short_header), MAX_CELL)
+        return text if max(map(len, text.splitlines())) <= width else None
+
     candidates = [c for c in drop_order if c in table.columns]
-    while True:
-        kept = table.drop(columns=left_out)
-        text = render(kept.rename(columns=short_header), MAX_CELL)
-        if max(map(len, text.splitlines())) <= width or not candidates:
-            break
-        left_out.append(candidates.pop(0))
+    left_out = next((candidates[:n] for n in range(len(candidates) + 1)
+                     if without(candidates[:n]) is not None), candidates)
+    for column in reversed(left_out[:-1]):  # one left out early may fit beside what is left
+        if without([c for c in left_out if c != column]) is not None:
+            left_out.remove(column)
+    text = without(left_out) or render(table.drop(columns=left_out), MAX_CELL)
     if left_out:
         text += "\n" + textwrap.fill(f"(left out to fit {width} columns: {', '.join(left_out)}; "
                                      f"--wide shows all)", width)
