@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 paths[name] = lambda resident=resident: make_input(
                     dataset, resident=resident, augment=True, img_size=cfg.img_size,
                     batch_size=batch_size, device=rt.device, sampler=sampler, drop_last=True,
-                    num_workers=cfg.num_workers)
+                    num_workers=cfg.loader_workers())
             step = None
             for name, build in paths.items():
                 ips = measure(cfg, rt, build)

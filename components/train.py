@@ -153,7 +153,7 @@ def _inputs(cfg: TrainConfig, rt: Runtime, train_frame, val_frame, img_dir, weig
                            seed=cfg.seed, num_replicas=rt.world_size, rank=rt.rank,
                            defer_epochs=cfg.defer_sampler_epochs)
     common = dict(resident=resident, img_size=cfg.img_size, batch_size=cfg.batch_size,
-                  device=rt.device, num_workers=cfg.num_workers)
+                  device=rt.device, num_workers=cfg.loader_workers())
     train_input = make_input(train_set, augment=cfg.augment, sampler=sampler, drop_last=True,
                              seed=cfg.seed + rt.rank, **common)
     val_input = (make_input(val_set, augment=False, **common)
@@ -183,7 +183,7 @@ def _collective(rt: Runtime, fn):
 
 def _print_start(rt, cfg, resident, n_train, n_val, trainer) -> None:
     if rt.is_main:
-        path = "GPU-resident" if resident else f"DataLoader ({cfg.num_workers} workers)"
+        path = "GPU-resident" if resident else f"DataLoader ({cfg.loader_workers()} workers)"
         print(f"training on {run_record.device_name(rt.device)} x{rt.world_size}: {n_train} "
               f"train / {n_val} val images, {trainer.steps_per_epoch} steps/epoch, input {path}, "
               f"from epoch {trainer.state.epoch}", flush=True)
@@ -216,7 +216,8 @@ def _finish(trainer: Trainer, state, run_, out_dir: Path, test_csv, img_dir, com
         "seconds": round(time.time() - started, 1), "paths": paths,
     }
     atomic.write_json(out_dir / outputs.TRAINING_SUMMARY, summary)
-    print(f"done: {state.epoch} epochs, best {state.best}, test {test}; summary in "
+    print(f"done: {state.epoch} epochs, best {state.best}"
+          f"{'' if test is None else f', test {test}'}; summary in "
           f"{out_dir / outputs.TRAINING_SUMMARY}", flush=True)
     return summary
 
@@ -272,7 +273,7 @@ def build_parser() -> cli_args.ArgumentParser:
                        ("warmup_epochs", int), ("warmup_lr", float), ("min_lr", float),
                        ("momentum", float), ("weight_decay", float), ("mixup_alpha", float),
                        ("ema_decay", float), ("grad_clip", float), ("drop_path_rate", float),
-                       ("num_workers", int), ("seed", int), ("img_size", int), ("preset", str),
+                       ("seed", int), ("img_size", int), ("preset", str),
                        ("logit_adjust_tau", float), ("gpu_resident_max_share", float),
                        ("defer_sampler_epochs", int)):
         hp.add_argument(f"--{name}", type=kind)
@@ -280,6 +281,8 @@ def build_parser() -> cli_args.ArgumentParser:
                     help="ImageNet ConvNeXtV2-base weights: from the hub, or a file path")
     hp.add_argument("--dims", type=_ints, help="stage widths, e.g. 16,32,48,64")
     hp.add_argument("--depths", type=_ints, help="stage depths, e.g. 1,1,1,1")
+    hp.add_argument("--num_workers", type=lambda v: v if v == "auto" else int(v),
+                    help="DataLoader workers, or auto (the CPUs less one, at most 4)")
     hp.add_argument("--gpu_resident", choices=("auto", "on", "off"))
     hp.add_argument("--lr_scaling", choices=("linear", "none"),
                     help="with several processes: the learning rate x world size, or not")

@@ -13,6 +13,7 @@ DAG (task names as compiled; data edges are artifacts):
 """
 # no `from __future__ import annotations`: KFP reads the pipeline signature's annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -72,8 +73,9 @@ def base_params(path: "str | os.PathLike | None" = None, say=print) -> dict:
 
 
 def _section(values: dict) -> dict:
-    """A params section as a KFP struct: a protobuf Struct cannot hold null, and a null in
-    params.yaml means "the step's default" (e.g. train.dims), so null keys are left out."""
+    """A params section as a KFP struct: KFP's compiler takes no null, and a null in
+    params.yaml means "the step's default" (e.g. train.dims), so null keys are left out here
+    (compile_pipeline writes them, and integers as integers, into the compiled YAML)."""
     return {k: v for k, v in (values or {}).items() if v is not None}
 
 
@@ -101,9 +103,6 @@ def build_pipeline(params: dict, image: str | None = None):
     train_cfg = TrainConfig.resolve(params)
     distributed = train_cfg.world_size > 1
 
-    @dsl.pipeline(name=PIPELINE_NAME,
-                  description="ISIC 2019 hybrid ConvNeXtV2 + separable self-attention: "
-                              "preprocess, split, class weights, train (GPU), evaluate, register")
     def skin_lesion_pipeline(
         # the DVC-versioned input: a git repo + revision + DVC remote, or a local folder
         data_repo: str = "",
@@ -164,15 +163,27 @@ def build_pipeline(params: dict, image: str | None = None):
                            ("register", reg)):
             # a distributed train task only submits and waits: the nodes get the GPUs
             _apply(task, res["default"] if distributed and name == "train" else res[name])
-        kubernetes.use_secret_as_env(data, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS)
+        # Both optional: data from a folder and an MLflow server that serves its artifacts
+        # itself need no S3 credentials; a server without authentication needs no password.
+        # A step that does reach S3 without them fails naming the endpoint.
+        kubernetes.use_secret_as_env(data, secret_name=s3_secret,
+                                     secret_key_to_env=S3_SECRET_KEYS, optional=True)
         for task in (tr, ev, reg):
             kubernetes.use_secret_as_env(task, secret_name=s3_secret,
-                                         secret_key_to_env=S3_SECRET_KEYS)
-            # optional: an MLflow server without authentication needs no secret
+                                         secret_key_to_env=S3_SECRET_KEYS, optional=True)
             kubernetes.use_secret_as_env(task, secret_name=mlflow_secret,
                                          secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True)
 
-    return skin_lesion_pipeline
+    if not distributed:
+        # KFP takes the parameters from the signature: the single-pod pipeline's has no volume
+        # parameter (the body reads shared_pvc only when distributed; its default stays)
+        signature = inspect.signature(skin_lesion_pipeline)
+        skin_lesion_pipeline.__signature__ = signature.replace(parameters=[
+            p for p in signature.parameters.values() if p.name != "shared_pvc"])
+    return dsl.pipeline(name=PIPELINE_NAME,
+                        description="ISIC 2019 hybrid ConvNeXtV2 + separable self-attention: "
+                                    "preprocess, split, class weights, train (GPU), evaluate, "
+                                    "register")(skin_lesion_pipeline)
 
 
 def __getattr__(name: str):
@@ -193,13 +204,18 @@ def compile_pipeline(path: "str | os.PathLike" = "pipeline.yaml", image: "str | 
     `image` replaces every step's container image (default: `pipeline.components.IMAGE`).
     """
     path = Path(path)
-    pipeline_fn = build_pipeline(params if params is not None else
-                                 base_params(say=lambda m: print(m, file=sys.stderr)), image)
-    compiler.Compiler().compile(pipeline_fn, package_path=str(path))
+    if params is None:
+        params = base_params(say=lambda m: print(m, file=sys.stderr))
+    compiler.Compiler().compile(build_pipeline(params, image), package_path=str(path))
+    docs = list(yaml.safe_load_all(path.read_text()))
+    # KFP's compiler writes a dict default as a protobuf Struct: every number a float
+    # (epochs: 100.0) and no nulls; KFP loads the YAML's own values, so write params.yaml's
+    inputs = docs[0]["root"]["inputDefinitions"]["parameters"]
+    for name in STEP_SECTIONS:
+        inputs[f"{name}_params"]["defaultValue"] = dict(params.get(name) or {})
     if image:
-        docs = list(yaml.safe_load_all(path.read_text()))
         for executor in docs[0]["deploymentSpec"]["executors"].values():
             executor["container"]["image"] = image
-        header = "".join(line for line in path.read_text().splitlines(True) if line.startswith("#"))
-        path.write_text(header + yaml.safe_dump_all(docs, sort_keys=True))
+    header = "".join(line for line in path.read_text().splitlines(True) if line.startswith("#"))
+    path.write_text(header + yaml.safe_dump_all(docs, sort_keys=True))
     return path

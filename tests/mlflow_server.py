@@ -14,14 +14,13 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
 
+from components.tools import tracking_server
 from procs import free_port, serve
 
-MLFLOW = Path(sys.executable).with_name("mlflow")
 START_TIMEOUT_S = 90
 
 
@@ -30,10 +29,10 @@ def _serve(root: Path, artifacts: str | None = None,
            **popen) -> Iterator[tuple[str, subprocess.Popen]]:
     """`mlflow server` with a SQLite store under `root`; artifacts there too unless given."""
     root.mkdir(parents=True, exist_ok=True)
-    uri = f"http://127.0.0.1:{free_port()}"
-    cmd = [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", artifacts or str(root / "artifacts")]
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = tracking_server.command(f"sqlite:///{root / 'mlflow.db'}",
+                                  artifacts or root / "artifacts", port=port)
     with serve(cmd, f"{uri}/health", root / "server.log", START_TIMEOUT_S, cwd=root,
                **popen) as proc:
         yield uri, proc

@@ -1,9 +1,11 @@
 """dvc.yaml: six stages wired by their files, each reading its own params section, every
 module it runs declared as a dependency; and (slow) on a copy of the project with tiny
 synthetic data holding two unreadable images (skip_corrupt on):
-- `skinlesion demo` runs the chain and leaves the project's tracked files untouched;
-- two `skinlesion exp run`s with different -S values: neither the second experiment nor a
-  compiled pipeline inherits the first one's values; `skinlesion exp show` lists both with
+- `skinlesion demo` runs the chain with the default MLflow store, leaves the project's tracked
+  files untouched, and its registered model loads from the project (`skinlesion predict`);
+- two `skinlesion exp run`s with different -S values: the first one's epoch line arrives while
+  it runs, its summary has intervals, its MLflow run names the DVC experiment; neither the
+  second experiment nor a compiled pipeline inherits the first one's values; `skinlesion exp show` lists both with
   their headline metrics and registered versions; the unreadable images are in no split;
 - a train stage killed mid-run resumes from its checkpoint when `dvc repro` runs again; with
   another recipe it sets the old run aside, and fails when params.yaml is edited meanwhile."""
@@ -20,9 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
+from components.tools import experiments
 from components.tools.experiments import dvc_set_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +184,22 @@ def _git(repo: Path, *args: str) -> str:
                           capture_output=True).stdout
 
 
+def test_exp_run_relays_its_output_as_it_comes(monkeypatch, tmp_path, capsys):
+    """Stages numbered, DVC's per-output warnings folded into one line, a note when a stage
+    is quiet (here 0.2 s; a minute in use), then the stage's next line."""
+    monkeypatch.setattr(experiments, "QUIET_NOTE_S", 0.2)
+    warn = "WARNING: No file hash info found for '{}'. It won't be created."
+    script = (f"import time; print({warn.format('a')!r}); print({warn.format('b')!r}); "
+              "print(\"Running stage 'train':\", flush=True); time.sleep(1); print('epoch 1/1')")
+    code, lines = experiments.stream([sys.executable, "-c", script], tmp_path,
+                                     dict(os.environ), 6)
+    out = capsys.readouterr().out
+    assert code == 0 and lines[-1] == "epoch 1/1" and "No file hash" not in out
+    assert "(DVC had no version of 2 outputs to restore" in out
+    assert "[1/6] Running stage 'train':" in out
+    assert out.index("stage train still running") < out.index("epoch 1/1")
+
+
 TINY = """\
 preprocess: {size: 40, skip_corrupt: true}
 train: {img_size: 32, dims: [8, 16, 24, 32], depths: [1, 1, 1, 1], epochs: 1, batch_size: 16,
@@ -220,22 +240,54 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.mark.slow
-def test_demo_leaves_the_project_untouched(project):
+def test_demo_leaves_the_project_untouched_and_its_model_loads(project, tmp_path):
     repo, env = project
-    out = _run(repo, "skinlesion", "demo", "--override", "tiny.yaml", "--name", "d1", env=env)
+    local = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the default store
+    out = _run(repo, "skinlesion", "demo", "--override", "tiny.yaml", "--name", "d1", env=local)
     assert "Registered: skin-lesion-hybrid version" in out and "alias challenger" in out
     assert _git(repo, "status", "--porcelain") == "", "the demo changed tracked files"
     # the experiment ran in the scratch copy (its outputs live in the experiment's commit)
     assert not (repo / "outputs").exists() and (repo / ".demo/d1/dvc.yaml").is_file()
+    # ... which DVC deleted: the registered model's files must outlive it
+    images = sorted((repo / "data/raw/images").glob("*.jpg"))[2:5]  # [0:2]: unreadable
+    _run(repo, "skinlesion", "predict", "--model", "models:/skin-lesion-hybrid@challenger",
+         *map(str, images), "--out", str(tmp_path / "p.csv"), env=local)
+    predicted = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(predicted) == 4 and all(line.split(",")[-1] == "" for line in predicted[1:])
+
+
+def _stream_exp_run(repo: Path, env: dict, *args: str) -> tuple[str, str | None]:
+    """`skinlesion exp run ARGS`, read line by line as it runs; returns its output and the
+    experiment refs git held when the first epoch line arrived (None: no epoch line)."""
+    proc = subprocess.Popen([str(BIN / "skinlesion"), "exp", "run", *args], cwd=repo, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines, recorded = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if recorded is None and re.match(r"epoch 1/\d+ +loss .* img/s", line):
+            recorded = _git(repo, "for-each-ref", "refs/exps")
+    out = "".join(lines)
+    assert proc.wait(timeout=60) == 0, f"exp run failed:\n{out[-4000:]}"
+    return out, recorded
 
 
 @pytest.mark.slow
 def test_experiments_do_not_leak_into_each_other_or_into_the_pipeline(project, tmp_path):
     repo, env = project
     committed = (repo / "params.yaml").read_text()
-    out = _run(repo, "skinlesion", "exp", "run", "-n", "first", "--params_file", "tiny.yaml",
-               "-S", "train.seed=1", env=env)
+    out, recorded = _stream_exp_run(repo, env, "-n", "first", "--params_file", "tiny.yaml",
+                                    "-S", "train.seed=1")
     assert _ran(out) == STAGES
+    assert recorded is not None and "/first" not in recorded, \
+        "the epoch line came only after the experiment was recorded:\n" + out[-3000:]
+    assert not re.search("No file hash info|test None|Downloading artifacts", out), out[-3000:]
+    assert re.search(r"balanced accuracy +0\.\d{3} +\[0\.\d{3}, [01]\.\d{3}\]", out), out[-3000:]
+    assert "Registered: skin-lesion-hybrid version" in out
+    # the MLflow run names the DVC experiment and the commit it started from
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs([client.get_experiment_by_name("skin-lesion").experiment_id],
+                               "tags.dvc_experiment = 'first'")
+    assert run.data.tags["dvc_baseline_rev"] == _git(repo, "rev-parse", "HEAD").strip()
     out = _run(repo, "skinlesion", "exp", "run", "-n", "second", "--params_file", "tiny.yaml",
                "-S", "train.peak_lr=0.005", env=env)
     assert set(_ran(out)) >= {"train", "evaluate", "register"}
@@ -248,6 +300,8 @@ def test_experiments_do_not_leak_into_each_other_or_into_the_pipeline(project, t
     assert rows["first"]["train.seed"] == 1 and rows["second"]["train.seed"] == 0
     assert rows["first"]["train.peak_lr"] == 0.01 and rows["second"]["train.peak_lr"] == 0.005
     assert "train.momentum" not in rows["first"], "only the params that differ are shown"
+    shown = _run(repo, "skinlesion", "exp", "show", env={**env, "COLUMNS": "120"})
+    assert max(map(len, shown.splitlines())) <= 120 and "first" in shown, shown
     for name in ("first", "second"):
         assert re.fullmatch(r"0\.\d{3} \[0\.\d\d, [01]\.\d\d\]", rows[name]["balanced_accuracy"])
         assert rows[name]["registered"].startswith("skin-lesion-hybrid v")

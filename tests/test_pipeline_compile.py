@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kfp.components import load_component_from_file
 
 from components.common.config import SECTIONS, STEP_SECTIONS, load_params, task_resources
 from components.tools.cli import main as skinlesion
 from pipeline import components as kfp_components
 from pipeline.cli import build_arguments
+from pipeline.pipeline import build_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"preprocess", "split", "class-weights", "train", "evaluate", "register"}
@@ -106,7 +108,8 @@ def test_credentials_come_from_kubernetes_secrets_named_by_parameters(compiled):
                 found[pair["envVar"]] = (name, s.get("optional", False))
         return found
 
-    s3 = {"AWS_ACCESS_KEY_ID": ("s3_secret", False), "AWS_SECRET_ACCESS_KEY": ("s3_secret", False)}
+    # optional: data from a folder and a server that serves artifacts need no S3 credentials
+    s3 = {"AWS_ACCESS_KEY_ID": ("s3_secret", True), "AWS_SECRET_ACCESS_KEY": ("s3_secret", True)}
     mlflow = {"MLFLOW_TRACKING_USERNAME": ("mlflow_secret", True),
               "MLFLOW_TRACKING_PASSWORD": ("mlflow_secret", True)}
     assert secrets("exec-materialise-data") == s3
@@ -167,12 +170,33 @@ def test_defaults_come_from_params_yaml(compiled):
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     params = load_params(ROOT / "params.yaml")
     assert inputs["data_path"]["defaultValue"] == params["data"]["raw"]
-    for name in STEP_SECTIONS:  # protobuf Struct: every number is a float, no nulls
+    for name in STEP_SECTIONS:  # as written there: integers, nulls (train.dims) included
         default = inputs[f"{name}_params"]["defaultValue"]
-        assert default == {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-                           for k, v in params[name].items() if v is not None}, name
+        assert default == params[name] and set(default) == set(params[name]), name
+        assert all(type(default[k]) is type(v) for k, v in params[name].items()), name
         # and the step's config reads it back to exactly params.yaml's values
         assert SECTIONS[name].from_dict(default) == SECTIONS[name].from_dict(params[name]), name
+    assert "shared_pvc" not in inputs, "the single-pod pipeline mounts no shared volume"
+
+
+def test_the_compiled_file_reads_as_params_yaml_and_kfp_loads_it(tmp_path):
+    path = tmp_path / "p.yaml"
+    assert skinlesion(["pipeline", "compile", "-o", str(path)]) == 0
+    text = path.read_text()
+    assert "epochs: 100\n" in text and "dims: null\n" in text and "epochs: 100.0" not in text
+    loaded = load_component_from_file(str(path))  # a null in a Struct default is valid
+    train = loaded.pipeline_spec.root.input_definitions.parameters["train_params"]
+    assert train.default_value.struct_value["epochs"] == 100
+    assert train.default_value.struct_value["dims"] is None
+
+
+def test_only_the_distributed_pipeline_has_the_shared_volume_parameter():
+    params = load_params(ROOT / "params.yaml")
+    single = build_pipeline(params).component_spec.inputs
+    params["train"].update(nodes=2)
+    distributed = build_pipeline(params).component_spec.inputs
+    assert "shared_pvc" not in single and "shared_pvc" in distributed
+    assert set(distributed) - set(single) == {"shared_pvc"}
 
 
 def test_image_option_rewrites_every_step(tmp_path):

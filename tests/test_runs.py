@@ -3,9 +3,10 @@ versions, best first; evaluate/register runs of their own are left out."""
 from __future__ import annotations
 
 import mlflow
+import pandas as pd
 import pytest
 
-from components.tools import runs
+from components.tools import runs, text_table
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,30 @@ def test_table_ranks_by_metric_and_shows_versions(uri):
 def test_recent_order_top_and_cli(uri, capsys):
     recent = runs.run(top=2, sort="recent", tracking_uri=uri)
     assert recent["run"].tolist() == ["paper-grouped-e5-s1", "paper-paper-e2-s0"]
-    assert runs.main(["--tracking-uri", uri, "--top", "3"]) == 0
+    assert runs.main(["--tracking-uri", uri, "--top", "3", "--wide"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["run", "run_id", "started"]
     assert "paper-paper-e2-s0" in out[1] and "@challenger" in out[1] and "0.7200" in out[1]
     assert runs.main(["--tracking-uri", uri, "--experiment", "nope"]) == 1
+
+
+def test_the_table_fits_120_columns_and_wide_shows_everything(uri, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    assert runs.main(["--tracking-uri", uri]) == 0
+    narrow = capsys.readouterr().out.splitlines()
+    assert max(map(len, narrow)) <= 120
+    assert narrow[0].split()[:2] == ["run", "run_id"] and "registered" in narrow[0]
+    assert "bal_acc_ci95" in narrow[0] and "--wide shows all)" in narrow[-1]
+    assert runs.main(["--tracking-uri", uri, "--wide"]) == 0
+    wide = capsys.readouterr().out.splitlines()
+    assert max(map(len, wide)) > 120 and all(c in wide[0] for c in ("data", "dvc_exp", "lr"))
+
+
+def test_long_cells_are_cut_and_columns_left_out_in_order():
+    frame = pd.DataFrame([{"name": "x" * 60, "a": "1" * 30, "b": "2" * 30, "c": "3"}])
+    assert text_table.render(frame.iloc[:, ::-1], 10).endswith("x" * 60)  # the last: whole
+    text = text_table.fit(frame, ["b", "a"], width=80)
+    assert text.splitlines()[1].startswith("x" * 33 + "~") and "  3" in text.splitlines()[1]
+    assert " b " not in text.splitlines()[0] and "a" in text.splitlines()[0]
+    assert text.endswith("(left out to fit 80 columns: b; --wide shows all)")
+    assert "x" * 60 in text_table.fit(frame, ["b", "a"], width=80, wide=True)

@@ -266,3 +266,11 @@ def test_the_work_stops_when_the_client_leaves(model_dir, monkeypatch):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_serve_turns_off_mlflows_download_progress_lines(monkeypatch):
+    """(One progress line per file fetched from the registry: 59 for this model.)"""
+    from components.tools import serve as serve_command
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    assert serve_command.environment()["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"

@@ -3,6 +3,7 @@ transforms, samplers and class weights."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -299,3 +300,14 @@ def test_resume_is_exact_with_dataloader_workers(data, tmp_path):
                    for k in a[which]) < 1e-6, which
     assert [h["train_loss"] for h in a["history"]] == pytest.approx(
         [h["train_loss"] for h in b["history"]], abs=1e-6)
+
+
+def test_num_workers_auto_uses_what_this_process_may_run_on(monkeypatch):
+    cfg = TrainConfig.resolve(ROOT / "params.yaml")
+    assert cfg.num_workers == "auto"  # params.yaml asks no fixed count of any machine
+    for cpus, workers in ((1, 0), (2, 1), (3, 2), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        assert cfg.loader_workers() == workers
+    assert TrainConfig.resolve(ROOT / "params.yaml", num_workers=2).loader_workers() == 2
+    with pytest.raises(ConfigError, match="train.num_workers"):
+        TrainConfig.resolve(ROOT / "params.yaml", num_workers="some")

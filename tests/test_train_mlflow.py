@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
+import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -15,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from components.common import tracking
 
 from components import train
-from procs import free_port
+from procs import free_port, serve
 from tiny_data import TINY, make_splits
 
 FAST = [*TINY, "--batch_size", "8", "--warmup_epochs", "1", "--num_workers", "0"]
@@ -116,11 +119,40 @@ def test_unreachable_server_fails_within_seconds_naming_it(data, tmp_path, monke
     assert train.main(_args(data, tmp_path / "out2", "--epochs", "1", "--no-mlflow")) == 0
 
 
-def test_default_tracking_uri_is_sqlite_in_the_working_folder(tmp_path, monkeypatch):
+def test_default_tracking_uri_is_sqlite_in_the_project(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.check_reachable(tracking.tracking_uri())
+    # a stage of `dvc exp run --temp` runs in DVC's temporary copy; DVC_ROOT names the project
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
+
+
+def test_a_sqlite_store_keeps_artifacts_beside_it_and_replaces_a_lost_location(
+        tmp_path, monkeypatch, capsys):
+    (tmp_path / "project").mkdir()
+    uri = f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    # what MLflow's default did inside DVC's temporary copy, which DVC then deleted
+    temporary = tmp_path / "exps" / "run" / "mlruns"
+    temporary.mkdir(parents=True)
+    lost = client.create_experiment("skin-lesion", artifact_location=(temporary / "1").as_uri())
+    shutil.rmtree(tmp_path / "exps")
+    monkeypatch.chdir(tmp_path)  # not the project: artifacts must not follow the process
+    with tracking.start_run(uri, None, "skin-lesion") as active:
+        mlflow.log_text("kept", "note.txt")
+    found = client.get_experiment_by_name("skin-lesion")
+    stored = tmp_path / "project" / "mlartifacts" / "skin-lesion"
+    assert found.artifact_location == stored.as_uri()
+    assert (stored / active.info.run_id / "artifacts" / "note.txt").read_text() == "kept"
+    assert found.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+    assert client.get_experiment(lost).name == f"skin-lesion (artifacts lost, id {lost})"
+    assert "no longer exists" in capsys.readouterr().err
+    # the next run finds the new experiment as it is
+    with tracking.start_run(uri, None, "skin-lesion") as again:
+        assert again.info.experiment_id == found.experiment_id
 
 
 def test_flatten_and_redact():
@@ -128,3 +160,26 @@ def test_flatten_and_redact():
         "a.b": "1", "a.c": "[1, 2]", "d": "None"}
     assert tracking.redact("https://u:p@host:5000/x") == "https://***@host:5000/x"
     assert tracking.redact("http://host") == "http://host"
+
+
+def test_tracking_server_serves_the_project_store_and_its_artifacts(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    with tracking.start_run(tracking.tracking_uri(), None, "skin-lesion") as before:
+        mlflow.log_text("logged before the server", "note.txt")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    with serve([str(Path(sys.executable).with_name("skinlesion")), "tracking-server", "--port",
+                str(port)], f"{uri}/health", tmp_path / "server.log", cwd=project):
+        client = MlflowClient(uri)
+        got = client.download_artifacts(before.info.run_id, "note.txt", str(tmp_path))
+        assert Path(got).read_text() == "logged before the server"
+        # an experiment the server creates keeps its files in the same folder
+        experiment = client.create_experiment("through-the-server")
+        run = client.create_run(experiment)
+        client.log_text(run.info.run_id, "through the server", "note.txt")
+    stored = list((project / tracking.ARTIFACTS_DIR).glob(f"*/{run.info.run_id}/artifacts/note.txt"))
+    assert [p.read_text() for p in stored] == ["through the server"]

@@ -272,7 +272,7 @@ class TrainConfig(StepConfig):
     augment: bool = True
     grad_clip: float = 0.0           # 0 disables clipping
     drop_path_rate: float = 0.1
-    num_workers: int = 4
+    num_workers: int | str = "auto"  # DataLoader workers; auto: loader_workers()
     seed: int = 0
     compile: bool = False
     gpu_resident: str = choice("auto", "on", "off")
@@ -284,6 +284,16 @@ class TrainConfig(StepConfig):
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    def loader_workers(self) -> int:
+        """num_workers, with `auto` resolved on this machine: the CPUs this process may use
+        less one for the training loop itself, at most 4 (the paper's setting). Resolved
+        here, not when params are read, so a run resumed elsewhere keeps its settings."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+        return max(0, min(4, usable - 1))
 
     def check(self) -> None:
         from model import PRESETS
@@ -305,8 +315,10 @@ class TrainConfig(StepConfig):
             _require(math.isfinite(value) and value >= 0, self, key,
                      "must be a finite number >= 0")
         _require(self.peak_lr > 0, self, "peak_lr", "must be above 0")
-        for key in ("warmup_epochs", "num_workers", "defer_sampler_epochs"):
+        for key in ("warmup_epochs", "defer_sampler_epochs"):
             _require(getattr(self, key) >= 0, self, key, "must be >= 0")
+        _require(self.num_workers == "auto" or isinstance(self.num_workers, int)
+                 and self.num_workers >= 0, self, "num_workers", "must be auto or >= 0")
         _require(self.defer_sampler_epochs < self.epochs or not self.weighted_sampler, self,
                  "defer_sampler_epochs", f"must be below epochs ({self.epochs}): the weighted "
                  f"sampler would never start")

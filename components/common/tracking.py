@@ -1,9 +1,12 @@
 """MLflow glue: where the tracking store is, whether it answers, the training's run (params,
 tags, datasets, metrics), and keeping secrets out of every message.
 
-The tracking URI comes from MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the current
-folder (the project). A server that does not answer fails within seconds, naming the URI
-(with any password in it masked), rather than after MLflow's minutes of retries.
+The tracking URI comes from MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the project
+(DVC_ROOT, which DVC sets for stage commands, else the current folder). With a SQLite store the
+artifacts go to `mlartifacts/` beside the database, not to MLflow's default `./mlruns` of
+whichever folder first created the experiment: under `dvc exp run --temp` that is DVC's
+temporary copy, which DVC deletes. A server that does not answer fails within seconds, naming
+the URI (with any password in it masked), rather than after MLflow's minutes of retries.
 
 mlflow is imported inside the functions that use it: `skinlesion train --no_mlflow` and the
 benchmarks run where mlflow is not installed (a bare GPU box, a slim training image).
@@ -26,6 +29,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import yaml
 
 DEFAULT_EXPERIMENT = "skin-lesion"
+ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite store; also `mlflow server`'s default name
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 REACH_TIMEOUT_S = 5.0
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
@@ -35,9 +39,25 @@ class TrackingUnreachable(RuntimeError):
     """The tracking server did not answer."""
 
 
+def project_root() -> Path:
+    """The project this process works for. DVC sets DVC_ROOT for stage commands, to the
+    repository `dvc exp run` was started in, not the temporary copy it runs them in."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, or a SQLite file in the current folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, or a SQLite file in the project."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def local_artifact_root(uri: str) -> Path | None:
+    """Where runs of a SQLite store keep their files: `mlartifacts/` beside the database.
+    None for any other store (a server decides itself)."""
+    if urlsplit(uri).scheme != "sqlite":
+        return None
+    from sqlalchemy.engine import make_url  # mlflow's own dependency, parses sqlite:////abs
+
+    return Path(make_url(uri).database or ".").resolve().parent / ARTIFACTS_DIR
 
 
 # user[:password]@ after a scheme: everything up to the LAST @ before the path, so a password
@@ -129,6 +149,52 @@ def use_uri(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
 
 
+def _vanished(location: str) -> bool:
+    """Whether a local artifact location's folder is gone (its parent with it: a fresh
+    experiment's own folder appears only with its first file)."""
+    parts = urlsplit(location)
+    if parts.scheme not in ("", "file"):
+        return False
+    return not Path(unquote(parts.path)).parent.exists()
+
+
+def ensure_experiment(uri: str, name: str):
+    """The experiment `name`, created when missing with its artifacts in the project (SQLite
+    store) and tagged for model training. One whose local artifact folder vanished (created
+    before this rule, inside a DVC temporary copy) is renamed aside, with a warning, and a new
+    one takes its name: its old runs keep their metrics, their files are gone either way."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None and _vanished(found.artifact_location):
+        aside = f"{name} (artifacts lost, id {found.experiment_id})"
+        client.rename_experiment(found.experiment_id, aside)
+        print(f"warning: MLflow experiment {name!r} kept its files in "
+              f"{found.artifact_location}, which no longer exists; renamed it {aside!r} and "
+              f"started a new {name!r}", file=sys.stderr, flush=True)
+        found = None
+    if found is None:
+        root = local_artifact_root(uri)
+        location = None
+        if root is not None:
+            folder = root / re.sub(r"[^\w.-]+", "_", name)
+            folder.mkdir(parents=True, exist_ok=True)
+            location = folder.as_uri()
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            if client.get_experiment_by_name(name) is None:
+                raise
+            # else another step created it meanwhile: use that one
+        found = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in (found.tags or {}):
+        # Without it, MLflow 3's UI opens an experiment in its GenAI mode (traces, prompts).
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found
+
+
 def start_run(uri: str, run_id: str | None, experiment: str, tags: dict | None = None):
     """Start (or, given run_id, resume) a run; returns MLflow's active-run context."""
     import mlflow
@@ -136,11 +202,8 @@ def start_run(uri: str, run_id: str | None, experiment: str, tags: dict | None =
     use_uri(uri)
     if run_id is not None:
         return mlflow.start_run(run_id=run_id, tags=tags)
-    found = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment)
-    if EXPERIMENT_KIND_TAG not in (found.tags or {}):
-        # Without it, MLflow 3's UI opens an experiment in its GenAI mode (traces, prompts).
-        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG,
-                                                 EXPERIMENT_KIND)
+    found = ensure_experiment(uri, os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment)
+    mlflow.set_experiment(experiment_id=found.experiment_id)
     return mlflow.start_run(tags=tags)
 
 

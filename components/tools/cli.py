@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("components.tools.predict", "class probabilities for image files with a registered model"),
     "serve": ("components.tools.serve", "the registered model behind an HTTP scoring server"),
     "runs": ("components.tools.runs", "table of recent training runs with metrics and registered versions"),
+    "tracking-server": ("components.tools.tracking_server",
+                        "MLflow's server and UI on the project's store (mlflow.db, mlartifacts/)"),
     # data and model helpers
     "synth": ("components.tools.synth", "write a synthetic ISIC-format dataset (images, labels, metadata)"),
     "info": ("components.tools.model_info", "build the model and print its parameter report"),

@@ -15,7 +15,6 @@ checks `git status`); the copy stays for inspection (`cd .demo/<name> && dvc exp
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -23,14 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from components.common import cli_args, tracking
+from components.common import cli_args
 from components.common.config import PARAMS_FILE
 from components.tools import experiments, venv
 
-HEADLINE = (("accuracy", "accuracy", 0.9348), ("balanced_accuracy", "balanced accuracy", None),
-            ("precision_macro", "precision (macro)", 0.9324), ("recall_macro", "recall (macro)", 0.9070),
-            ("f1_macro", "F1 (macro)", 0.9182), ("roc_auc_macro", "ROC-AUC (macro)", None),
-            ("ece", "calibration error", None))
 SCRATCH = ".demo"
 
 
@@ -87,56 +82,31 @@ def run(root: str | os.PathLike = ".", n: int = 400, seed: int = 0,
     print(f"scratch copy of the project: {dest}", flush=True)
     make_copy(root, dest, env)
     print(f"data/raw: {add_data(root, dest, env, n, seed)}", flush=True)
-    # the stage commands and the experiment run inside the copy, with this interpreter
+    # the stage commands and the experiment run inside the copy, with this interpreter; it
+    # prints the test metrics and the registration at its end
     subprocess.run([sys.executable, "-m", "components.tools.cli", "exp", "run", "--name", name,
                     "--params_file", override], cwd=dest, env=env, check=True)
-    [row] = [r for r in experiments.experiments(dest) if r["name"] == name]
-    show = lambda rel: json.loads(subprocess.run(  # noqa: E731 - a file of the experiment
-        ["git", "show", f"{row['rev']}:{rel}"], cwd=dest, capture_output=True, text=True,
-        check=True).stdout)
-    return {"experiment": name, "copy": str(dest), "metrics": show("outputs/eval/metrics.json"),
-            "registration": show(experiments.REGISTRATION_FILE),
+    return {"experiment": name, "copy": str(dest), **experiments.results(dest, name),
             "tracking_uri": env["MLFLOW_TRACKING_URI"]}
 
 
-def _report(result: dict) -> str:
-    metrics, ci = result["metrics"], result["metrics"].get("ci95", {})
-    lines = [f"\nTest metrics of the EMA model ({metrics.get('n_images')} images, "
-             "95% bootstrap intervals; the paper's ISIC 2019 figures for scale):",
-             f"  {'metric':<20}{'value':>8}   {'95% interval':<17}{'paper':>7}"]
-    for key, label, paper in HEADLINE:
-        value = metrics.get(key)
-        if value is None:
-            continue
-        low_high = ci.get(key)
-        interval = f"[{low_high['low']:.3f}, {low_high['high']:.3f}]" if low_high else ""
-        lines.append(f"  {label:<20}{value:>8.3f}   {interval:<17}"
-                     f"{'' if paper is None else f'{paper:.3f}':>7}")
-    if point := metrics.get("melanoma_operating_point"):
-        lines.append(f"  melanoma sensitivity {point['sensitivity']:.3f} at specificity "
-                     f"{point['specificity']:.3f} (threshold {point['threshold']:.3f})")
+def _next_steps(result: dict) -> str:
     reg = result["registration"]
-    if reg.get("version"):
-        lines.append(f"\nRegistered: {reg['name']} version {reg['version']}, "
-                     f"alias {reg.get('alias')} (run {reg.get('run_id')})")
-    else:
-        lines.append(f"\nNot registered: {reg.get('skipped', reg)}")
-    lines += [
-        f"Experiment {result['experiment']} ran in {result['copy']}; this project's "
+    model = f"models:/{reg.get('name') or 'skin-lesion-hybrid'}@challenger"
+    return "\n".join([
+        f"\nExperiment {result['experiment']} ran in {result['copy']}; this project's "
         f"{PARAMS_FILE}, data/ and outputs/ are untouched (`cd {result['copy']} && "
         f"skinlesion exp show` lists it).",
         "",
         "Next (after `source .venv/bin/activate`, which puts skinlesion, dvc and mlflow on PATH):",
-        f"  mlflow ui --backend-store-uri {tracking.redact(result['tracking_uri'])}"
-        "      # runs, metrics, the registry",
+        "  skinlesion tracking-server                                    # the MLflow UI on this store",
         "  skinlesion promote --metric balanced_accuracy                 # challenger -> champion",
-        f"  skinlesion predict --model models:/{reg.get('name') or 'skin-lesion-hybrid'}@challenger "
+        f"  skinlesion predict --model {model} "
         f"--dir {result['copy']}/data/raw/images --out predictions.csv",
-        "  skinlesion serve --model models:/skin-lesion-hybrid@challenger   # HTTP scoring server",
+        f"  skinlesion serve --model {model}   # HTTP scoring server",
         "  skinlesion pipeline compile -o pipeline.yaml                  # the same steps on Kubeflow",
         "  skinlesion pipeline submit --host http://<kfp-host> --params_file params.demo.yaml",
-    ]
-    return "\n".join(lines)
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", default="params.demo.yaml", help="partial params file to apply")
     parser.add_argument("--name", default=None, help="experiment name (default demo-<time>)")
     args = parser.parse_args(argv)
-    print(_report(run(".", n=args.n, seed=args.seed, override=args.override, name=args.name)))
+    print(_next_steps(run(".", n=args.n, seed=args.seed, override=args.override, name=args.name)))
     return 0
 
 

@@ -1,7 +1,7 @@
 """`skinlesion exp`: DVC experiments whose base is always the committed params.yaml.
 
     skinlesion exp run [--name N] [--params_file params.demo.yaml ...] [-S train.epochs=5 ...]
-    skinlesion exp show [--all]          # params that differ, headline metrics, versions
+    skinlesion exp show [--all] [--wide] # params that differ, headline metrics, versions
     skinlesion exp args params.demo.yaml # the `dvc exp run -S ...` flags of a partial file
 
 `exp run` is `dvc exp run --temp`: the experiment runs in a temporary copy of the committed
@@ -19,9 +19,13 @@ adds a key params.yaml does not have.
 from __future__ import annotations
 
 import json
+import queue
+import re
 import shlex
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -29,11 +33,21 @@ import pandas as pd
 from components.common import cli_args, outputs
 from components.common.config import (PARAMS_FILE, ConfigError, check_params, committed_text,
                                       load_params, read_yaml)
-from components.tools import venv
+from components.tools import text_table, venv
 
 HEADLINE_FILE = f"outputs/eval/{outputs.HEADLINE_METRICS}"
 REGISTRATION_FILE = "outputs/register.json"
 SHOWN = ("balanced_accuracy", "accuracy", "f1_macro", "melanoma_sensitivity")
+# The closing summary: key, label, the paper's ISIC 2019 figure (for scale) or None.
+SUMMARY = (("accuracy", "accuracy", 0.9348), ("balanced_accuracy", "balanced accuracy", None),
+           ("precision_macro", "precision (macro)", 0.9324),
+           ("recall_macro", "recall (macro)", 0.9070), ("f1_macro", "F1 (macro)", 0.9182),
+           ("roc_auc_macro", "ROC-AUC (macro)", None), ("ece", "calibration error", None))
+# DVC warns once per output it cannot restore into its temporary copy (the commit's dvc.lock
+# has no entry for it, or the cache lacks it); the stages make them: one line says so.
+NO_HASH_WARNING = re.compile(r"WARNING: No file hash info found for '(.+)'\. It won't be created\.")
+STAGE_MENTION = re.compile(r"(Running stage|Stage) '(\w+)'")
+QUIET_NOTE_S = 60  # a stage silent this long gets a line saying it is still running
 
 
 class ExperimentRefused(RuntimeError):
@@ -85,6 +99,8 @@ def environment(root: Path) -> dict[str, str]:
     an identity for the experiment's commit when git has none."""
     env = venv.with_tools_on_path()
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    env["PYTHONUNBUFFERED"] = "1"  # each epoch line reaches the terminal when it is printed
+    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars, in a log
     if not _git(root, "config", "user.email", check=False).strip():
         for role in ("AUTHOR", "COMMITTER"):
             env.setdefault(f"GIT_{role}_NAME", "skinlesion")
@@ -138,15 +154,56 @@ def run(root: Path, name: str | None = None, params_files: list[str] = (),
     command = [venv.tool("dvc"), "exp", "run", "--temp",
                *(["--name", name] if name else []), *flags]
     print("$ " + shlex.join(["dvc", *command[1:]]), flush=True)
-    done = subprocess.run(command, cwd=root, env=environment(root), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    print(done.stdout, end="", flush=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"dvc exp run failed (exit {done.returncode})")
+    returncode, lines = stream(command, root, environment(root),
+                               len(read_yaml(str(root / "dvc.yaml")).get("stages") or {}))
+    if returncode != 0:
+        raise RuntimeError(f"dvc exp run failed (exit {returncode})")
     if name is None:
-        name = next((line.split(":", 1)[1].strip() for line in done.stdout.splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in lines
                      if line.startswith("Ran experiment(s):")), "")
     return name
+
+
+def stream(command: list[str], root: Path, env: dict, n_stages: int) -> tuple[int, list[str]]:
+    """Run `command`, printing its output line by line as it comes: each stage numbered
+    ([4/6]), a line each time a stage is quiet for QUIET_NOTE_S, DVC's warnings about the
+    outputs it cannot restore folded into one line. Returns the exit status and the lines."""
+    proc = subprocess.Popen(command, cwd=root, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, bufsize=1)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def relay() -> None:  # a thread, so the main loop can notice a quiet stage
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=relay, daemon=True).start()
+    seen, uncached, stages, stage, started = [], [], [], None, time.monotonic()
+    while True:
+        try:
+            line = lines.get(timeout=QUIET_NOTE_S)
+        except queue.Empty:
+            minutes = (time.monotonic() - started) / 60
+            print(f"    ... stage {stage or 'setup'} still running ({minutes:.0f} min)",
+                  flush=True)
+            continue
+        if line is None:
+            break
+        seen.append(line)
+        if match := NO_HASH_WARNING.search(line):
+            uncached.append(match.group(1))
+            continue
+        if uncached:
+            print(f"(DVC had no version of {len(uncached)} outputs to restore: none in "
+                  f"dvc.lock at this commit, or not in the cache; the stages make them)",
+                  flush=True)
+            uncached = []
+        if (match := STAGE_MENTION.search(line)) and match.group(2) not in stages:
+            stages.append(match.group(2))
+            stage, started = match.group(2), time.monotonic()
+            line = f"[{len(stages)}/{n_stages}] {line}"
+        print(line, flush=True)
+    return proc.wait(), seen
 
 
 def experiments(root: Path, all_commits: bool = False) -> list[dict]:
@@ -189,6 +246,55 @@ def table(root: Path, rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def results(root: Path, name: str) -> dict:
+    """An experiment's test metrics (metrics.json) and registration (register.json), read
+    from its commit."""
+    row = next((r for r in experiments(root) if r["name"] == name), None)
+    if row is None:
+        raise RuntimeError(f"`dvc exp show` lists no experiment {name!r}")
+    show = lambda rel: json.loads(_git(root, "show", f"{row['rev']}:{rel}"))  # noqa: E731
+    return {"metrics": show(f"outputs/eval/{outputs.METRICS}"),
+            "registration": show(REGISTRATION_FILE)}
+
+
+def summary(result: dict) -> str:
+    """The closing lines of a run: the test metrics with their intervals, the melanoma
+    operating point, and the registered version (or why none)."""
+    metrics, ci = result["metrics"], result["metrics"].get("ci95", {})
+    lines = [f"Test metrics of the EMA model ({metrics.get('n_images')} images, "
+             "95% bootstrap intervals; the paper's ISIC 2019 figures for scale):",
+             f"  {'metric':<20}{'value':>8}   {'95% interval':<17}{'paper':>7}"]
+    for key, label, paper in SUMMARY:
+        if (value := metrics.get(key)) is None:
+            continue
+        low_high = ci.get(key)
+        interval = f"[{low_high['low']:.3f}, {low_high['high']:.3f}]" if low_high else ""
+        lines.append(f"  {label:<20}{value:>8.3f}   {interval:<17}"
+                     f"{'' if paper is None else f'{paper:.3f}':>7}")
+    if point := metrics.get("melanoma_operating_point"):
+        lines.append(operating_point_line(point))
+    reg = result["registration"]
+    if reg.get("version"):
+        lines.append(f"Registered: {reg['name']} version {reg['version']}, "
+                     f"alias {reg.get('alias')} (run {reg.get('run_id')})")
+    else:
+        lines.append(f"Not registered: {reg.get('skipped', reg)}")
+    return "\n".join(lines)
+
+
+def operating_point_line(point: dict) -> str:
+    """The melanoma-versus-rest operating point in words. Its threshold is the lowest melanoma
+    probability that keeps the target specificity, so a test set whose melanomas all score
+    above every other image gives sensitivity and specificity 1 at a threshold near 1."""
+    line = (f"  melanoma vs rest: sensitivity {point['sensitivity']:.3f} at specificity "
+            f"{point['specificity']:.3f} (target >= {point['target_specificity']:.2f}; "
+            f"threshold {point['threshold']:.4g} on the MEL probability")
+    if point["sensitivity"] == point["specificity"] == 1.0:
+        line += (f"; all {point['n_positive']} melanomas score above all "
+                 f"{point['n_negative']} other images")
+    return line + ")"
+
+
 def _registered(root: Path, rev: str) -> str:
     text = _git(root, "show", f"{rev}:{REGISTRATION_FILE}", check=False)
     if not text:
@@ -214,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "with 95%% intervals, registered version")
     p.add_argument("--all", action="store_true", help="experiments of every commit, not HEAD's")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--wide", action="store_true",
+                   help="every column, whatever the terminal's width")
     p = sub.add_parser("args", help="`dvc exp run` -S flags that apply a partial params file")
     p.add_argument("file", help="partial params file, e.g. params.demo.yaml")
     p.add_argument("--params", default=PARAMS_FILE, help="the base params file")
@@ -225,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             name = run(root, args.name, args.params_file, args.set_param)
-            print(f"experiment {name}: `skinlesion exp show` compares it; params.yaml is "
-                  f"unchanged")
+            print(f"\n{summary(results(root, name))}\nexperiment {name}: `skinlesion exp show` "
+                  f"compares it; params.yaml is unchanged", flush=True)
             return 0
         frame = table(root, experiments(root, args.all))
     except (ExperimentRefused, ConfigError, RuntimeError, subprocess.CalledProcessError) as err:
@@ -237,7 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.format == "csv":
         frame.to_csv(sys.stdout, index=False)
     else:
-        print(frame.to_string(index=False))
+        params = [c for c in frame.columns if c not in ("experiment", *SHOWN, "registered")]
+        # a narrow terminal keeps the name, two of the params that differ, balanced accuracy
+        # and the registered version longest
+        drop = [*reversed(params[2:]), "melanoma_sensitivity", "f1_macro",
+                *reversed(params[:2]), "accuracy"]
+        print(text_table.fit(frame, drop, wide=args.wide))
     return 0
 
 

@@ -1,14 +1,15 @@
 """`skinlesion runs`: a table of recent training runs, to pick one before opening the MLflow UI.
 
     skinlesion runs [--experiment skin-lesion] [--top 10] [--metric balanced_accuracy]
-                    [--sort metric|recent] [--format table|csv|json]
+                    [--sort metric|recent] [--format table|csv|json] [--wide]
 
 One row per run (mlflow.search_runs over the experiment's training runs, i.e. runs with `train.*` params,
 newest first, then the best `--top` by the metric unless `--sort recent`): run name, short run id, start time, status, data hash,
-split mode, key params (preset, epochs, img_size, seed, batch size, peak lr), the test metric
+split mode, the DVC experiment that ran it, key params (preset, epochs, img_size, seed, batch size, peak lr), the test metric
 with its 95% interval, test accuracy / macro F1, the best validation score of the EMA
 weights, and the registered version(s) with their aliases (e.g. `skin-lesion-hybrid v3
-@champion`).
+@champion`). The table fits the terminal (120 columns when piped) by leaving out the
+least useful columns; `--wide` shows them all.
 
 Metric sources, first found: `test_<metric>` (the evaluate step), `test_ema_<metric>` (the
 training's own test pass), `val_ema_<metric>` (validation).
@@ -21,7 +22,12 @@ import sys
 import pandas as pd
 
 from components.common import cli_args, tracking
+from components.tools import text_table
 
+# what a narrow terminal loses first (the run's name already says what differs), then the
+# validation metric, "started", "f1_macro", the run's name (long, and cut where runs differ:
+# run_id and dvc_exp still tell them apart) and "accuracy" (main)
+DROP_FIRST = ("data", "status", "bs", "seed", "img", "epochs", "preset", "lr", "split")
 KEY_PARAMS = {"preset": "train.preset", "epochs": "train.epochs", "img": "train.img_size",
               "seed": "train.seed", "bs": "train.batch_size", "lr": "train.peak_lr"}
 
@@ -71,7 +77,7 @@ def run(experiment: str = tracking.DEFAULT_EXPERIMENT, top: int = 10,
         raise LookupError(f"no experiment {experiment!r} in {tracking.redact(uri)}")
     found = mlflow.search_runs(experiment_names=[experiment], max_results=max_runs,
                                order_by=["attributes.start_time DESC"])
-    columns = ["run", "run_id", "started", "status", "data", "split", *KEY_PARAMS,
+    columns = ["run", "run_id", "started", "status", "data", "split", "dvc_exp", *KEY_PARAMS,
                metric, f"{metric}_ci95", "accuracy", "f1_macro", f"val_{metric}", "registered"]
     if found.empty:
         return pd.DataFrame(columns=columns)
@@ -91,6 +97,7 @@ def run(experiment: str = tracking.DEFAULT_EXPERIMENT, top: int = 10,
             "status": r.get("status", ""),
             "data": str(_first(r, "tags.data_hash") or "")[:8],
             "split": _first(r, "tags.split_mode", "params.split.mode", "params.split_mode") or "",
+            "dvc_exp": _first(r, "tags.dvc_experiment") or "",
             **{k: _first(r, f"params.{p}") or "" for k, p in KEY_PARAMS.items()},
             metric: value,
             f"{metric}_ci95": f"{low:.3f}-{high:.3f}" if low is not None and high is not None else "",
@@ -105,21 +112,6 @@ def run(experiment: str = tracking.DEFAULT_EXPERIMENT, top: int = 10,
     return table.head(top).reset_index(drop=True)
 
 
-def format_table(table: pd.DataFrame) -> str:
-    """Fixed-width text; numbers with 4 decimals, empty cells as '-'."""
-    if table.empty:
-        return "(no runs)"
-    def cell(v):
-        if v is None or (isinstance(v, float) and pd.isna(v)) or v == "":
-            return "-"
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-    cells = [[cell(v) for v in row] for row in table.itertuples(index=False)]
-    widths = [max(len(str(c)), *(len(r[i]) for r in cells)) for i, c in enumerate(table.columns)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(table.columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = cli_args.ArgumentParser(prog="skinlesion runs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
@@ -128,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sort", choices=("metric", "recent"), default="metric")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     parser.add_argument("--tracking_uri")
+    parser.add_argument("--wide", action="store_true",
+                        help="every column, whatever the terminal's width")
     args = parser.parse_args(argv)
     try:
         table = run(args.experiment, args.top, args.metric, args.sort, args.tracking_uri)
@@ -139,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.format == "json":
         print(json.dumps(table.to_dict(orient="records"), indent=2, default=str))
     else:
-        print(format_table(table))
+        drop = [*DROP_FIRST, f"val_{args.metric}", "started", "f1_macro", "run", "accuracy"]
+        print(text_table.fit(table, drop, wide=args.wide) if not table.empty else "(no runs)")
     return 0
 
 

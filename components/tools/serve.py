@@ -41,6 +41,8 @@ def environment() -> dict[str, str]:
     env = venv.with_tools_on_path()
     env.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())
     env.setdefault(ALLOW_PATHS_ENV, "0")
+    # MLflow prints a progress line per file fetched from the registry (59 for this model)
+    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return env
 
 

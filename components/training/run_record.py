@@ -81,5 +81,15 @@ def log_start(run_, cfg: TrainConfig, run_config: dict, device: torch.device, wo
                    "color_constancy": lineage.get("color_constancy") or "none",
                    "preprocess_corrupt": str(lineage.get("preprocess_corrupt") or 0),
                    "git_commit": tracking.git_commit(), "data_hash": digest,
-                   "device": device_name(device), "world_size": str(world_size)})
+                   "device": device_name(device), "world_size": str(world_size),
+                   **dvc_experiment_tags()})
     run_.log_datasets(frames, digest)
+
+
+def dvc_experiment_tags() -> dict:
+    """Under `dvc exp run`, which DVC experiment this run is and the commit it started from
+    (git_commit is that commit too: the experiment's own commit is made after the stages);
+    `dvc exp show` and `skinlesion exp show` list the experiment by that name."""
+    tags = {"dvc_experiment": os.environ.get("DVC_EXP_NAME"),
+            "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV")}
+    return {k: v for k, v in tags.items() if v}
