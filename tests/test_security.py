@@ -280,8 +280,10 @@ def test_a_pickle_payload_is_refused_by_every_loader(tmp_path, capsys):
                  lambda p: checkpoint.load_for_resume(p, fallback=True)):
         with pytest.raises(checkpoint.CheckpointError, match=re.escape(str(bad))):
             load(bad)
-    assert train.main(["--train_csv", "x.csv", "--img_dir", "x", "--out_dir", str(bad.parent),
-                       "--resume", str(bad), "--no-mlflow"]) == 1
+    split_csv = tmp_path / "train.csv"  # read (fingerprinted) before the checkpoint is loaded
+    split_csv.write_text("image,label\n")
+    assert train.main(["--train_csv", str(split_csv), "--img_dir", "x", "--out_dir",
+                       str(bad.parent), "--resume", str(bad), "--no-mlflow"]) == 1
     err = capsys.readouterr().err
     assert f"checkpoint {bad} holds objects a weights-only load refuses" in err
     ema = tmp_path / "out" / "ema_weights.pt"
