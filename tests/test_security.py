@@ -298,7 +298,8 @@ def test_a_pickle_payload_is_refused_by_every_loader(tmp_path, capsys):
     served.mkdir()
     (served / serving.WEIGHTS_FILE).write_bytes(bad.read_bytes())
     (served / serving.PREPROCESSING_FILE).write_text(json.dumps({
-        "format": serving.PREPROCESSING_FORMAT, "classes": ["a"], "model_config": {
+        "format": serving.PREPROCESSING_FORMAT, "classes": ["a"], "prepare_size": 64,
+        "model_config": {
             "num_classes": 8, "preset": "paper", "dims": [16, 32, 48, 64], "depths": [1, 1, 1, 1]}}))
     with pytest.raises(Exception, match="(?i)header|safetensor|invalid"):
         serving.load_local(served, device="cpu")
