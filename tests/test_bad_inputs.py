@@ -200,14 +200,17 @@ def test_exp_run_accepts_yaml_booleans_for_on_off_choices(committed_project, tmp
 
 
 def test_a_read_only_output_folder_is_one_line_per_step(tmp_path):
-    """preprocess, split, class_weights and train into a read-only file system (a tmpfs
-    remounted read-only: root ignores file modes, not that): one line naming the path each."""
+    """preprocess, split, class_weights, train and evaluate into a read-only file system (a
+    tmpfs remounted read-only: root ignores file modes, not that): one line naming the path
+    each."""
     import sys
 
     from full_disk import on_small_tmpfs
+    from test_evaluate import save_checkpoint
     from tiny_data import TINY, make_splits
 
     data = make_splits(tmp_path / "data", n_per_class=12)  # enough for a paper split
+    model = save_checkpoint(tmp_path / "checkpoint_last.pt")
     ro = tmp_path / "ro"
     python = [sys.executable, "-m"]
     steps = {
@@ -217,6 +220,9 @@ def test_a_read_only_output_folder_is_one_line_per_step(tmp_path):
         "class_weights": ["--train", data["train"], "--out", ro / "class_weights.json"],
         "train": ["--train_csv", data["train"], "--img_dir", data["img_dir"], "--out_dir",
                   ro / "train", *TINY, "--epochs", "1", "--num_workers", "0", "--no_mlflow"],
+        "evaluate": ["--model", model, "--test_csv", data["test"], "--img_dir",
+                     data["img_dir"], "--out", ro / "eval", "--bootstrap", "0",
+                     "--num_workers", "0", "--no_mlflow"],
     }
     script = "\n".join(
         [f"mount -o remount,ro {ro}"] +
