@@ -272,6 +272,20 @@ def test_ham10000_study_smoke_resumes_and_writes_its_table(shared_data, tmp_path
             ham.main([*argv, "--param", bad])
 
 
+@pytest.mark.parametrize("bad,named", [
+    ("train.dims=[&a [1], *a]", "aliases"),             # the params loader's refusal
+    ("train.peak_lr=fast", "train.peak_lr: 'fast' is not a float"),  # the config refuses
+    ("train.drop_path_rate=2", "train.drop_path_rate = 2"),
+])
+def test_ham10000_study_refuses_a_bad_param_value_in_one_line(tmp_path, capsys, bad, named):
+    ham = _benchmark("ham10000")
+    with pytest.raises(SystemExit) as stop:
+        ham.main(["--out", str(tmp_path), "--report_only", "--param", bad])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and named in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].count(named) == 1
+
+
 @pytest.mark.slow
 def test_throughput_benchmark_runs_on_cpu(tmp_path):
     bench = _benchmark("train_throughput")
