@@ -16,7 +16,7 @@ process that has only torch, torchvision, timm, Pillow, pandas, safetensors and 
 
 Input (``predict``): a DataFrame with a column ``image`` (or, without one, its first column);
 each value is raw encoded bytes (JPEG/PNG/...), a base64 string of those bytes (plain or a
-`data:image/...;base64,` URI: the way to send images through `mlflow models serve` JSON), or,
+`data:image/...;base64,` URI: the way to send images through the scoring server's JSON), or,
 where paths are allowed, a file path. Params: ``batch_size`` (32, at least 1).
 
 Output: a DataFrame, one row per input row, in input order: one float column per class (the
@@ -26,7 +26,7 @@ softmax probabilities, classes in training order), ``predicted`` (the top class 
 columns hold None rather than NaN, so that the scoring server's JSON has `null` (bare NaN is
 not JSON).
 
-Security model of the served model (`mlflow models serve`, `skinlesion serve`):
+Security model of the served model (`skinlesion serve`, or MLflow's scoring server alone):
 - no file paths: a string is base64 or an error, whether or not a file of that name exists
   (no file-existence oracle); `skinlesion predict` turns paths on for its own, local use
   (model_config {"allow_paths": true}), and SKINLESION_SERVING_ALLOW_PATHS=1 does for a server
