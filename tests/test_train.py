@@ -80,6 +80,25 @@ def test_refuses_to_overwrite_an_out_dir_with_a_checkpoint(data, tmp_path, capsy
     assert "--resume" in capsys.readouterr().err
 
 
+def test_an_earlier_runs_files_without_its_last_checkpoint_are_kept(data, tmp_path, capsys):
+    """checkpoint_last.pt gone (deleted by hand, a dvc checkout of another version) but the
+    earlier run's best checkpoint still there: a fresh training would overwrite it at its first
+    best epoch. Without --resume it refuses; with --resume auto the files are moved aside."""
+    from components.training.out_dir import auto_resume
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint_best.pt").write_bytes(b"the earlier run's best")
+    assert train.main(_args(data, out, "--epochs", "1")) == 1
+    assert "checkpoint_best.pt" in capsys.readouterr().err
+    assert (out / "checkpoint_best.pt").read_bytes() == b"the earlier run's best"
+
+    assert auto_resume(out, "any fingerprint") == (None, None)
+    [aside] = out.glob("superseded-*")
+    assert (aside / "checkpoint_best.pt").read_bytes() == b"the earlier run's best"
+    assert not (out / "checkpoint_best.pt").exists() and f"moved to {aside}" in capsys.readouterr().out
+
+
 def test_a_second_training_into_the_same_out_dir_refuses(data, tmp_path):
     out = tmp_path / "out"
     with exclusive(out):  # as a running training holds it
