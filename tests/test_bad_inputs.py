@@ -199,6 +199,18 @@ def test_exp_run_accepts_yaml_booleans_for_on_off_choices(committed_project, tmp
                                 ["train.gpu_resident=off", "~train.dims", "other.yaml:x=1"])
 
 
+def test_pipeline_compile_with_a_workspace_params_file_not_utf8_is_one_line(committed_project,
+                                                                            capsys):
+    """The workspace params.yaml is compared with the committed one before either is parsed:
+    that read went around the params loader (a UnicodeDecodeError traceback)."""
+    from components.tools.cli import main as skinlesion
+
+    (committed_project / "params.yaml").write_bytes(b"train:\n  epochs: \xff\n")
+    assert skinlesion(["pipeline", "compile", "-o", str(committed_project / "p.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "params.yaml is not UTF-8" in err, err
+
+
 def test_a_read_only_output_folder_is_one_line_per_step(tmp_path):
     """preprocess, split, class_weights, train and evaluate into a read-only file system (a
     tmpfs remounted read-only: root ignores file modes, not that): one line naming the path
