@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 from components import class_weights, evaluate, preprocess, split, train  # noqa: E402
 from components.common import cli_args  # noqa: E402
 from components.common.atomic import write_json, write_text  # noqa: E402
-from components.common.config import COLOR_CONSTANCY, EvaluateConfig, TrainConfig  # noqa: E402
+from components.common.config import (COLOR_CONSTANCY, ConfigError, EvaluateConfig,  # noqa: E402
+                                       TrainConfig)
 from components.common.images import resize_size  # noqa: E402
 from components.training.trainer import EMA_WEIGHTS, LAST  # noqa: E402
 
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(args.variants.split(",")) - set(VARIANTS):
         p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     args.changes = recipe_changes(p, args.param)
+    try:  # a bad value or params file stops the study before any work
+        base_recipe(args)
+    except ConfigError as err:
+        p.error(str(err))
 
     if not args.report_only:
         train_variants(args)
@@ -198,7 +203,10 @@ def recipe_changes(parser, items: list[str]) -> dict:
     own = {*variant_overrides("paper", 1), "seed", "epochs"}
     changes = {}
     for item in items:
-        key, value = cli_args.parse_assignment(item)
+        try:
+            key, value = cli_args.parse_assignment(item)
+        except ConfigError as err:
+            parser.error(str(err))
         section, _, leaf = key.rpartition(".")
         if section != "train" or leaf not in TrainConfig().as_dict():
             parser.error(f"--param {item!r}: expected train.KEY=VALUE with a key of params.yaml's "
@@ -207,6 +215,15 @@ def recipe_changes(parser, items: list[str]) -> dict:
             parser.error(f"--param {item!r}: {leaf} is set by --variants, --seeds or --epochs")
         changes[leaf] = value
     return changes
+
+
+def base_recipe(args) -> TrainConfig:
+    """The recipe the variants change: the params file's train section, --smoke's and the
+    flags' settings, the --param changes."""
+    flags = {"epochs": args.epochs, "compile": args.compile or None}
+    return TrainConfig.resolve(args.params, **{**(SMOKE if args.smoke else {}),
+                                               **{k: v for k, v in flags.items() if v},
+                                               **args.changes})
 
 
 def row_command(args, name: str, seed: int) -> str:
@@ -225,10 +242,7 @@ def row_command(args, name: str, seed: int) -> str:
 def train_variants(args) -> None:
     """Train and score every (variant, seed) not finished yet."""
     splits = make_splits(args.data, args.out / "splits", args.smoke)
-    flags = {"epochs": args.epochs, "compile": args.compile or None}
-    base = TrainConfig.resolve(args.params, **{**(SMOKE if args.smoke else {}),
-                                               **{k: v for k, v in flags.items() if v},
-                                               **args.changes})
+    base = base_recipe(args)
     # Prepared once at the training size, so that an epoch is bound by the model, not by JPEG
     # decoding (with the resident input path, decoded once more into memory).
     cc = args.color_constancy

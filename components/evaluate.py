@@ -325,9 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(args.model, args.test_csv, args.img_dir, args.out, cfg,
                       img_size=args.img_size, device=args.device, num_workers=args.num_workers,
                       use_mlflow=args.use_mlflow)
-    except (ConfigError, ModelRefused, checkpoint.CheckpointError, FileNotFoundError,
+    except (ConfigError, ModelRefused, checkpoint.CheckpointError,
             tracking.TrackingUnreachable) as err:
         print(f"evaluate: {tracking.scrub(str(err))}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a missing input, a read-only or full output folder
+        print(f"evaluate: {tracking.scrub(cli_args.os_error(err))}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))
     return 0

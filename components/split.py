@@ -88,6 +88,11 @@ def paper_split(labels: np.ndarray, val_frac: float, test_frac: float, seed: int
                          f"val and test would hold {n_val} and {n_test} images for "
                          f"{present} classes")
     rest, test = train_test_split(index, test_size=n_test, stratify=labels, random_state=seed)
+    left = np.bincount(labels[rest], minlength=len(CLASSES))
+    if thin := [c for c, n in zip(CLASSES, left) if n == 1]:
+        raise ValueError(f"class {', '.join(thin)} has too few images for a stratified (paper) "
+                         f"split: the test set takes one and val needs 2 of each class left; "
+                         f"give more images of it")
     _, val = train_test_split(rest, test_size=n_val, stratify=labels[rest], random_state=seed)
     split = np.zeros(len(labels), dtype=int)
     split[val], split[test] = 1, 2

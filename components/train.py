@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(params_files)  # read first: an edit meanwhile is seen at the end
         cfg = TrainConfig.resolve(params_files, **{k: getattr(args, k) for k in HP_FLAGS})
         if cfg.world_size > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
-            return _submit_trainjob(args, cfg, sys.argv[1:] if argv is None else argv)
+            status = _submit_trainjob(args, cfg, sys.argv[1:] if argv is None else argv)
+            check_params_unchanged(params_files, params)  # the nodes never saw this file
+            return status
         summary = run(args.train_csv, args.img_dir, args.out_dir, val_csv=args.val_csv,
                       test_csv=args.test_csv, class_weights=args.class_weights, config=cfg,
                       resume=args.resume, overfit_n=args.overfit_n if args.overfit_mode else None,

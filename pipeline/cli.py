@@ -40,9 +40,10 @@ def resolve_params(params_files: list[str] | None = None, param: list[str] | Non
     from components.common.config import check_params, deep_merge, load_params
     from pipeline.pipeline import base_params, build_pipeline
 
-    names = set(build_pipeline({}).component_spec.inputs or {})
     params = base_params(params_path, say=lambda m: print(m, file=sys.stderr))
     params = deep_merge(params, load_params(params_files or []))
+    # built once the files are read: a bad file is refused without the cost of kfp
+    names = set(build_pipeline({}).component_spec.inputs or {})
     direct: dict[str, Any] = {}
     for item in param or []:
         key, value = cli_args.parse_assignment(item)

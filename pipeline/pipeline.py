@@ -25,6 +25,7 @@ from kfp import compiler, dsl, kubernetes
 from components.common.config import (PARAMS_FILE, STEP_SECTIONS, TrainConfig, check_params,
                                        committed_text, load_params, parse_params,
                                        task_resources)
+from components.common.params_yaml import read_text
 from components.training import trainjob
 from pipeline import components as c
 
@@ -63,9 +64,9 @@ def base_params(path: "str | os.PathLike | None" = None, say=print) -> dict:
     workspace = params_path()
     if workspace is None:
         return {}
-    committed = committed_text(workspace)
-    if committed is None or committed == workspace.read_text():
-        return load_params(workspace)
+    committed, text = committed_text(workspace), read_text(workspace)
+    if committed is None or committed == text:
+        return parse_params(text, str(workspace))
     say(f"note: {workspace} has uncommitted changes (an applied experiment?); using the "
         f"committed params.yaml (git HEAD). Pass --params {workspace} to use the workspace "
         f"copy.")

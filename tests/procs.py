@@ -1,6 +1,6 @@
 """Subprocesses for tests: commands in their own process group, so a timeout kills them and
 every child they started (torchrun's ranks, dvc's stage commands) instead of leaving orphans,
-and background servers (mlflow, moto, `mlflow models serve`) that are waited for and stopped."""
+and background servers (mlflow, moto, `skinlesion serve`) that are waited for and stopped."""
 from __future__ import annotations
 
 import contextlib

@@ -199,15 +199,30 @@ def test_exp_run_accepts_yaml_booleans_for_on_off_choices(committed_project, tmp
                                 ["train.gpu_resident=off", "~train.dims", "other.yaml:x=1"])
 
 
+def test_pipeline_compile_with_a_workspace_params_file_not_utf8_is_one_line(committed_project,
+                                                                            capsys):
+    """The workspace params.yaml is compared with the committed one before either is parsed:
+    that read went around the params loader (a UnicodeDecodeError traceback)."""
+    from components.tools.cli import main as skinlesion
+
+    (committed_project / "params.yaml").write_bytes(b"train:\n  epochs: \xff\n")
+    assert skinlesion(["pipeline", "compile", "-o", str(committed_project / "p.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "params.yaml is not UTF-8" in err, err
+
+
 def test_a_read_only_output_folder_is_one_line_per_step(tmp_path):
-    """preprocess, split, class_weights and train into a read-only file system (a tmpfs
-    remounted read-only: root ignores file modes, not that): one line naming the path each."""
+    """preprocess, split, class_weights, train and evaluate into a read-only file system (a
+    tmpfs remounted read-only: root ignores file modes, not that): one line naming the path
+    each."""
     import sys
 
     from full_disk import on_small_tmpfs
+    from test_evaluate import save_checkpoint
     from tiny_data import TINY, make_splits
 
     data = make_splits(tmp_path / "data", n_per_class=12)  # enough for a paper split
+    model = save_checkpoint(tmp_path / "checkpoint_last.pt")
     ro = tmp_path / "ro"
     python = [sys.executable, "-m"]
     steps = {
@@ -217,6 +232,9 @@ def test_a_read_only_output_folder_is_one_line_per_step(tmp_path):
         "class_weights": ["--train", data["train"], "--out", ro / "class_weights.json"],
         "train": ["--train_csv", data["train"], "--img_dir", data["img_dir"], "--out_dir",
                   ro / "train", *TINY, "--epochs", "1", "--num_workers", "0", "--no_mlflow"],
+        "evaluate": ["--model", model, "--test_csv", data["test"], "--img_dir",
+                     data["img_dir"], "--out", ro / "eval", "--bootstrap", "0",
+                     "--num_workers", "0", "--no_mlflow"],
     }
     script = "\n".join(
         [f"mount -o remount,ro {ro}"] +

@@ -100,3 +100,26 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
     assert expected[2] == again[2]
+
+
+def test_linking_the_best_checkpoint_from_another_file_system_copies_it(tmp_path):
+    """A resume from a checkpoint on another file system (`--resume /mnt/other/...`) whose
+    epoch is the best one: checkpoint_best.pt is put back as a copy (a hard link there is
+    EXDEV, and failed the resumed training)."""
+    import errno
+    import os
+    import tempfile
+    from pathlib import Path
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's tmp folder")
+    with tempfile.TemporaryDirectory(dir=shm) as other:
+        resumed = Path(other) / "checkpoint_last.pt"
+        resumed.write_bytes(b"the best epoch's checkpoint")
+        with pytest.raises(OSError) as err:
+            os.link(resumed, tmp_path / "probe")
+        assert err.value.errno == errno.EXDEV
+        checkpoint.link(resumed, tmp_path / "checkpoint_best.pt")
+        assert (tmp_path / "checkpoint_best.pt").read_bytes() == b"the best epoch's checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_best.pt"]

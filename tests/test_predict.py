@@ -1,6 +1,6 @@
 """predict and the pyfunc serving model, on a model folder saved exactly as register logs it:
 paths / bytes / base64 in, per-image errors, the CLI's three input forms, preprocessing equal
-to evaluation's, and `mlflow models serve` answering JSON."""
+to evaluation's, and more rows than one request takes."""
 from __future__ import annotations
 
 import base64

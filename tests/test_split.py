@@ -201,3 +201,17 @@ def test_a_lesion_with_several_classes_is_reported_by_id(tmp_path, caplog):
     saved = json.loads((tmp_path / "out" / "split_report.json").read_text())
     assert saved["lesions_with_several_classes"] == {"L0": ["MEL", "NV", "BCC"]}
     assert "1 lesion has images of several classes (L0)" in caplog.text
+
+
+def test_a_class_the_test_set_leaves_one_image_of_is_named_in_one_line(tmp_path, capsys):
+    """Paper mode, 7 classes of 2 images and one of 46: the test set's stratified share takes
+    one image of some 2-image classes, and val's split of the rest cannot stratify them
+    (scikit-learn's "least populated classes" with class numbers, before)."""
+    (tmp_path / "labels.csv").write_text("image,label\n" + "".join(
+        f"i{k},{min(k // 2, 7)}\n" for k in range(60)))
+    assert split.main(["--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out"),
+                       "--mode", "paper"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"split: {tmp_path / 'labels.csv'}: class ") and "\n" not in err, err
+    assert "too few images for a stratified (paper) split" in err
+    assert "least populated" not in err and not (tmp_path / "out").exists()

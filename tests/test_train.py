@@ -81,6 +81,45 @@ def test_refuses_to_overwrite_an_out_dir_with_a_checkpoint(data, tmp_path, capsy
     assert "--resume" in capsys.readouterr().err
 
 
+def test_an_earlier_runs_files_without_its_last_checkpoint_are_kept(data, tmp_path, capsys):
+    """checkpoint_last.pt gone (deleted by hand, a dvc checkout of another version) but the
+    earlier run's best checkpoint still there: a fresh training would overwrite it at its first
+    best epoch. Without --resume it refuses; with --resume auto the files are moved aside."""
+    from components.training.out_dir import auto_resume
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint_best.pt").write_bytes(b"the earlier run's best")
+    assert train.main(_args(data, out, "--epochs", "1")) == 1
+    assert "checkpoint_best.pt" in capsys.readouterr().err
+    assert (out / "checkpoint_best.pt").read_bytes() == b"the earlier run's best"
+
+    assert auto_resume(out, "any fingerprint") == (None, None)
+    [aside] = out.glob("superseded-*")
+    assert (aside / "checkpoint_best.pt").read_bytes() == b"the earlier run's best"
+    assert not (out / "checkpoint_best.pt").exists() and f"moved to {aside}" in capsys.readouterr().out
+
+
+def test_params_edited_during_a_trainjob_fail_the_submitting_step_cluster_faked(
+        data, tmp_path, monkeypatch, capsys):
+    """`dvc repro` of a distributed training: the stage's process submits a TrainJob and waits
+    (no cluster here: the submission is replaced by a params.yaml edit meanwhile); the nodes
+    read no file of this machine, so only the submitting process can see the edit."""
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"nodes": 2, "peak_lr": 0.01}}))
+
+    def submitted_while_params_edited(args, cfg, argv):
+        params.write_text(yaml.safe_dump({"train": {"nodes": 2, "peak_lr": 0.02}}))
+        return 0
+
+    monkeypatch.setattr(train, "_submit_trainjob", submitted_while_params_edited)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train.main(_args(data, tmp_path / "out", "--params", str(params))) == 1
+    assert "train.peak_lr (0.01 -> 0.02)" in capsys.readouterr().err
+
+
 def test_a_second_training_into_the_same_out_dir_refuses(data, tmp_path):
     out = tmp_path / "out"
     with exclusive(out):  # as a running training holds it
@@ -271,6 +310,20 @@ def test_ham10000_study_smoke_resumes_and_writes_its_table(shared_data, tmp_path
                 "train.weighted_sampler=false", "train.seed=3"):
         with pytest.raises(SystemExit):
             ham.main([*argv, "--param", bad])
+
+
+@pytest.mark.parametrize("bad,named", [
+    ("train.dims=[&a [1], *a]", "aliases"),             # the params loader's refusal
+    ("train.peak_lr=fast", "train.peak_lr: 'fast' is not a float"),  # the config refuses
+    ("train.drop_path_rate=2", "train.drop_path_rate = 2"),
+])
+def test_ham10000_study_refuses_a_bad_param_value_in_one_line(tmp_path, capsys, bad, named):
+    ham = _benchmark("ham10000")
+    with pytest.raises(SystemExit) as stop:
+        ham.main(["--out", str(tmp_path), "--report_only", "--param", bad])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and named in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].count(named) == 1
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ POST /invocations the guard
   needs a few per row: this bounds what parsing allocates), then parses it itself once,
   refusing nesting past Python's recursion limit and integers over MAX_DIGITS digits (400);
 - replaces the text of every error answer with a fixed sentence, keeping only the reason the
-  served model itself gave for refusing the request (serving.refused);
+  served model itself gave for refusing the request (request.refused);
 - marks the request gone, which the model checks between rows, when the client disconnects
   or the answer has been sent (the 504 included).
 Everything else (loading the model, /ping, /version, the timeout) is MLflow's.
@@ -22,9 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+
+from components.registry.request import CURRENT_REQUEST, REFUSED, RequestState, limit
 
 MODEL_ENV = "SKINLESION_SERVE_MODEL"   # the model URI create_app loads
 MAX_REQUEST_BYTES = 64 * 2**20        # 256 HAM10000 JPEGs in base64 are about 25 MB
@@ -32,23 +31,12 @@ MAX_DIGITS = 20                       # longer integers parse in quadratic time;
 USAGE = ('send {"dataframe_split": {"columns": ["image"], "data": [["<base64 image>"], ...]}, '
          '"params": {"batch_size": 32}} as application/json')
 FIXED_ANSWERS = {
-    400: ("BAD_REQUEST", f"request refused: not a request this model takes; {USAGE}"),
-    413: ("REQUEST_LIMIT_EXCEEDED", "request refused: the body is over the server's limit"),
-    415: ("BAD_REQUEST", f"request refused: {USAGE}"),
-    504: ("DEADLINE_EXCEEDED", "request refused: it took longer than the server's time limit"),
+    400: ("BAD_REQUEST", f"{REFUSED}not a request this model takes; {USAGE}"),
+    413: ("REQUEST_LIMIT_EXCEEDED", f"{REFUSED}the body is over the server's limit"),
+    415: ("BAD_REQUEST", f"{REFUSED}{USAGE}"),
+    504: ("DEADLINE_EXCEEDED", f"{REFUSED}it took longer than the server's time limit"),
     500: ("INTERNAL_ERROR", "the server failed on this request; its log has the details"),
 }
-
-
-@dataclass
-class RequestState:
-    """What the guard and the model, in its worker thread, share about one request."""
-    gone: threading.Event = field(default_factory=threading.Event)
-    refusal: str = ""  # the model's fixed sentence when it refused the whole request
-
-
-# Set by the guard for each request; asyncio.to_thread carries it into the thread that predicts.
-CURRENT_REQUEST: ContextVar[RequestState | None] = ContextVar("skinlesion_request", default=None)
 
 
 class _LongNumber(ValueError):
@@ -69,7 +57,7 @@ class RequestGuard:
         self.max_bytes = max_bytes
         self.max_rows = max_rows
         self.max_tokens = 8 * max_rows + 64
-        self.too_large = f"request refused: the body is over {max_bytes:,} bytes"
+        self.too_large = f"{REFUSED}the body is over {max_bytes:,} bytes"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" \
@@ -86,7 +74,7 @@ class RequestGuard:
             return await self._answer(send, 413, self.too_large)
         problem = self._json_problem(body)
         if problem:
-            return await self._answer(send, 400, f"request refused: {problem}")
+            return await self._answer(send, 400, f"{REFUSED}{problem}")
         state, disconnected = RequestState(), asyncio.Event()
         token = CURRENT_REQUEST.set(state)
         watcher = asyncio.ensure_future(self._watch_disconnect(receive, state, disconnected))
@@ -178,5 +166,5 @@ def create_app():
     from components.registry import serving
 
     app = scoring_server.init(mlflow.pyfunc.load_model(os.environ[MODEL_ENV]))
-    return RequestGuard(app, serving.limit("MAX_REQUEST_BYTES", MAX_REQUEST_BYTES),
-                        serving.limit("MAX_ROWS", serving.MAX_ROWS))
+    return RequestGuard(app, limit("MAX_REQUEST_BYTES", MAX_REQUEST_BYTES),
+                        limit("MAX_ROWS", serving.MAX_ROWS))

@@ -16,7 +16,7 @@ process that has only torch, torchvision, timm, Pillow, pandas, safetensors and 
 
 Input (``predict``): a DataFrame with a column ``image`` (or, without one, its first column);
 each value is raw encoded bytes (JPEG/PNG/...), a base64 string of those bytes (plain or a
-`data:image/...;base64,` URI: the way to send images through `mlflow models serve` JSON), or,
+`data:image/...;base64,` URI: the way to send images through the scoring server's JSON), or,
 where paths are allowed, a file path. Params: ``batch_size`` (32, at least 1).
 
 Output: a DataFrame, one row per input row, in input order: one float column per class (the
@@ -26,7 +26,7 @@ softmax probabilities, classes in training order), ``predicted`` (the top class 
 columns hold None rather than NaN, so that the scoring server's JSON has `null` (bare NaN is
 not JSON).
 
-Security model of the served model (`mlflow models serve`, `skinlesion serve`):
+Security model of the served model (`skinlesion serve`, or MLflow's scoring server alone):
 - no file paths: a string is base64 or an error, whether or not a file of that name exists
   (no file-existence oracle); `skinlesion predict` turns paths on for its own, local use
   (model_config {"allow_paths": true}), and SKINLESION_SERVING_ALLOW_PATHS=1 does for a server
@@ -66,6 +66,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from components.registry.request import CURRENT_REQUEST, RequestGone, limit, refused
+
 PREPROCESSING_FORMAT = "skinlesion-pyfunc/1"
 ALLOW_PATHS_ENV = "SKINLESION_SERVING_ALLOW_PATHS"
 # Limits per request and per image (environment overrides SKINLESION_SERVING_<NAME>, read when
@@ -76,7 +78,6 @@ PIXELS_PER_PREPARED = 128          # max_pixels = 128 x prepare_size^2 (module d
 # A request of 256 ISIC JPEGs (6000 x 4000, decoded at 1/8: 375k pixels each) is 96 MP; 128 MP
 # of PNG decode in about 4 s on one core.
 MAX_REQUEST_PIXELS = 128_000_000
-REFUSED = "request refused: "      # a whole request's error (scoring_app.py keeps these texts)
 WEIGHTS_FILE = "weights.safetensors"
 PREPROCESSING_FILE = "preprocessing.json"
 INPUT_COLUMN = "image"
@@ -85,29 +86,6 @@ DEFAULT_BATCH_SIZE = 32
 
 class ImageInputError(ValueError):
     """One input row that cannot become an image (its message goes into the `error` column)."""
-
-
-class RequestGone(RuntimeError):
-    """The client of the request being predicted is gone: nobody will read the answer."""
-
-
-def limit(name: str, default: int) -> int:
-    """A serving limit: SKINLESION_SERVING_<name> from the environment, else `default`."""
-    return int(os.environ.get(f"SKINLESION_SERVING_{name}", default))
-
-
-def refused(reason: str):
-    """The HTTP 400 error of a whole request, `reason` a fixed sentence without user data.
-    MLflow's scoring server prefixes the rows to its text; the guard in front of it
-    (scoring_app.py) answers with the reason alone."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-    from components.registry.scoring_app import CURRENT_REQUEST
-
-    if (request := CURRENT_REQUEST.get()) is not None:
-        request.refusal = REFUSED + reason
-    return MlflowException(REFUSED + reason, error_code=INVALID_PARAMETER_VALUE)
 
 
 # ---------------------------------------------------------------- artifacts (write side)
@@ -321,8 +299,6 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
             _release_memory()
 
     def _predict_rows(self, values: list, batch_size: int) -> pd.DataFrame:
-        from components.registry.scoring_app import CURRENT_REQUEST
-
         request = CURRENT_REQUEST.get()  # None outside `skinlesion serve`
         probs = np.full((len(values), len(self.classes)), np.nan, dtype=np.float64)
         errors = [""] * len(values)

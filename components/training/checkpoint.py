@@ -84,11 +84,17 @@ def save(path: str | os.PathLike, state: dict, keep_previous: str | None = None)
 
 def link(path: str | os.PathLike, name: str | os.PathLike) -> None:
     """Make `name` (replacing any file of that name) a hard link to `path`: no copy, no space
-    needed (a full disk cannot fail it halfway), and renamed into place (never half-done)."""
+    needed (a full disk cannot fail it halfway), and renamed into place (never half-done).
+    `path` on another file system (a resume from elsewhere): a copy, renamed into place."""
     name = Path(name)
     staged = name.with_name(f".{name.name}.link")
     staged.unlink(missing_ok=True)
-    os.link(path, staged)
+    try:
+        os.link(path, staged)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        shutil.copyfile(path, staged)  # a partial copy is a stale .link, removed on resume
     os.replace(staged, name)
 
 

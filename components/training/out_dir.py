@@ -37,10 +37,19 @@ class TrainingRefused(RuntimeError):
 
 
 def refuse_clobbering(out_dir: Path, resume) -> None:
-    if resume is None and (out_dir / outputs.CHECKPOINT_LAST).exists():
-        last = out_dir / outputs.CHECKPOINT_LAST
-        raise TrainingRefused(f"{out_dir} already holds {last.name}: pass --resume {last} to "
-                              f"continue it, or choose another --out_dir")
+    """A fresh training (no --resume) into a folder holding an earlier run's files would
+    overwrite them: refuse, whichever of them is there."""
+    if resume is not None or not (found := _run_files(out_dir)):
+        return
+    last = out_dir / outputs.CHECKPOINT_LAST
+    how = (f"pass --resume {last} to continue it" if last.exists() else
+           "move it away to keep it, or pass --resume auto to have it moved aside")
+    raise TrainingRefused(f"{out_dir} already holds {found[0]} of an earlier training: {how}, "
+                          f"or choose another --out_dir")
+
+
+def _run_files(out_dir: Path) -> list[str]:
+    return [name for name in RUN_FILES if (out_dir / name).exists()]
 
 
 @contextlib.contextmanager
@@ -94,6 +103,9 @@ def auto_resume(out_dir: Path, fingerprint: str) -> tuple[dict | None, Path | No
     """
     last = out_dir / outputs.CHECKPOINT_LAST
     if not last.exists():
+        if _run_files(out_dir):  # an earlier run's best, which a first best epoch replaces
+            print(f"train: no {last.name} to resume; the earlier run's files are moved to "
+                  f"{_supersede(out_dir)}; starting over (--resume auto)", flush=True)
         return None, None
     try:
         found, used = checkpoint.load_for_resume(last, fallback=True)
@@ -114,9 +126,8 @@ def _supersede(out_dir: Path) -> Path:
     """Move the run files in out_dir to out_dir/superseded-<UTC time>/; returns that folder."""
     aside = out_dir / f"{SUPERSEDED}{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}"
     aside.mkdir()
-    for name in RUN_FILES:
-        if (out_dir / name).exists():
-            os.replace(out_dir / name, aside / name)
+    for name in _run_files(out_dir):
+        os.replace(out_dir / name, aside / name)
     return aside
 
 
