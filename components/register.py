@@ -268,7 +268,9 @@ def _register(client, c: Candidate, run, cfg: RegisterConfig, alias: str,
         return _already(client, name, existing.version, alias, c.run_id)
 
     if run is None:  # untracked training: a run of its own holds the registered model
-        mlflow.set_experiment(experiment)
+        # ensure_experiment: artifacts in the project's store, not ./mlruns of this folder
+        found = tracking.ensure_experiment(mlflow.get_tracking_uri(), experiment)
+        mlflow.set_experiment(experiment_id=found.experiment_id)
         with mlflow.start_run(run_name=f"register-{c.digest[:8]}",
                               tags={"skinlesion.step": "register",
                                     "weights_hash": c.digest}) as active:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from components import register
-from components.common import atomic
+from components.common import atomic, tracking
 from components.common.config import RegisterConfig
 from components.common.labels import CLASSES
 from components.evaluation import mlflow_log
@@ -383,6 +383,31 @@ def test_an_edited_metrics_json_is_refused(store, tmp_path, capsys):
                           split_report(), cfg("m-edited"), tracking_uri=uri)
     assert result["version"] == "1"
     assert client.get_model_version("m-edited", "1").tags["test_balanced_accuracy"] == "0.400000"
+
+
+def test_an_untracked_training_registers_into_the_stores_artifact_folder(tmp_path,
+                                                                         monkeypatch):
+    """The run register makes for an untracked training is created in an experiment whose
+    files live beside the SQLite store (mlartifacts/), not in ./mlruns of the folder register
+    ran in (a DVC temporary copy, deleted after the run)."""
+    root, workdir = tmp_path / "project", tmp_path / "dvc-temp-copy"
+    root.mkdir()
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    out = tmp_path / "untracked"
+    torch.manual_seed(0)
+    model = HybridConvNeXtV2(num_classes=len(CLASSES), preset="paper", **TINY)
+    checkpoint.save(out / "ema_weights.pt", {
+        "model_config": model.config, "classes": list(CLASSES), "img_size": IMG,
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "prepare_size": PREPARE,
+        "split_hash": SPLIT, "ema": model.state_dict(), "epoch": 1, "step": 10})
+    result = register.run(out / "ema_weights.pt", evaluated(out, uri, 0.5), split_report(),
+                          cfg("m-untracked"), tracking_uri=uri, experiment="registered")
+    assert result["version"] == "1" and not (workdir / "mlruns").exists()
+    location = client.get_experiment_by_name("registered").artifact_location
+    assert location.startswith((root / tracking.ARTIFACTS_DIR).as_uri()), location
 
 
 def test_concurrent_registers_of_one_run_make_one_version(mlflow_server, tmp_path):
