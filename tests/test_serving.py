@@ -199,12 +199,23 @@ def test_hostile_json_gets_a_fixed_400_without_echo(server):
     assert status == 415 and "SECRET" not in text and "application/json" in text
 
 
-def test_json_nested_past_the_recursion_limit_is_refused_before_mlflow_parses_it():
+@pytest.mark.parametrize("recursion_limit", [None, 100_000])
+def test_json_nested_past_the_recursion_limit_is_refused_before_mlflow_parses_it(
+        recursion_limit):
     """With the default 256 rows, 1,500 levels pass the count of brackets; json.loads' own
-    RecursionError is answered too."""
-    guard = scoring_app.RequestGuard(None, max_bytes=2**20, max_rows=256)
-    assert guard._json_problem(b"[" * 1500 + b"]" * 1500) == "the JSON nests too deep"
-    assert guard._json_problem(b'{"inputs": [1, -12345678901234567890]}') == ""
+    RecursionError is answered, and so is the same depth where a library raised the recursion
+    limit (seen in the full suite: the answer then came from the depth check alone)."""
+    default = sys.getrecursionlimit()
+    sys.setrecursionlimit(recursion_limit or default)
+    try:
+        guard = scoring_app.RequestGuard(None, max_bytes=2**20, max_rows=256)
+        assert guard._json_problem(b"[" * 1500 + b"]" * 1500) == "the JSON nests too deep"
+        assert guard._json_problem(b"[" * 17 + b"]" * 17) == "the JSON nests too deep"
+        assert guard._json_problem(b'{"inputs": [1, -12345678901234567890]}') == ""
+        assert guard._json_problem(json.dumps({"dataframe_split": {"columns": ["image"], "data": [
+            ["x"]]}, "params": {"batch_size": 3}}).encode()) == ""
+    finally:
+        sys.setrecursionlimit(default)
 
 
 def test_work_stops_once_the_request_is_gone(model_dir, images):

@@ -28,6 +28,7 @@ from components.registry.request import CURRENT_REQUEST, REFUSED, RequestState, 
 MODEL_ENV = "SKINLESION_SERVE_MODEL"   # the model URI create_app loads
 MAX_REQUEST_BYTES = 64 * 2**20        # 256 HAM10000 JPEGs in base64 are about 25 MB
 MAX_DIGITS = 20                       # longer integers parse in quadratic time; none is needed
+MAX_NESTING = 16                      # a dataframe_split request nests 4 deep
 USAGE = ('send {"dataframe_split": {"columns": ["image"], "data": [["<base64 image>"], ...]}, '
          '"params": {"batch_size": 32}} as application/json')
 FIXED_ANSWERS = {
@@ -41,6 +42,19 @@ FIXED_ANSWERS = {
 
 class _LongNumber(ValueError):
     pass
+
+
+def _nesting(value) -> int:
+    """How deep lists and dicts nest in a parsed JSON value (iterative: no recursion limit;
+    the values are few, the token count bounded them)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict)
+                                                  else item))
+    return deepest
 
 
 def _short_int(digits: str) -> int:
@@ -104,14 +118,16 @@ class RequestGuard:
         if body.count(b"[") + body.count(b"{") + body.count(b",") > self.max_tokens:
             return f"the JSON holds more values than {self.max_rows} rows need"
         try:
-            json.loads(body, parse_int=_short_int)
-        except RecursionError:
+            parsed = json.loads(body, parse_int=_short_int)
+        except RecursionError:  # deeper than this process's recursion limit
             return "the JSON nests too deep"
         except _LongNumber:
             return f"a number in the JSON has over {MAX_DIGITS} digits"
         except ValueError:  # JSONDecodeError, UnicodeDecodeError
             return "the body is not valid JSON"
-        return ""
+        # The recursion limit differs between processes (a library may raise it): the depth
+        # is checked on its own, so MLflow's parser never gets a structure no request has.
+        return "the JSON nests too deep" if _nesting(parsed) > MAX_NESTING else ""
 
     @staticmethod
     async def _watch_disconnect(receive, state: RequestState, disconnected: asyncio.Event):

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from components.common import cli_args, outputs
 from components.common.config import (PARAMS_FILE, ConfigError, check_params, committed_text,
@@ -155,13 +156,18 @@ def run(root: Path, name: str | None = None, params_files: list[str] = (),
                *(["--name", name] if name else []), *flags]
     print("$ " + shlex.join(["dvc", *command[1:]]), flush=True)
     returncode, lines = stream(command, root, environment(root),
-                               len(read_yaml(str(root / "dvc.yaml")).get("stages") or {}))
+                               _stage_count(root / "dvc.yaml"))
     if returncode != 0:
         raise RuntimeError(f"dvc exp run failed (exit {returncode})")
     if name is None:
         name = next((line.split(":", 1)[1].strip() for line in lines
                      if line.startswith("Ran experiment(s):")), "")
     return name
+
+
+def _stage_count(dvc_yaml: Path) -> int:
+    """The stages in the project's dvc.yaml (a DVC file, not a params file: no layout check)."""
+    return len((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {})
 
 
 def stream(command: list[str], root: Path, env: dict, n_stages: int) -> tuple[int, list[str]]:
