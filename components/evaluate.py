@@ -16,7 +16,9 @@ and headline.json):
     metrics.json          headline metrics, ci95 intervals, roc_auc_per_class, confusion matrix,
                           the melanoma-vs-rest operating point at evaluate.melanoma_specificity,
                           per_source (when the test set holds several sources: the headline
-                          metrics with intervals of each),
+                          metrics with intervals of each), cross_site (then too: melanoma
+                          ROC-AUC pooled and within each source, the gap and the site-shortcut
+                          flag; evaluation/sites.py),
                           and what was scored: weights_digest, split_hash (register checks both)
     per_class.csv         class,precision,recall,f1,auc,support
     predictions.csv       image,true,predicted,prob_MEL,...,prob_SCC
@@ -43,8 +45,8 @@ from torch.utils.data import DataLoader
 
 from components.common import atomic, cli_args, outputs, tracking
 from components.common.config import ConfigError, EvaluateConfig
-from components.common.labels import CLASSES
-from components.evaluation import mlflow_log
+from components.common.labels import CLASSES, sources
+from components.evaluation import mlflow_log, sites
 from components.evaluation.metrics import (HEADLINE, HEADLINE_SHOWN, bootstrap_intervals,
                                            classification_metrics, kfp_metrics, operating_point,
                                            reliability_bins, roc_points)
@@ -98,8 +100,12 @@ def run(model: str | os.PathLike, test_csv: str | os.PathLike, img_dir: str | os
         reports[name] = report(frame, p, out if i == 0 else out / outputs.RAW_SUBDIR,
                                groups=groups, cfg=cfg)
     headline, *others = reports
-    if "source" in frame.columns and frame["source"].nunique() > 1:
-        reports[headline]["per_source"] = per_source(frame, probs[headline], groups, cfg)
+    # an image's source as split gives it: its `source` column, else its lesion id's prefix
+    source = sources(frame) if {"source", "lesion_id"} & set(frame.columns) else None
+    if source is not None and source.nunique() > 1:
+        reports[headline]["per_source"] = per_source(frame, probs[headline], source, groups, cfg)
+        reports[headline]["cross_site"] = sites.report(frame["label"], probs[headline], source,
+                                                       groups, n=cfg.bootstrap, seed=cfg.seed)
     split_report = Path(test_csv).parent / outputs.SPLIT_REPORT
     metrics = {"weights": headline, "tta": cfg.tta, **reports[headline],
                "weights_digest": meta["weights_digest"],
@@ -265,16 +271,17 @@ def report(frame: pd.DataFrame, probs: np.ndarray, out: Path, *, groups=None,
     return m
 
 
-def per_source(frame: pd.DataFrame, probs: np.ndarray, groups, cfg: EvaluateConfig) -> dict:
+def per_source(frame: pd.DataFrame, probs: np.ndarray, source: pd.Series, groups,
+               cfg: EvaluateConfig) -> dict:
     """The headline metrics with their intervals for each source of the test set (cross-site:
     a model good on one hospital's images can fail on another's)."""
     out = {}
-    for source, rows in frame.groupby("source").indices.items():
+    for name, rows in frame.groupby(source).indices.items():
         y = frame["label"].to_numpy()[rows]
         m = classification_metrics(y, probs[rows], CLASSES)
         ci = bootstrap_intervals(y, probs[rows], n=cfg.bootstrap, seed=cfg.seed,
                                  groups=None if groups is None else groups[rows])
-        out[str(source)] = {"n_images": m["n_images"],
+        out[str(name)] = {"n_images": m["n_images"],
                             **{k: m[k] for k in HEADLINE_SHOWN},
                             "ci95": {k: ci[k] for k in HEADLINE_SHOWN},
                             "melanoma_operating_point": operating_point(

@@ -264,5 +264,19 @@ def test_per_source_metrics_when_the_test_set_has_several_sources(data, tmp_path
         assert ci["low"] <= s["balanced_accuracy"] <= ci["high"]
     scalars = dict(evaluate.kfp_outputs(tmp_path / "e")["scalars"])
     assert scalars["SITE_B_balanced_accuracy"] == per_source["SITE_B"]["balanced_accuracy"]
+    cross_site = metrics["cross_site"]["tasks"]["mel_vs_nv"]   # evaluation/sites.py
+    assert set(cross_site["within"]) == {"SITE_A", "SITE_B"}
+    assert cross_site["pooled"]["n_positive"] == N_IMAGES // len(CLASSES)
+    assert len(metrics["cross_site"]["summary"]) == 2
     _run(data, tmp_path / "one")  # one source (none given): no per-source section
-    assert "per_source" not in json.loads((tmp_path / "one" / "metrics.json").read_text())
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert "per_source" not in one and "cross_site" not in one
+    # no source column: the lesion id's prefix names the source, as split does
+    test = test.drop(columns="source")
+    test["lesion_id"] = np.where(np.arange(len(test)) < 16, "BCN_", "HAM_") + test["lesion_id"]
+    test.to_csv(tmp_path / "test.csv", index=False)
+    evaluate.run(data / "checkpoint_last.pt", tmp_path / "test.csv", data / "images",
+                 tmp_path / "p", EvaluateConfig(bootstrap=0, batch_size=8), use_mlflow=False)
+    metrics = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert set(metrics["per_source"]) == set(metrics["cross_site"]["tasks"]["mel_vs_rest"][
+        "within"]) == {"BCN", "HAM"}

@@ -174,29 +174,44 @@ def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
 
 def bootstrap_intervals(y_true, probs, groups=None, n: int = 1000, seed: int = 0,
                         level: float = 0.95) -> dict:
-    """Percentile bootstrap interval of every HEADLINE metric: {metric: {"low", "high"}}.
+    """Percentile bootstrap interval of every HEADLINE metric: {metric: {"low", "high"}}
+    (resampling lesions when `groups` is given: see `bootstrap`)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true)
+
+    def headline(rows: np.ndarray) -> dict:
+        s = _scores(y_true[rows], probs[rows])
+        return {name: s[name] for name in HEADLINE}
+
+    intervals = bootstrap(headline, len(y_true), groups, n=n, seed=seed, level=level)
+    return {name: intervals.get(name, {"low": None, "high": None}) for name in HEADLINE}
+
+
+def bootstrap(statistic, n_rows: int, groups=None, n: int = 1000, seed: int = 0,
+              level: float = 0.95) -> dict:
+    """Percentile bootstrap interval of each scalar that `statistic(rows)` returns for a
+    resample's row indices: {name: {"low", "high"}} ({} when n is 0).
 
     With `groups` (lesion ids; None/NaN entries count as their own group) whole groups are
     resampled, so images of one lesion stay together and the interval is not too narrow.
     scikit-learn has no grouped bootstrap (`sklearn.utils.resample` draws single rows).
+    A NaN draw (e.g. AUC of a resample without a class) is left out of its interval.
     """
-    probs = np.asarray(probs, dtype=np.float64)
-    y_true = np.asarray(y_true)
-    members = _group_members(groups, len(y_true))
+    members = _group_members(groups, n_rows)
     rng = np.random.default_rng(seed)
-    draws = {name: np.empty(n) for name in HEADLINE}
+    draws: dict[str, list[float]] = {}
     # Inputs were checked once; skipping scikit-learn's per-call validation halves the time.
     with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-        for b in range(n):
+        for _ in range(n):
             units = rng.integers(0, len(members), len(members))
-            idx = np.concatenate([members[g] for g in units])
-            s = _scores(y_true[idx], probs[idx])
-            for name in HEADLINE:
-                draws[name][b] = s[name]
+            rows = np.concatenate([members[g] for g in units])
+            for name, value in statistic(rows).items():
+                draws.setdefault(name, []).append(value)
     tail = 100 * (1 - level) / 2
     out = {}
     for name, v in draws.items():
-        v = v[np.isfinite(v)]  # e.g. AUC of a resample that drew no image of a class
+        v = np.asarray(v, dtype=np.float64)
+        v = v[np.isfinite(v)]
         low, high = np.percentile(v, [tail, 100 - tail]) if len(v) else (np.nan, np.nan)
         out[name] = {"low": _num(low), "high": _num(high)}
     return out

@@ -1,6 +1,8 @@
 """The evaluation in MLflow: `test_`-prefixed metrics (with their interval ends, per class and
 per source), the output files as artifacts, and the test metrics in the run's description
-(mlflow.note.content, which the MLflow UI shows on the run's page)."""
+(mlflow.note.content, which the MLflow UI shows on the run's page), with the cross-site report
+when the test set holds several sources (evaluation/sites.py: within-source melanoma AUCs, the
+gap to the pooled one, the site-shortcut flag)."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +14,8 @@ from components.evaluation.metrics import HEADLINE, HEADLINE_SHOWN
 log = logging.getLogger(__name__)
 
 NOTE, NOTE_TEST = "mlflow.note.content", "## Test metrics"
+CROSS_SITE = ("## Cross-site: melanoma ROC-AUC (prob_MEL) pooled and within each source, 95% "
+              "intervals, (melanoma/other images)")
 DIGEST_TAG = "evaluate.weights_digest"
 
 
@@ -65,6 +69,8 @@ def test_note(metrics: dict) -> str:
     if point := metrics.get("melanoma_operating_point"):
         lines.append(f"- melanoma sensitivity {point['sensitivity']:.3f} at specificity "
                      f"{point['specificity']:.3f}")
+    if cross_site := metrics.get("cross_site"):
+        lines += ["", CROSS_SITE, *cross_site["summary"]]
     return "\n".join(lines) + "\n"
 
 
@@ -81,4 +87,12 @@ def _flat_metrics(m: dict, prefix: str) -> dict[str, float]:
     for source, sm in (m.get("per_source") or {}).items():
         flat.update({f"{prefix}{source}_{k}": sm[k] for k in HEADLINE_SHOWN
                      if sm.get(k) is not None})
+    for task, t in ((m.get("cross_site") or {}).get("tasks") or {}).items():
+        figures = {"pooled": t["pooled"], **t["within"]}
+        flat.update({f"{prefix}{where}_{task}_auc": f["auc"] for where, f in figures.items()
+                     if f["auc"] is not None})
+        if t["gap"]["value"] is not None:
+            flat[f"{prefix}{task}_site_gap"] = t["gap"]["value"]
+        if t["shortcut"] is not None:
+            flat[f"{prefix}{task}_site_shortcut"] = float(t["shortcut"])
     return flat

@@ -86,6 +86,7 @@ def card_details(model_name: str, version: str | None, tags: dict, metrics: dict
         "test_ci95": {k: (metrics.get("ci95") or {}).get(k) for k in CARD_METRICS},
         "melanoma_operating_point": metrics.get("melanoma_operating_point"),
         "bootstrap": metrics.get("bootstrap"),
+        "cross_site": metrics.get("cross_site"),
     }
 
 
@@ -128,6 +129,11 @@ def model_card(model_name: str, run_id: str | None, run_name: str, tags: dict, m
         ci = (metrics.get("ci95") or {}).get(name) or {}
         interval = f"{ci['low']:.4f} - {ci['high']:.4f}" if ci.get("low") is not None and ci.get("high") is not None else "-"
         lines.append(f"| {name} | {float(metrics[name]):.4f} | {interval} |")
+    if cross_site := metrics.get("cross_site"):
+        # evaluate wrote these lines (evaluation/sites.py); a flagged site shortcut means the
+        # pooled figures above overstate what the model tells apart inside one clinic
+        lines += ["", "## Cross-site (melanoma ROC-AUC pooled and within each test source; "
+                      "(melanoma/other images))", "", *cross_site["summary"]]
     lines += [
         "",
         "## Input",
