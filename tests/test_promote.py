@@ -202,6 +202,30 @@ def test_a_promote_takes_back_its_own_lock(uri, client, name):
     assert [str(v.version) for v in live_locks(client, name)] == [mine]
 
 
+def test_a_lock_that_cannot_be_given_back_does_not_redo_the_promotion(uri, client, name,
+                                                                      monkeypatch, caplog):
+    """Fault injection (the server going away between the promotion and the release): the
+    promote reports its decision once, 'first', instead of retrying the promotion and
+    reporting that it lost to its own lock; the lock left names this process, so it is stale
+    once the process ends."""
+    import requests
+
+    version = challenger(client, name, 0.6)
+    real_delete = mlflow.MlflowClient.delete_model_version
+
+    def delete_fails_for_the_lock(self, model, number):
+        if model.endswith(lock.SUFFIX):
+            raise requests.exceptions.ConnectionError("connection refused")
+        return real_delete(self, model, number)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "delete_model_version", delete_fails_for_the_lock)
+    result = promote.run("balanced_accuracy", name, tracking_uri=uri)
+    assert result["decision"] == "first" and champion(client, name) == version
+    assert "could not give back the promotion lock" in caplog.text
+    [left] = live_locks(client, name)
+    assert left.tags["pid"] == str(os.getpid())
+
+
 def test_break_lock_by_hand_needs_a_reason_and_is_recorded(uri, client, name, capsys):
     challenger(client, name, 0.5)
     leftover_lock(client, name, host="node-7")  # recent, on a host this one cannot ask
@@ -298,7 +322,8 @@ def test_five_promotes_breaking_one_stale_lock_make_one_winner(mlflow_server, tm
         p.stdin.write("go\n")
         p.stdin.flush()
     outcomes = [(p.wait(timeout=120), p.stdout.read() + p.stderr.read()) for p in procs]
-    assert len([o for rc, o in outcomes if rc == 0 and "first:" in o]) == 1, outcomes
+    shown = "\n\n".join(f"exit {rc}:\n{out[-1500:]}" for rc, out in outcomes)
+    assert len([o for rc, o in outcomes if rc == 0 and "first:" in o]) == 1, shown
     for rc, out in outcomes:
         assert "first:" in out or "already @champion" in out or \
             (rc == 1 and "lost: another promote of" in out), outcomes

@@ -60,7 +60,20 @@ def held(client, name: str, token: str):
     try:
         yield
     finally:
-        _delete(client, lock, mine)
+        _release(client, lock, mine)
+
+
+def _release(client, lock: str, version: str) -> None:
+    """Give the lock back. A failure here (the server went away after the promotion was done)
+    must not make the caller retry a promotion that already happened and then report that it
+    lost: it is a warning, and the lock left behind is broken as stale once this process has
+    ended (same host) or after STALE_S."""
+    try:
+        _delete(client, lock, version)
+    except Exception as err:  # noqa: BLE001 - the work under the lock is done either way
+        log.warning("could not give back the promotion lock %s version %s (%s); it is broken "
+                    "as stale once this process ends", lock, version,
+                    str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
 
 
 def take(client, name: str, token: str) -> str:
