@@ -344,8 +344,9 @@ def test_an_outage_during_a_promote_leaves_no_lock_that_blocks_the_retry(tmp_pat
         challenger(client, "outage", 0.7, source="s3://bucket/dummy-model")
         holder = _hold_lock_in_a_child(uri, "outage")
         stop()
-        holder.communicate("go\n", timeout=60)
-        assert holder.returncode != 0  # it could not give the lock back
+        _, err = holder.communicate("go\n", timeout=60)
+        # it could not give the lock back: a warning, its work under the lock stands
+        assert holder.returncode == 0 and "could not give back the promotion lock" in err, err
     with start_mlflow_server(root) as restored:
         assert len(live_locks(mlflow.MlflowClient(restored, registry_uri=restored), "outage")) == 1
         assert promote.main(["--model_name", "outage", "--tracking_uri", restored]) == 0
