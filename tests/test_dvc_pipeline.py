@@ -367,13 +367,15 @@ def test_an_interrupted_train_stage_resumes_from_its_checkpoint(project):
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     set_peak_lr(0.02)
+    earlier = set((repo / "outputs/train").glob("superseded-*"))  # other tests' runs, moved
     proc = repro_held_in_epoch_2()
     set_peak_lr(0.03)
     held.unlink()
     assert proc.wait(timeout=600) != 0
     out = log.read_text()
     assert "train.peak_lr (0.02 -> 0.03)" in out, out[-3000:]
-    [aside] = (repo / "outputs/train").glob("superseded-*")
+    [aside] = set((repo / "outputs/train").glob("superseded-*")) - earlier
+    assert aside.name in out  # the message names where the run went
     # (DVC itself removes the stage's other outputs before it runs; ema_weights.pt is cached)
     assert {p.name for p in aside.iterdir()} == {"checkpoint_last.pt", "checkpoint_best.pt",
                                                  "checkpoint_prev.pt"}
