@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from components.common.labels import CLASSES
+from components.registry import request as served_request
 from components.registry import scoring_app, serving
 from procs import free_port, serve
 
@@ -222,14 +223,14 @@ def test_work_stops_once_the_request_is_gone(model_dir, images):
     """What the guard sets when the client disconnects or the server answered 504: the model
     decodes no further row (here: none)."""
     model = serving.load_local(model_dir)
-    request = scoring_app.RequestState()
+    request = served_request.RequestState()
     request.gone.set()
-    token = scoring_app.CURRENT_REQUEST.set(request)
+    token = served_request.CURRENT_REQUEST.set(request)
     try:
-        with pytest.raises(serving.RequestGone):
+        with pytest.raises(served_request.RequestGone):
             model.predict(None, [images["a.jpg"].read_bytes()] * 3)
     finally:
-        scoring_app.CURRENT_REQUEST.reset(token)
+        served_request.CURRENT_REQUEST.reset(token)
 
 
 def test_the_work_stops_when_the_client_leaves(model_dir, monkeypatch):
