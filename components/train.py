@@ -299,9 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params_files = cli_args.params_paths(args)
         params = load_params(params_files)  # read first: an edit meanwhile is seen at the end
-        cfg = TrainConfig.resolve(params_files, **{k: getattr(args, k) for k in HP_FLAGS})
+        cfg = TrainConfig.resolve(params, source=", ".join(map(str, params_files)) or None,
+                                  **{k: getattr(args, k) for k in HP_FLAGS})
         if cfg.world_size > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
-            status = _submit_trainjob(args, cfg, sys.argv[1:] if argv is None else argv)
+            status = _submit_trainjob(args, cfg, params, sys.argv[1:] if argv is None else argv)
             check_params_unchanged(params_files, params)  # the nodes never saw this file
             return status
         summary = run(args.train_csv, args.img_dir, args.out_dir, val_csv=args.val_csv,
@@ -354,7 +355,7 @@ def log_served_model(run_, ema_weights) -> str | None:
     return logged[0] if logged else None
 
 
-def _submit_trainjob(args, cfg: TrainConfig, argv: list[str]) -> int:
+def _submit_trainjob(args, cfg: TrainConfig, params: dict, argv: list[str]) -> int:
     """The same command on N nodes x G GPUs of a cluster (training/trainjob.py)."""
     if not (args.image and args.pvc):
         raise ConfigError(f"train.nodes x train.gpus_per_node = {cfg.world_size}: distributed "
@@ -370,7 +371,7 @@ def _submit_trainjob(args, cfg: TrainConfig, argv: list[str]) -> int:
             skip = "=" not in arg
         else:
             forwarded.append(arg)
-    node = task_resources(load_params(cli_args.params_paths(args)))["train"]
+    node = task_resources(params)["train"]
     req = trainjob.TrainJobRequest(
         image=args.image, nodes=cfg.nodes, gpus_per_node=cfg.gpus_per_node,
         train_args=forwarded, pvc=args.pvc, namespace=args.namespace,

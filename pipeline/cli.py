@@ -42,20 +42,20 @@ def resolve_params(params_files: list[str] | None = None, param: list[str] | Non
 
     params = base_params(params_path, say=lambda m: print(m, file=sys.stderr))
     params = deep_merge(params, load_params(params_files or []))
-    # built once the files are read: a bad file is refused without the cost of kfp
-    names = set(build_pipeline({}).component_spec.inputs or {})
     direct: dict[str, Any] = {}
     for item in param or []:
         key, value = cli_args.parse_assignment(item)
-        if key in names:
-            direct[key] = value
-        elif "." in key:
+        if "." in key:  # a params.yaml key; the pipeline's own parameters have no dot
             cli_args.set_dotted(params, key, value)
         else:
-            raise SystemExit(f"--param {key}: not a pipeline parameter ({', '.join(sorted(names))}) "
-                             "nor a dotted params.yaml key")
+            direct[key] = value
     sources = [params_path or f"committed {PARAMS_FILE}", *(params_files or ())]
     check_params(params, ", ".join(map(str, sources)) + (" and --param" if param else ""))
+    if direct:  # the parameters of the pipeline these params build (shared_pvc: distributed)
+        names = set(build_pipeline(params).component_spec.inputs or {})
+        if unknown := sorted(set(direct) - names):
+            raise SystemExit(f"--param {unknown[0]}: not a pipeline parameter "
+                             f"({', '.join(sorted(names))}) nor a dotted params.yaml key")
     return params, direct
 
 

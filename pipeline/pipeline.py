@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from kfp import compiler, dsl, kubernetes
 
+from components.common import atomic
 from components.common.config import (PARAMS_FILE, STEP_SECTIONS, TrainConfig, check_params,
                                        committed_text, load_params, parse_params,
                                        task_resources)
@@ -187,16 +188,6 @@ def build_pipeline(params: dict, image: str | None = None):
                                     "register")(skin_lesion_pipeline)
 
 
-def __getattr__(name: str):
-    """`skin_lesion_pipeline`: the pipeline with the workspace params file's values
-    (params_path(), uncommitted changes included), for importers (tests, notebooks), built on
-    first use so that importing this module reads no params file; the CLI bakes in the
-    committed ones (base_params)."""
-    if name == "skin_lesion_pipeline":
-        return build_pipeline(load_params(params_path() or []))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def compile_pipeline(path: "str | os.PathLike" = "pipeline.yaml", image: "str | None" = None,
                      params: "dict | None" = None) -> Path:
     """Compile the pipeline (with its Kubernetes platform config) to a YAML file.
@@ -208,7 +199,8 @@ def compile_pipeline(path: "str | os.PathLike" = "pipeline.yaml", image: "str | 
     if params is None:
         params = base_params(say=lambda m: print(m, file=sys.stderr))
     compiler.Compiler().compile(build_pipeline(params, image), package_path=str(path))
-    docs = list(yaml.safe_load_all(path.read_text()))
+    text = path.read_text()
+    docs = list(yaml.safe_load_all(text))
     # KFP's compiler writes a dict default as a protobuf Struct: every number a float
     # (epochs: 100.0) and no nulls; KFP loads the YAML's own values, so write params.yaml's
     inputs = docs[0]["root"]["inputDefinitions"]["parameters"]
@@ -217,6 +209,6 @@ def compile_pipeline(path: "str | os.PathLike" = "pipeline.yaml", image: "str | 
     if image:
         for executor in docs[0]["deploymentSpec"]["executors"].values():
             executor["container"]["image"] = image
-    header = "".join(line for line in path.read_text().splitlines(True) if line.startswith("#"))
-    path.write_text(header + yaml.safe_dump_all(docs, sort_keys=True))
+    header = "".join(line for line in text.splitlines(True) if line.startswith("#"))
+    atomic.write_text(path, header + yaml.safe_dump_all(docs, sort_keys=True))
     return path

@@ -146,7 +146,7 @@ def test_run_local_names_a_bad_data_folder_before_starting_kfp(tmp_path, capsys,
         _images(data / "images", ["a"])
     if case == "empty_labels":
         (data / "labels.csv").write_text("")
-    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    params = ROOT / "params.yaml"
     assert skinlesion(["pipeline", "run-local", "--data", str(data), "--pipeline_root",
                        str(tmp_path / "root"), "--params", str(params)]) == 1
     err = capsys.readouterr().err
@@ -165,7 +165,7 @@ def committed_project(tmp_path, monkeypatch):
 
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
-    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     for role in ("AUTHOR", "COMMITTER"):
         monkeypatch.setenv(f"GIT_{role}_NAME", "t")
         monkeypatch.setenv(f"GIT_{role}_EMAIL", "t@example.com")

@@ -15,6 +15,7 @@ from components.tools.cli import main as skinlesion
 from pipeline import components as kfp_components
 from pipeline.cli import build_arguments
 from pipeline.pipeline import build_pipeline
+from test_config import LAUGHS
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"preprocess", "split", "class-weights", "train", "evaluate", "register"}
@@ -245,8 +246,6 @@ def test_demo_override_file_only_sets_known_keys():
 
 
 # -- hostile params through every pipeline command (issue 24, item 12) ----------------------
-LAUGHS = "train:\n  dims: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
-    f"  x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
 HOSTILE = {  # name -> (params file text, part of the one line)
     "billion_laughs": (LAUGHS, "anchors and aliases"),
     "kubeflow_typo": ("kubeflow:\n  resorces: {}\n", "unknown key kubeflow.resorces"),

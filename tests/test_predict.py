@@ -120,7 +120,7 @@ def folder_of_300(tmp_path_factory) -> Path:
 
 def test_a_folder_over_the_row_limit_is_predicted_in_requests(model_dir, folder_of_300, tmp_path):
     """Issue 24 #11: 300 images failed as '300 rows in one request', blaming the model."""
-    out = tmp_path / "pred.csv"
+    out = tmp_path / "new" / "pred.csv"  # a folder that does not exist yet is made
     assert predict.main(["--model", str(model_dir), "--dir", str(folder_of_300), "--out", str(out)]) == 0
     table = pd.read_csv(out, keep_default_na=False)
     assert [Path(p).name for p in table["image"]] == [f"im{i:03d}.png" for i in range(300)]

@@ -110,7 +110,7 @@ def test_params_edited_during_a_trainjob_fail_the_submitting_step_cluster_faked(
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"train": {"nodes": 2, "peak_lr": 0.01}}))
 
-    def submitted_while_params_edited(args, cfg, argv):
+    def submitted_while_params_edited(args, cfg, params_read, argv):
         params.write_text(yaml.safe_dump({"train": {"nodes": 2, "peak_lr": 0.02}}))
         return 0
 

@@ -173,11 +173,13 @@ class StepConfig:
             raise ConfigError(f"{err} (from {source})") from None
 
     @classmethod
-    def resolve(cls, params: dict | str | os.PathLike | Sequence | None = None, **overrides):
+    def resolve(cls, params: dict | str | os.PathLike | Sequence | None = None, *,
+                source: str | None = None, **overrides):
         """Defaults <- the params' section <- overrides that are not None.
 
-        params: a params dict (load_params), or params file path(s) to load."""
-        source = "params"
+        params: a params dict (load_params; `source` names where it came from in errors), or
+        params file path(s) to load."""
+        source = source or "params"
         if not isinstance(params, dict):
             source = ", ".join(map(str, params)) if isinstance(params, (list, tuple)) \
                 else str(params or PARAMS_FILE)

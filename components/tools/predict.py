@@ -36,7 +36,6 @@ import pandas as pd
 from components.common import cli_args, tracking
 from components.common.labels import IMAGE_SUFFIXES, find_image
 from components.registry.client import CHAMPION, champion_uri
-from components.registry.serving import MAX_ROWS
 
 
 def list_dir(folder: str | os.PathLike) -> list[str]:
@@ -120,6 +119,8 @@ def request_rows(model, batch_size: int) -> int:
     """Images per request: at most batch_size and the served model's row limit."""
     from mlflow.exceptions import MlflowException
 
+    from components.registry.serving import MAX_ROWS  # torch and mlflow: not for --help
+
     try:
         limit = getattr(model.unwrap_python_model(), "max_rows", MAX_ROWS)
     except MlflowException:  # not a python-model pyfunc: the default limit
@@ -134,6 +135,8 @@ def write_predictions(model, paths: list[str], out: str | os.PathLike | None,
     raises PredictStopped when it cannot finish."""
     rows = request_rows(model, batch_size)
     partial = Path(f"{out}.partial") if out is not None else None
+    if partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
     # Unbuffered appends: after a failed write nothing is left in a buffer to land later.
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if partial else None
     failed, done, written = {}, 0, 0
@@ -217,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = write_predictions(model, paths, args.out, args.batch_size)
+    except OSError as err:  # the output cannot be opened (a read-only folder)
+        print(f"skinlesion predict: {cli_args.os_error(err)}", file=sys.stderr)
+        return 2
     except PredictStopped as err:
         kept = f"; their rows are in {err.partial}" if err.partial else ""
         print(f"skinlesion predict: stopped after {err.done} of {len(paths)} images: "
