@@ -29,7 +29,7 @@ ENV PYTHONUNBUFFERED=1 \
 
 # git: the data step's DVC clones the dataset's git repository (pipeline/data.py).
 # ca-certificates comes with the base and is left as it is: a build that mounts the host's
-# CA bundle over /etc/ssl/certs (see tools/image_build.sh) cannot reconfigure it.
+# CA bundle over /etc/ssl/certs (see image/build.sh) cannot reconfigure it.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git \
     && rm -rf /var/lib/apt/lists/* \

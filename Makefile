@@ -38,24 +38,24 @@ clean:
 # Container image (not part of `make test`): `make image` builds it with docker where a daemon
 # answers, else with buildah from a Debian base made here with debootstrap; `make image-test`
 # builds it, then runs the CLI, the whole pipeline (kfp.local) and the DVC/S3 data step inside
-# it (tools/image_test.sh). The tag is pipeline/components.py's DEFAULT_IMAGE, the one the
+# it (image/test.sh). The tag is pipeline/kfp_components.py's DEFAULT_IMAGE, the one the
 # compiled pipeline names (tests/test_dockerfile.py checks it carries pyproject's version).
-IMAGE    ?= $(shell sed -n 's/^DEFAULT_IMAGE = "\(.*\)"$$/\1/p' pipeline/components.py)
+IMAGE    ?= $(shell sed -n 's/^DEFAULT_IMAGE = "\(.*\)"$$/\1/p' pipeline/kfp_components.py)
 BASE_TAG ?= localhost/skinlesion-base:bookworm
 IMAGE_ENV = IMAGE='$(IMAGE)' BASE_TAG='$(BASE_TAG)'
 
 image:
-	$(IMAGE_ENV) tools/image_build.sh
+	$(IMAGE_ENV) image/build.sh
 
 image-test: image setup
-	$(IMAGE_ENV) tools/image_test.sh
+	$(IMAGE_ENV) image/test.sh
 
 image-name:
 	@echo $(IMAGE)
 
 # The MLflow UI in headless Chromium (Debian's package): a real server, two tiny real runs, a
 # registered model with both aliases; checks the pages and keeps their screenshots for the
-# README (tools/ui_pictures.py; tests/test_mlflow_ui.py runs it, marked slow).
+# README (docs/ui_pictures.py; tests/test_mlflow_ui.py runs it, marked slow).
 .PHONY: ui-pictures
 ui-pictures: setup
-	$(PY) tools/ui_pictures.py --out docs/images
+	$(PY) docs/ui_pictures.py --out docs/images

@@ -16,6 +16,6 @@ Below them, by concern (nothing there imports a step):
     training/    the training loop and its inputs, samplers, losses, checkpoints
     evaluation/  metrics and plots
     registry/    the MLflow registry client, model cards, the served model
-    tools/       commands that are not pipeline steps: promote, predict, serve, runs, exp,
-                 demo, synth, info, and the `skinlesion` entry point (tools/cli.py)
+    commands/    commands that are not pipeline steps: promote, predict, serve, runs, exp,
+                 demo, synth, info, and the `skinlesion` entry point (commands/cli.py)
 """

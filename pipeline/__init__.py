@@ -1,5 +1,5 @@
 """The Kubeflow pipeline: KFP component wrappers around `components.<step>.run`
-(`pipeline.components`), the pipeline function (`pipeline.pipeline`), data materialisation
+(`pipeline.kfp_components`), the pipeline function (`pipeline.pipeline`), data materialisation
 (`pipeline.data`) and the `skinlesion pipeline compile|submit|run-local` command
 (`pipeline.cli`).
 

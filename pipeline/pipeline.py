@@ -28,7 +28,7 @@ from components.common.config import (PARAMS_FILE, STEP_SECTIONS, TrainConfig, c
                                        task_resources)
 from components.common.params_yaml import read_text
 from components.training import trainjob
-from pipeline import components as c
+from pipeline import kfp_components as c
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_ENV = "SKINLESION_PARAMS"
@@ -193,7 +193,7 @@ def compile_pipeline(path: "str | os.PathLike" = "pipeline.yaml", image: "str | 
     """Compile the pipeline (with its Kubernetes platform config) to a YAML file.
 
     `params`: the params dict whose values become the defaults (default: base_params()).
-    `image` replaces every step's container image (default: `pipeline.components.IMAGE`).
+    `image` replaces every step's container image (default: `pipeline.kfp_components.IMAGE`).
     """
     path = Path(path)
     if params is None:

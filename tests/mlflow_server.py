@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
-from components.tools import tracking_server
+from components.commands import tracking_server
 from procs import free_port, serve
 
 START_TIMEOUT_S = 90

@@ -134,7 +134,7 @@ def test_a_full_disk_during_a_checkpoint_write_says_so(tmp_path):
 def test_run_local_names_a_bad_data_folder_before_starting_kfp(tmp_path, capsys, case):
     from pathlib import Path
 
-    from components.tools.cli import main as skinlesion
+    from components.commands.cli import main as skinlesion
 
     data = tmp_path / "raw"
     if case != "missing":
@@ -184,7 +184,7 @@ def committed_project(tmp_path, monkeypatch):
 ])
 def test_exp_run_refuses_a_bad_override_before_dvc_starts(committed_project, capsys, override,
                                                           named):
-    from components.tools import experiments
+    from components.commands import experiments
 
     assert experiments.main(["run", "-S", override]) == 1
     err = capsys.readouterr().err
@@ -192,7 +192,7 @@ def test_exp_run_refuses_a_bad_override_before_dvc_starts(committed_project, cap
 
 
 def test_exp_run_accepts_yaml_booleans_for_on_off_choices(committed_project, tmp_path):
-    from components.tools import experiments
+    from components.commands import experiments
 
     (tmp_path / "cpu.yaml").write_text("train:\n  gpu_resident: on\n")  # as DVC writes it
     experiments.check_overrides(committed_project, [str(tmp_path / "cpu.yaml")],
@@ -203,7 +203,7 @@ def test_pipeline_compile_with_a_workspace_params_file_not_utf8_is_one_line(comm
                                                                             capsys):
     """The workspace params.yaml is compared with the committed one before either is parsed:
     that read went around the params loader (a UnicodeDecodeError traceback)."""
-    from components.tools.cli import main as skinlesion
+    from components.commands.cli import main as skinlesion
 
     (committed_project / "params.yaml").write_bytes(b"train:\n  epochs: \xff\n")
     assert skinlesion(["pipeline", "compile", "-o", str(committed_project / "p.yaml")]) == 1

@@ -20,7 +20,7 @@ TINY = {"preprocess": {"size": 40},
 
 @pytest.mark.slow
 def test_leave_one_source_out_holds_out_each_site_once(tmp_path):
-    from components.tools import synth
+    from components.commands import synth
 
     spec = importlib.util.spec_from_file_location("cross_site", ROOT / "benchmarks" / "cross_site.py")
     cross_site = importlib.util.module_from_spec(spec)

@@ -2,7 +2,7 @@
 and is swappable for buildah, the project without extras in a venv, every copied path present
 and let through .dockerignore, a non-root user, `skinlesion --help` as the build's last check,
 and one image tag shared by the Makefile and the compiled pipeline. `make image-test` builds
-and runs the image for real (tools/image_test.sh)."""
+and runs the image for real (image/test.sh)."""
 from __future__ import annotations
 
 import json
@@ -198,7 +198,7 @@ def test_runs_as_a_non_root_user_and_checks_skinlesion_help_last(dockerfile):
 
 def test_no_secret_or_host_file_is_copied_or_baked_in(dockerfile):
     text = "\n".join(f"{kind} {a}" for kind, a in dockerfile)
-    # the build host's CA bundle and pip config are mounted for a build (tools/image_build.sh),
+    # the build host's CA bundle and pip config are mounted for a build (image/build.sh),
     # never copied; no credentials in ENV/ARG
     assert not re.search(r"^(COPY|ADD) .*(ssl|certs|pip\.conf|\.aws|\.dvc|\.env)", text, re.M)
     for kind, a in dockerfile:
@@ -209,7 +209,7 @@ def test_no_secret_or_host_file_is_copied_or_baked_in(dockerfile):
 def test_dockerignore_lets_only_the_project_through():
     for path in ("data", "data/raw/images/x.jpg", "mlruns", "mlflow.db", ".venv", ".dvc/cache",
                  ".dvc/config.local", ".env", "outputs", "local_outputs", ".git", ".git/config",
-                 "tests", "tests/test_x.py", "tools", "benchmarks", "shared", ".ci",
+                 "tests", "tests/test_x.py", "image", "docs", "benchmarks", "shared", ".ci",
                  "components/__pycache__/x.pyc", "skinlesion.egg-info"):
         assert _ignored(path), f"{path} would be sent to the engine"
     for path in ("components", "components/x.py", "model/y.py", "pipeline", "pyproject.toml",
@@ -218,7 +218,7 @@ def test_dockerignore_lets_only_the_project_through():
 
 
 def test_makefile_image_tag_is_the_compiled_pipelines_default_on_pyprojects_version(project):
-    source = (ROOT / "pipeline" / "components.py").read_text()
+    source = (ROOT / "pipeline" / "kfp_components.py").read_text()
     (default,) = re.findall(r'^DEFAULT_IMAGE = "([^"]+)"$', source, re.M)
     assert default.rsplit(":", 1)[1] == project["version"], (
         f"DEFAULT_IMAGE {default} is not tagged with pyproject's version {project['version']}")

@@ -26,8 +26,8 @@ import mlflow
 import pytest
 import yaml
 
-from components.tools import experiments
-from components.tools.experiments import dvc_set_params
+from components.commands import experiments
+from components.commands.experiments import dvc_set_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -213,7 +213,7 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     """A git + DVC copy of the project with synthetic data/raw (two unreadable images)."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
-    from components.tools import synth
+    from components.commands import synth
     from test_pipeline_local import add_unreadable_images
 
     tmp = tmp_path_factory.mktemp("dvc")

@@ -11,7 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from components.tools import synth
+from components.commands import synth
 from s3server import FAKE_AWS_ENV
 
 DVC = Path(sys.executable).with_name("dvc")

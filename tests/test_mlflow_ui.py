@@ -1,4 +1,4 @@
-"""The MLflow UI in a headless browser: tools/ui_pictures.py starts a real `mlflow server`,
+"""The MLflow UI in a headless browser: docs/ui_pictures.py starts a real `mlflow server`,
 makes two real training runs and a registered model with both aliases through the pipeline's
 steps, and opens the runs, run and model pages in Debian's Chromium; the pages must show the
 headline metric names and the aliases, and their screenshots must be real pictures."""
@@ -13,7 +13,7 @@ import pytest
 from procs import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "ui_pictures.py"
+TOOL = ROOT / "docs" / "ui_pictures.py"
 CHROMIUM = "/usr/bin/chromium"
 PICTURES = ("mlflow_runs.png", "mlflow_run.png", "mlflow_model.png")
 

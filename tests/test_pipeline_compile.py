@@ -11,8 +11,8 @@ import yaml
 from kfp.components import load_component_from_file
 
 from components.common.config import SECTIONS, STEP_SECTIONS, load_params, task_resources
-from components.tools.cli import main as skinlesion
-from pipeline import components as kfp_components
+from components.commands.cli import main as skinlesion
+from pipeline import kfp_components
 from pipeline.cli import build_arguments
 from pipeline.pipeline import build_pipeline
 from test_config import LAUGHS

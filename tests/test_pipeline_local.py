@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.tools.cli import main as skinlesion
+from components.commands.cli import main as skinlesion
 from pipeline.data import dir_md5, materialise, provenance
 
 BIN = Path(sys.executable).parent
@@ -29,7 +29,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
-    from components.tools import synth
+    from components.commands import synth
 
     out = tmp_path_factory.mktemp("data") / "raw"
     synth.run(out, n=160, seed=0)
@@ -235,7 +235,7 @@ def test_the_register_component_applies_the_gate(pipeline_run, tmp_path, monkeyp
     from kfp import dsl, local
 
     from components.common.config import RegisterConfig
-    from pipeline import components as c
+    from pipeline import kfp_components as c
 
     run_dir = pipeline_run[0]
     monkeypatch.chdir(tmp_path)

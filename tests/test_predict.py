@@ -20,7 +20,7 @@ from PIL import Image
 
 from components.common.labels import CLASSES
 from components.registry import serving
-from components.tools import predict
+from components.commands import predict
 from components.training.transforms import eval_transform
 from conftest import TINY_IMG
 from procs import run_group
@@ -138,7 +138,7 @@ def test_a_run_stopped_midway_keeps_the_requests_done(model_dir, folder_of_300, 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
 
-    proc = run_group([sys.executable, "-m", "components.tools.cli", "predict", "--model",
+    proc = run_group([sys.executable, "-m", "components.commands.cli", "predict", "--model",
                       str(model_dir), "--dir", str(folder_of_300), "--out", str(out),
                       "--batch_size", "100"], timeout=120, preexec_fn=full_disk,
                      env={**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})

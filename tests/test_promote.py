@@ -14,7 +14,7 @@ import pytest
 from components.registry import client as registry
 from components.registry import lock
 from components.registry.client import ensure_registered_model
-from components.tools import promote
+from components.commands import promote
 
 SPLIT_A, SPLIT_B = "a" * 64, "b" * 64
 
@@ -289,7 +289,7 @@ def test_two_concurrent_promotes_to_prod_make_one_prod_version(mlflow_server, tm
     name = f"concurrent-{tmp_path.name}"[:60]
     client.create_registered_model(name)
     challenger(client, name, 0.7, source="s3://bucket/dummy-model")  # a server checks local paths
-    cmd = [sys.executable, "-m", "components.tools.promote", "--model_name", name,
+    cmd = [sys.executable, "-m", "components.commands.promote", "--model_name", name,
            "--tracking_uri", mlflow_server, "--to", f"{name}-prod"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -311,7 +311,7 @@ def test_five_promotes_breaking_one_stale_lock_make_one_winner(mlflow_server, tm
     client.create_registered_model(name)
     challenger(client, name, 0.7, source="s3://bucket/dummy-model")  # a server checks local paths
     leftover_lock(client, name, since=0)
-    child = ("import sys, mlflow; from components.tools import promote; print('ready', flush=True); "
+    child = ("import sys, mlflow; from components.commands import promote; print('ready', flush=True); "
              "sys.stdin.readline(); sys.exit(promote.main(sys.argv[1:]))")
     cmd = [sys.executable, "-c", child, "--model_name", name, "--tracking_uri", mlflow_server]
     procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

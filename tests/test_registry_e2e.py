@@ -19,7 +19,7 @@ import pytest
 from components import evaluate, register, train
 from components.common.config import EvaluateConfig
 
-from components.tools import promote, predict, runs
+from components.commands import promote, predict, runs
 from components.common.labels import CLASSES
 from mlflow_server import start_mlflow_server
 from s3server import FAKE_AWS_ENV, moto_s3_server

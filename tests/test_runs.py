@@ -6,7 +6,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from components.tools import runs, text_table
+from components.commands import runs, text_table
 
 
 @pytest.fixture(scope="module")

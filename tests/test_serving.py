@@ -43,7 +43,7 @@ def served(model_dir, tmp_path_factory):
            # nothing activated: only the interpreter's absolute path is known
            "PATH": "/usr/bin:/bin", "SKINLESION_SERVING_ALLOW_PATHS": "",
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    cmd = [sys.executable, "-m", "components.tools.cli", "serve", "--model", str(model_dir),
+    cmd = [sys.executable, "-m", "components.commands.cli", "serve", "--model", str(model_dir),
            "--port", str(port)]
     with serve(cmd, f"http://127.0.0.1:{port}/ping",
                tmp_path_factory.mktemp("serve") / "serve.log", timeout=300,
@@ -282,7 +282,7 @@ def test_the_work_stops_when_the_client_leaves(model_dir, monkeypatch):
 
 def test_serve_turns_off_mlflows_download_progress_lines(monkeypatch):
     """(One progress line per file fetched from the registry: 59 for this model.)"""
-    from components.tools import serve as serve_command
+    from components.commands import serve as serve_command
 
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     assert serve_command.environment()["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"

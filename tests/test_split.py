@@ -10,7 +10,7 @@ import pytest
 
 from components import split
 
-from components.tools import synth
+from components.commands import synth
 from components.common.labels import CLASSES
 
 

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from components.tools.cli import main as skinlesion
+from components.commands.cli import main as skinlesion
 
 EXPERIMENT_ID = "6f1c2a4e-0000-4000-8000-000000000001"
 RUN_ID = "9d2b7c1f-0000-4000-8000-000000000002"

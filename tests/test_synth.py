@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 
 from components import split
 
-from components.tools import synth
+from components.commands import synth
 from components.common.labels import CLASSES, UNKNOWN, read_labels
 
 

@@ -1,6 +1,6 @@
 """The artifacts between the steps: the file names each step writes into its output folder.
 
-The DVC stages (dvc.yaml), the KFP components (pipeline/components.py) and the steps
+The DVC stages (dvc.yaml), the KFP components (pipeline/kfp_components.py) and the steps
 themselves name these files; the steps take folders, the names come from here.
 
     preprocess  OUT/images/<id>.jpg, OUT/labels.csv (the images it kept), OUT/manifest.csv,

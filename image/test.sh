@@ -8,7 +8,7 @@
 #   3. compile     `skinlesion pipeline compile` names $IMAGE in every step; --image overrides
 #   4. pipeline    `skinlesion synth` then `skinlesion pipeline run-local` with params.demo.yaml
 #                  (kfp.local: every KFP component body runs on the image's own packages),
-#                  outputs checked by tools/image_check_pipeline.py
+#                  outputs checked by image/check_pipeline.py
 #   5. data-step   pipeline.data.materialise reads data/raw of a git repository (served by
 #                  `git daemon`) at two revisions from its DVC remote in moto's S3 server, both
 #                  on 127.0.0.1 on this host (moto is not in the image)
@@ -41,7 +41,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mounts=(-v "$work/w:/work" -v "$ROOT/tools:/tools:ro" -v "$ROOT/params.demo.yaml:/in/params.demo.yaml:ro")
+mounts=(-v "$work/w:/work" -v "$ROOT/image:/image:ro" -v "$ROOT/params.demo.yaml:/in/params.demo.yaml:ro")
 if [[ $ENGINE == buildah ]]; then
     ctr=$("${buildah[@]}" from --pull=never "$IMAGE")
 fi
@@ -88,8 +88,8 @@ contents() {
         mounts+=(-v /etc/ssl/certs/ca-certificates.crt:/hostca/ca.crt:ro)
         ca=(--host-ca /hostca/ca.crt)
     fi
-    in_image --root -- python3 /tools/image_contents.py "${ca[@]}" \
-        --skip /work --skip /tools --skip /in --skip /hostca
+    in_image --root -- python3 /image/contents.py "${ca[@]}" \
+        --skip /work --skip /image --skip /in --skip /hostca
     if [[ $ENGINE == buildah ]]; then
         "${buildah[@]}" images --format 'image size (storage): {{.Name}}:{{.Tag}} {{.Size}}' "$IMAGE"
     else
@@ -129,7 +129,7 @@ pipeline() {
         --params-file /in/params.demo.yaml \
         --param mlflow_tracking_uri=sqlite:////work/mlflow.db \
         --param register.gate_threshold=0.0  # register whatever gate params.yaml sets
-    in_image -- python3 /tools/image_check_pipeline.py --root /work/kfp --raw /work/data/raw \
+    in_image -- python3 /image/check_pipeline.py --root /work/kfp --raw /work/data/raw \
         --mlflow sqlite:////work/mlflow.db
 }
 
@@ -189,9 +189,9 @@ data_step() {
 
     local url=git://127.0.0.1:$git_port/dataset
     echo "repository $url, DVC remote s3://data/dvc at $endpoint"
-    in_image --env "${aws[0]}" --env "${aws[1]}" --env "${aws[2]}" -- python3 /tools/image_materialise.py \
+    in_image --env "${aws[0]}" --env "${aws[1]}" --env "${aws[2]}" -- python3 /image/materialise.py \
         --repo-url "$url" --rev "$first" --endpoint "$endpoint" --out /work/m1 --expect-hash "$v1"
-    in_image --env "${aws[0]}" --env "${aws[1]}" --env "${aws[2]}" -- python3 /tools/image_materialise.py \
+    in_image --env "${aws[0]}" --env "${aws[1]}" --env "${aws[2]}" -- python3 /image/materialise.py \
         --repo-url "$url" --endpoint "$endpoint" --out /work/m2 --expect-hash "$v2"
     cmp "$work/w/m1/labels.csv" "$work/w/v1/labels.csv"
     cmp "$work/w/m2/labels.csv" "$work/w/v2/labels.csv"

@@ -22,7 +22,7 @@ import sys
 import pandas as pd
 
 from components.common import cli_args, tracking
-from components.tools import text_table
+from components.commands import text_table
 
 # what a narrow terminal loses first (the run's name already says what differs), then the
 # validation metric, "started", "f1_macro", the run's name (long, and cut where runs differ:

@@ -34,7 +34,7 @@ import yaml
 from components.common import cli_args, outputs
 from components.common.config import (PARAMS_FILE, ConfigError, check_params, committed_text,
                                       load_params, read_yaml)
-from components.tools import text_table, venv
+from components.commands import text_table, venv
 
 HEADLINE_FILE = f"outputs/eval/{outputs.HEADLINE_METRICS}"
 REGISTRATION_FILE = "outputs/register.json"

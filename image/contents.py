@@ -1,6 +1,6 @@
-"""What the image holds, checked from inside it (run as root, by tools/image_test.sh).
+"""What the image holds, checked from inside it (run as root, by image/test.sh).
 
-    python3 /tools/image_contents.py [--host-ca /hostca/ca-certificates.crt] [--skip DIR ...]
+    python3 /image/contents.py [--host-ca /hostca/ca-certificates.crt] [--skip DIR ...]
 
 Fails (exit 1) on any of: a `.git` folder; the project's tests, data or experiment stores in
 /app or the installed package; pip/AWS/git/docker credential or config files; an environment
@@ -26,7 +26,7 @@ SECRET_FILES = [
     "/home/skinlesion/.ssh", "/app/.dvc", "/app/.env",
 ]
 NOT_IN_APP = ["tests", "data", "outputs", "local_outputs", "mlruns", "mlartifacts", "mlflow.db",
-              ".git", ".dvc", ".venv", "benchmarks", "tools", ".ci", "shared", "pipeline.yaml"]
+              ".git", ".dvc", ".venv", "benchmarks", "image", "docs", ".ci", "shared", "pipeline.yaml"]
 SECRET_ENV = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL|PASSWD", re.I)
 SECRET_TEXT = re.compile(rb"-----BEGIN (?:RSA |EC |DSA |OPENSSH |ENCRYPTED )?PRIVATE KEY-----"
                          rb"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")

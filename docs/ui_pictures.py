@@ -1,6 +1,6 @@
 """Headless-browser check of the MLflow UI, and the README's pictures of it.
 
-    .venv/bin/python tools/ui_pictures.py [--out docs/images]      (make ui-pictures)
+    .venv/bin/python docs/ui_pictures.py [--out docs/images]      (make ui-pictures)
 
 What it does, on this machine, with nothing but the project's own code:
 
@@ -90,7 +90,7 @@ def make_runs(work: Path, n_images: int = 64, epochs: tuple[int, int] = (1, 2)) 
     from components import class_weights, evaluate, preprocess, register, split, train
     from components.common.config import EvaluateConfig, TrainConfig
     from components.evaluation.metrics import HEADLINE_SHOWN
-    from components.tools import promote, synth
+    from components.commands import promote, synth
 
     if not set(METRIC_NAMES) <= set(HEADLINE_SHOWN):
         raise CheckFailed(f"{METRIC_NAMES} are not all headline metrics {HEADLINE_SHOWN}")
@@ -229,8 +229,8 @@ def _import_pipeline() -> None:
     import components.preprocess  # noqa: F401
     import components.register  # noqa: F401
     import components.split  # noqa: F401
-    import components.tools.promote  # noqa: F401
-    import components.tools.synth  # noqa: F401
+    import components.commands.promote  # noqa: F401
+    import components.commands.synth  # noqa: F401
     import components.train  # noqa: F401
 
 
@@ -284,7 +284,7 @@ def run(out: Path, budget_ms: int = 8_000, n_images: int = 64, epochs: tuple[int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/ui_pictures.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="docs/ui_pictures.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images",
                         help="folder for the PNGs (default docs/images)")

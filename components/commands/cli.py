@@ -18,19 +18,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("components.evaluate", "score a model on the test split: metrics, intervals, figures"),
     "register": ("components.register", "register the trained EMA model in MLflow (alias challenger)"),
     # running them together
-    "demo": ("components.tools.demo", "the whole pipeline on a synthetic dataset with dvc (make demo)"),
-    "exp": ("components.tools.experiments", "DVC experiments on the committed params.yaml"),
+    "demo": ("components.commands.demo", "the whole pipeline on a synthetic dataset with dvc (make demo)"),
+    "exp": ("components.commands.experiments", "DVC experiments on the committed params.yaml"),
     "pipeline": ("pipeline.cli", "compile, submit or run the Kubeflow pipeline"),
     # the registered model
-    "promote": ("components.tools.promote", "move alias champion to the challenger through a metric gate"),
-    "predict": ("components.tools.predict", "class probabilities for image files with a registered model"),
-    "serve": ("components.tools.serve", "the registered model behind an HTTP scoring server"),
-    "runs": ("components.tools.runs", "table of recent training runs with metrics and registered versions"),
-    "tracking-server": ("components.tools.tracking_server",
+    "promote": ("components.commands.promote", "move alias champion to the challenger through a metric gate"),
+    "predict": ("components.commands.predict", "class probabilities for image files with a registered model"),
+    "serve": ("components.commands.serve", "the registered model behind an HTTP scoring server"),
+    "runs": ("components.commands.runs", "table of recent training runs with metrics and registered versions"),
+    "tracking-server": ("components.commands.tracking_server",
                         "MLflow's server and UI on the project's store (mlflow.db, mlartifacts/)"),
     # data and model helpers
-    "synth": ("components.tools.synth", "write a synthetic ISIC-format dataset (images, labels, metadata)"),
-    "info": ("components.tools.model_info", "build the model and print its parameter report"),
+    "synth": ("components.commands.synth", "write a synthetic ISIC-format dataset (images, labels, metadata)"),
+    "info": ("components.commands.model_info", "build the model and print its parameter report"),
 }
 
 

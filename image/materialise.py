@@ -1,8 +1,8 @@
 """The pipeline's data step inside the image: `pipeline.data.materialise` reads data/raw of a
-git repository at a revision from its DVC remote on S3, as on a cluster (tools/image_test.sh
+git repository at a revision from its DVC remote on S3, as on a cluster (image/test.sh
 serves the repository with `git daemon` and the remote with moto's S3 server on 127.0.0.1).
 
-    python3 /tools/image_materialise.py --repo-url git://127.0.0.1:PORT/dataset \
+    python3 /image/materialise.py --repo-url git://127.0.0.1:PORT/dataset \
         --endpoint http://127.0.0.1:PORT --out DIR [--rev REV] --expect-hash HASH.dir
 
 Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), as from a

@@ -7,7 +7,7 @@
 # $BASE_TAG; it is made once and reused.
 #
 # Settings (environment; the Makefile passes its variables):
-#   IMAGE           tag to build (required; the Makefile reads pipeline/components.py)
+#   IMAGE           tag to build (required; the Makefile reads pipeline/kfp_components.py)
 #   BASE_TAG        local base image tag              (localhost/skinlesion-base:bookworm)
 #   ENGINE          auto | docker | buildah           (auto: docker if `docker info` answers)
 #   STORAGE_DRIVER  buildah storage driver            (overlay; vfs works too, with a full

@@ -26,7 +26,7 @@ from components.common import cli_args, tracking
 from components.registry.client import CHAMPION, champion_uri
 from components.registry import scoring_app
 from components.registry.serving import ALLOW_PATHS_ENV
-from components.tools import venv
+from components.commands import venv
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout whose `components` the server imports
 

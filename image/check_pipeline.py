@@ -1,7 +1,7 @@
 """Check a `skinlesion pipeline run-local` run's outputs, as tests/test_pipeline_local.py does
-(run inside the image by tools/image_test.sh, with the image's own packages).
+(run inside the image by image/test.sh, with the image's own packages).
 
-    python3 /tools/image_check_pipeline.py --root KFP_ROOT --raw DATA_RAW --mlflow URI
+    python3 /image/check_pipeline.py --root KFP_ROOT --raw DATA_RAW --mlflow URI
 
 Every task folder; each step's output where the next step reads it; the raw data's DVC hash
 in every artifact's metadata; evaluate's KFP metrics; the registered model version with alias

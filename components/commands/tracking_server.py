@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from components.common import cli_args, tracking
-from components.tools import venv
+from components.commands import venv
 
 
 def command(store: str, artifacts: str | os.PathLike, host: str = "127.0.0.1",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from components.common import cli_args
 from components.common.config import PARAMS_FILE
-from components.tools import experiments, venv
+from components.commands import experiments, venv
 
 SCRATCH = ".demo"
 
@@ -50,7 +50,7 @@ def make_copy(root: Path, dest: Path, env: dict) -> None:
 
 def add_data(root: Path, dest: Path, env: dict, n: int, seed: int) -> str:
     """data/raw in the copy, tracked by DVC and committed; returns where it came from."""
-    from components.tools import synth
+    from components.commands import synth
 
     raw, own = dest / "data" / "raw", root / "data" / "raw"
     if (own / "labels.csv").is_file():
@@ -84,7 +84,7 @@ def run(root: str | os.PathLike = ".", n: int = 400, seed: int = 0,
     print(f"data/raw: {add_data(root, dest, env, n, seed)}", flush=True)
     # the stage commands and the experiment run inside the copy, with this interpreter; it
     # prints the test metrics and the registration at its end
-    subprocess.run([sys.executable, "-m", "components.tools.cli", "exp", "run", "--name", name,
+    subprocess.run([sys.executable, "-m", "components.commands.cli", "exp", "run", "--name", name,
                     "--params_file", override], cwd=dest, env=env, check=True)
     return {"experiment": name, "copy": str(dest), **experiments.results(dest, name),
             "tracking_uri": env["MLFLOW_TRACKING_URI"]}
