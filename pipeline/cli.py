@@ -1,10 +1,12 @@
-"""`skinlesion pipeline compile|submit|run-local`: the Kubeflow pipeline from the command line.
+"""`skinlesion pipeline compile|submit|run-local|train-job`: the Kubeflow pipeline, and a
+distributed training on Kubeflow Trainer, from the command line.
 
     skinlesion pipeline compile [-o pipeline.yaml] [--image IMAGE] [--params_file ...]
     skinlesion pipeline submit --host URL [--experiment NAME] [--run_name NAME]
                                [--params_file params.demo.yaml] [--param k=v ...]
     skinlesion pipeline run-local [--data data/raw] [--pipeline_root local_outputs]
                                   [--params_file params.demo.yaml] [--param k=v ...]
+    skinlesion pipeline train-job --image IMAGE --pvc PVC [--namespace NS] <train flags>
 
 Arguments start from the committed params.yaml (git HEAD: an uncommitted or applied
 experiment's copy is not used unless `--params params.yaml` asks for it, and the command says
@@ -18,6 +20,10 @@ Caching: KFP reuses a task's outputs when the same component ran with the same i
 (same image, code, parameters and input artifacts). materialise-data and register never cache
 (the data source and the registry live outside the pipeline); `--no_cache` turns it off for
 every task of a run.
+
+train-job: `skinlesion train`'s flags (paths as the pods see them, on the volume PVC) run
+as `torchrun -m components.train <train flags>` on train.nodes x train.gpus_per_node
+processes of IMAGE; the command waits for the TrainJob and prints rank 0's log.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from typing import Any
 
 from components.common import cli_args
 from components.common.config import PARAMS_FILE, ConfigError
+from pipeline.trainjob import MOUNT
 
 
 def resolve_params(params_files: list[str] | None = None, param: list[str] | None = None,
@@ -115,6 +122,18 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_job(args: argparse.Namespace) -> int:
+    from components import train
+    from pipeline import trainjob
+
+    # parsed here too: a bad flag stops before anything is submitted
+    params_files, params, cfg = train.settings(train.build_parser().parse_args(args.train_flags))
+    trainjob.submit_and_wait(trainjob.command_request(args.image, args.pvc, args.namespace,
+                                                      args.train_flags, cfg, params))
+    train.check_params_unchanged(params_files, params)  # the nodes never saw this file
+    return 0
+
+
 def _add_params_options(p: argparse.ArgumentParser, overrides: bool = True) -> None:
     p.add_argument("--params", default=None,
                    help="base params file (default: the committed params.yaml)")
@@ -157,7 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     _add_params_options(p)
     p.set_defaults(func=cmd_run_local)
 
-    args = parser.parse_args(argv)
+    p = sub.add_parser("train-job", allow_abbrev=False,
+                       usage="skinlesion pipeline train-job --image IMAGE --pvc PVC "
+                             "[--namespace NS] <skinlesion train flags>",
+                       help="train with `skinlesion train`'s flags as a Kubeflow Trainer "
+                            "TrainJob (train.nodes x train.gpus_per_node processes)")
+    p.add_argument("--image", required=True, help="the project's image the nodes run")
+    p.add_argument("--pvc", required=True,
+                   help=f"ReadWriteMany volume holding data and outputs, mounted at {MOUNT}")
+    p.add_argument("--namespace", default=None,
+                   help="Kubernetes namespace (default: the kubeconfig's)")
+    p.set_defaults(func=cmd_train_job)
+
+    args, train_flags = parser.parse_known_args(argv)  # only train-job takes others' flags
+    if train_flags and args.command != "train-job":
+        parser.error(f"unrecognized arguments: {' '.join(train_flags)}")
+    args.train_flags = train_flags
     try:
         return args.func(args)
     except ConfigError as err:  # a bad params file, setting or data folder: one line

@@ -185,7 +185,7 @@ def train_distributed(
 
     from components.common import outputs
     from components.common.config import TrainConfig
-    from components.training import trainjob
+    from pipeline import trainjob
     from pipeline.data import publish_training
 
     config = TrainConfig.from_dict(train_params, "pipeline")

@@ -27,8 +27,8 @@ from components.common.config import (PARAMS_FILE, STEP_SECTIONS, TrainConfig, c
                                        committed_text, load_params, parse_params,
                                        task_resources)
 from components.common.params_yaml import read_text
-from components.training import trainjob
 from pipeline import kfp_components as c
+from pipeline import trainjob
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_ENV = "SKINLESION_PARAMS"
