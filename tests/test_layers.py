@@ -1,13 +1,14 @@
 """The layers, read from the source: components/ and model/ run with no knowledge of Kubeflow
 (no import of the KFP SDK, kfp-kubernetes, the Kubernetes client, the Kubeflow SDK or the
-project's pipeline/ package, at module level or inside a function)."""
+project's pipeline/ package, at module level or inside a function), and no KFP-shaped
+helpers (a function named kfp_*)."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KUBEFLOW_ONLY = {"kfp", "kfp_kubernetes", "kubernetes", "kubeflow", "pipeline"}
+KUBEFLOW_ONLY = {"kfp", "kubernetes", "kubeflow", "pipeline"}  # kfp-kubernetes is kfp.kubernetes
 
 
 def imported_modules(source: str) -> set[str]:
@@ -32,4 +33,12 @@ def test_no_kubeflow_import_under_components_or_model():
     found = [f"{path.relative_to(ROOT)} imports {name}"
              for package in ("components", "model") for path in sorted((ROOT / package).rglob("*.py"))
              for name in sorted(imported_modules(path.read_text()) & KUBEFLOW_ONLY)]
+    assert found == []
+
+
+def test_no_kfp_helpers_under_components():
+    found = [f"{path.relative_to(ROOT)}: {node.name}"
+             for path in sorted((ROOT / "components").rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.FunctionDef) and node.name.startswith("kfp")]
     assert found == []
