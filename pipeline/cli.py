@@ -45,7 +45,7 @@ def resolve_params(params_files: list[str] | None = None, param: list[str] | Non
     """(params, direct pipeline arguments): the base params + params files + `k=v` overrides,
     every section checked (a ConfigError names the file and key)."""
     from components.common.config import check_params, deep_merge, load_params
-    from pipeline.pipeline import base_params, build_pipeline
+    from pipeline.pipeline import base_params
 
     params = base_params(params_path, say=lambda m: print(m, file=sys.stderr))
     params = deep_merge(params, load_params(params_files or []))
@@ -58,21 +58,23 @@ def resolve_params(params_files: list[str] | None = None, param: list[str] | Non
             direct[key] = value
     sources = [params_path or f"committed {PARAMS_FILE}", *(params_files or ())]
     check_params(params, ", ".join(map(str, sources)) + (" and --param" if param else ""))
-    if direct:  # the parameters of the pipeline these params build (shared_pvc: distributed)
-        names = set(build_pipeline(params).component_spec.inputs or {})
-        if unknown := sorted(set(direct) - names):
-            raise SystemExit(f"--param {unknown[0]}: not a pipeline parameter "
-                             f"({', '.join(sorted(names))}) nor a dotted params.yaml key")
     return params, direct
 
 
-def build_arguments(params_files: list[str] | None = None, param: list[str] | None = None,
-                    params_path: str | None = None) -> tuple[dict, dict[str, Any]]:
-    """(params, the pipeline's arguments): params.yaml + params files + `k=v` overrides."""
-    from pipeline.pipeline import pipeline_arguments
+def build(params_files: list[str] | None = None, param: list[str] | None = None,
+          params_path: str | None = None, image: str | None = None) -> tuple[dict, Any, dict]:
+    """(params, the pipeline built from them, its arguments): params.yaml + params files +
+    `k=v` overrides. The one build of a command: a `k=v` without a dot must name a parameter
+    of this pipeline (shared_pvc only when it trains distributed)."""
+    from pipeline.pipeline import build_pipeline, pipeline_arguments
 
     params, direct = resolve_params(params_files, param, params_path)
-    return params, {**pipeline_arguments(params), **direct}
+    pipeline = build_pipeline(params, image)
+    names = set(pipeline.component_spec.inputs or {})
+    if unknown := sorted(set(direct) - names):
+        raise SystemExit(f"--param {unknown[0]}: not a pipeline parameter "
+                         f"({', '.join(sorted(names))}) nor a dotted params.yaml key")
+    return params, pipeline, {**pipeline_arguments(params), **direct}
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -89,12 +91,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from pipeline.pipeline import PIPELINE_NAME, compile_pipeline
 
-    params, arguments = build_arguments(args.params_file, args.param, args.params)
+    params, pipeline, arguments = build(args.params_file, args.param, args.params, args.image)
     client = kfp.Client(host=args.host, namespace=args.namespace,
                         existing_token=os.environ.get("KFP_TOKEN") or None)
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package or str(compile_pipeline(Path(tmp) / "pipeline.yaml",
-                                                       image=args.image, params=params))
+                                                       image=args.image, params=params,
+                                                       pipeline=pipeline))
         result = client.create_run_from_pipeline_package(
             package, arguments=arguments, run_name=args.run_name or None,
             experiment_name=args.experiment, namespace=args.namespace,
@@ -110,14 +113,13 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     from kfp import local
 
     from pipeline.data import check_dataset_folder
-    from pipeline.pipeline import build_pipeline
 
-    params, arguments = build_arguments(args.params_file, args.param, args.params)
+    _, pipeline, arguments = build(args.params_file, args.param, args.params)
     arguments["local_data"] = str(Path(args.data or arguments["data_path"]).resolve())
     check_dataset_folder(arguments["local_data"])
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=args.pipeline_root, raise_on_error=True)
-    build_pipeline(params)(**arguments)
+    pipeline(**arguments)
     print(f"outputs under {Path(args.pipeline_root).resolve()}")
     return 0
 
