@@ -129,7 +129,9 @@ def cmd_train_job(args: argparse.Namespace) -> int:
     from pipeline import trainjob
 
     # parsed here too: a bad flag stops before anything is submitted
-    params_files, params, cfg = train.settings(train.build_parser().parse_args(args.train_flags))
+    parser = train.build_parser()
+    parser.prog = "skinlesion pipeline train-job"
+    params_files, params, cfg = train.settings(parser.parse_args(args.train_flags))
     trainjob.submit_and_wait(trainjob.command_request(args.image, args.pvc, args.namespace,
                                                       args.train_flags, cfg, params))
     train.check_params_unchanged(params_files, params)  # the nodes never saw this file
@@ -182,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                        usage="skinlesion pipeline train-job --image IMAGE --pvc PVC "
                              "[--namespace NS] <skinlesion train flags>",
                        help="train with `skinlesion train`'s flags as a Kubeflow Trainer "
-                            "TrainJob (train.nodes x train.gpus_per_node processes)")
+                            "TrainJob (train.nodes x train.gpus_per_node processes)",
+                       description="The train flags (`skinlesion train --help`) are checked "
+                                   "here, then run as given on every node.")
     p.add_argument("--image", required=True, help="the project's image the nodes run")
     p.add_argument("--pvc", required=True,
                    help=f"ReadWriteMany volume holding data and outputs, mounted at {MOUNT}")
