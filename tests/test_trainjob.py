@@ -229,6 +229,9 @@ def test_train_job_runs_the_train_flags_on_every_node_cluster_faked(data, tmp_pa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.mlflow:5000")
     flags = [*_train_args(data, tmp_path / "o")[:-4], "--gpus_per_node", "4", "--nodes", "2",
              "--params", str(ROOT / "params.yaml")]
+    with pytest.raises(SystemExit):  # a flag the nodes would refuse stops it here
+        skinlesion(["pipeline", "train-job", "--image", "x", "--pvc", "work", *flags, "--epochz", "2"])
+    assert submitted == []
     assert skinlesion(["pipeline", "train-job", "--image", "registry.example.org/x:1",
                        "--pvc", "work", "--namespace", "ml", *flags]) == 0
     [req] = submitted
