@@ -48,7 +48,7 @@ from components.common.config import ConfigError, EvaluateConfig
 from components.common.labels import CLASSES, sources
 from components.evaluation import mlflow_log, sites
 from components.evaluation.metrics import (HEADLINE, HEADLINE_SHOWN, bootstrap_intervals,
-                                           classification_metrics, kfp_metrics, operating_point,
+                                           classification_metrics, operating_point,
                                            reliability_bins, roc_points)
 from components.training import checkpoint
 from components.training.dataset import SplitDataset, read_split
@@ -291,17 +291,6 @@ def per_source(frame: pd.DataFrame, probs: np.ndarray, source: pd.Series, groups
 
 def _write_csv(path: Path, table: pd.DataFrame, index: bool = False) -> None:
     atomic.write_text(path, table.to_csv(index=index, float_format="%.6f"))
-
-
-def kfp_outputs(out: str | os.PathLike, max_points: int = 200) -> dict:
-    """What the KFP wrapper logs, from an evaluate output folder: see metrics.kfp_metrics
-    ({"scalars", "confusion_matrix", "roc"}; ROC micro-averaged from predictions.csv)."""
-    out = Path(out)
-    metrics = json.loads((out / outputs.METRICS).read_text())
-    predictions = pd.read_csv(out / outputs.PREDICTIONS)
-    y_true = predictions["true"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    probs = predictions[[f"prob_{c}" for c in CLASSES]].to_numpy()
-    return kfp_metrics(metrics, y_true, probs, max_points=max_points)
 
 
 def main(argv: list[str] | None = None) -> int:

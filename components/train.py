@@ -25,9 +25,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from components.common import atomic, cli_args, outputs, tracking
-from components.common.config import ConfigError, TrainConfig, load_params, task_resources
+from components.common.config import ConfigError, TrainConfig, load_params
 from components.common.labels import LabelError
-from components.training import checkpoint, run_record, trainjob
+from components.training import checkpoint, run_record
 from components.training.balance import class_balance
 from components.training.dataset import SplitDataset, read_split
 from components.training.inputs import choose_resident, make_input
@@ -253,13 +253,9 @@ def build_parser() -> cli_args.ArgumentParser:
     io.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT,
                     help="MLflow experiment (MLFLOW_EXPERIMENT_NAME wins)")
     scale = p.add_argument_group(
-        "scale-out on Kubeflow Trainer (nodes x gpus_per_node > 1; paths as the pods see them)")
+        "scale-out (nodes x gpus_per_node > 1: under torchrun, or `skinlesion pipeline train-job`)")
     scale.add_argument("--nodes", type=int, help="nodes (pods) of the TrainJob")
     scale.add_argument("--gpus_per_node", type=int, help="GPUs (DDP processes) per node")
-    scale.add_argument("--image", help="the project's image the nodes run")
-    scale.add_argument("--pvc", help="ReadWriteMany volume holding data and outputs, mounted "
-                                     f"at {trainjob.MOUNT}")
-    scale.add_argument("--namespace", help="Kubernetes namespace (default: the kubeconfig's)")
     dev = p.add_argument_group("sanity checks")
     dev.add_argument("--overfit_mode", action="store_true",
                      help="train and validate on the same --overfit_n training images")
@@ -294,17 +290,24 @@ def build_parser() -> cli_args.ArgumentParser:
 HP_FLAGS = tuple(TrainConfig.__dataclass_fields__)
 
 
+def settings(args: argparse.Namespace) -> tuple[list, dict, TrainConfig]:
+    """(params files, the params read from them, the TrainConfig) of parsed flags."""
+    params_files = cli_args.params_paths(args)
+    params = load_params(params_files)  # read first: an edit meanwhile is seen at the end
+    cfg = TrainConfig.resolve(params, source=", ".join(map(str, params_files)) or None,
+                              **{k: getattr(args, k) for k in HP_FLAGS})
+    return params_files, params, cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params_files = cli_args.params_paths(args)
-        params = load_params(params_files)  # read first: an edit meanwhile is seen at the end
-        cfg = TrainConfig.resolve(params, source=", ".join(map(str, params_files)) or None,
-                                  **{k: getattr(args, k) for k in HP_FLAGS})
+        params_files, params, cfg = settings(args)
         if cfg.world_size > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
-            status = _submit_trainjob(args, cfg, params, sys.argv[1:] if argv is None else argv)
-            check_params_unchanged(params_files, params)  # the nodes never saw this file
-            return status
+            raise ConfigError(f"train.nodes x train.gpus_per_node = {cfg.world_size}: run it on "
+                              f"a cluster with `skinlesion pipeline train-job --image IMAGE --pvc "
+                              f"PVC <these flags>`, or on one machine with `torchrun "
+                              f"--nproc-per-node {cfg.gpus_per_node} -m components.train ...`")
         summary = run(args.train_csv, args.img_dir, args.out_dir, val_csv=args.val_csv,
                       test_csv=args.test_csv, class_weights=args.class_weights, config=cfg,
                       resume=args.resume, overfit_n=args.overfit_n if args.overfit_mode else None,
@@ -353,32 +356,6 @@ def log_served_model(run_, ema_weights) -> str | None:
     logged = run_.call("logging the model", pyfunc.log_model, run_.run_id, model.state_dict(),
                        meta)
     return logged[0] if logged else None
-
-
-def _submit_trainjob(args, cfg: TrainConfig, params: dict, argv: list[str]) -> int:
-    """The same command on N nodes x G GPUs of a cluster (training/trainjob.py)."""
-    if not (args.image and args.pvc):
-        raise ConfigError(f"train.nodes x train.gpus_per_node = {cfg.world_size}: distributed "
-                          f"training runs as a Kubeflow Trainer TrainJob; give --image and --pvc "
-                          f"(or torchrun --nproc-per-node {cfg.gpus_per_node} -m components.train "
-                          f"... on one machine)")
-    dropped = {"--image", "--pvc", "--namespace"}
-    forwarded, skip = [], False
-    for arg in argv:  # the nodes get the same flags, minus where to submit
-        if skip:
-            skip = False
-        elif arg.split("=")[0].replace("-", "_") in {d.replace("-", "_") for d in dropped}:
-            skip = "=" not in arg
-        else:
-            forwarded.append(arg)
-    node = task_resources(params)["train"]
-    req = trainjob.TrainJobRequest(
-        image=args.image, nodes=cfg.nodes, gpus_per_node=cfg.gpus_per_node,
-        train_args=forwarded, pvc=args.pvc, namespace=args.namespace,
-        cpu=str(node["cpu"]), memory=str(node["memory"]),
-        name=trainjob.job_name(), secrets=trainjob.SECRETS,
-        env={k: os.environ[k] for k in trainjob.PASSED_ENV if os.environ.get(k)})
-    return trainjob.main_submit(req)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""`skinlesion pipeline compile|submit|run-local`: the Kubeflow pipeline from the command line.
+"""`skinlesion pipeline compile|submit|run-local|train-job`: the Kubeflow pipeline, and a
+distributed training on Kubeflow Trainer, from the command line.
 
     skinlesion pipeline compile [-o pipeline.yaml] [--image IMAGE] [--params_file ...]
     skinlesion pipeline submit --host URL [--experiment NAME] [--run_name NAME]
                                [--params_file params.demo.yaml] [--param k=v ...]
     skinlesion pipeline run-local [--data data/raw] [--pipeline_root local_outputs]
                                   [--params_file params.demo.yaml] [--param k=v ...]
+    skinlesion pipeline train-job --image IMAGE --pvc PVC [--namespace NS] <train flags>
 
 Arguments start from the committed params.yaml (git HEAD: an uncommitted or applied
 experiment's copy is not used unless `--params params.yaml` asks for it, and the command says
@@ -18,6 +20,10 @@ Caching: KFP reuses a task's outputs when the same component ran with the same i
 (same image, code, parameters and input artifacts). materialise-data and register never cache
 (the data source and the registry live outside the pipeline); `--no_cache` turns it off for
 every task of a run.
+
+train-job: `skinlesion train`'s flags (paths as the pods see them, on the volume PVC) run
+as `torchrun -m components.train <train flags>` on train.nodes x train.gpus_per_node
+processes of IMAGE; the command waits for the TrainJob and prints rank 0's log.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from typing import Any
 
 from components.common import cli_args
 from components.common.config import PARAMS_FILE, ConfigError
+from pipeline.trainjob import MOUNT
 
 
 def resolve_params(params_files: list[str] | None = None, param: list[str] | None = None,
@@ -38,7 +45,7 @@ def resolve_params(params_files: list[str] | None = None, param: list[str] | Non
     """(params, direct pipeline arguments): the base params + params files + `k=v` overrides,
     every section checked (a ConfigError names the file and key)."""
     from components.common.config import check_params, deep_merge, load_params
-    from pipeline.pipeline import base_params, build_pipeline
+    from pipeline.pipeline import base_params
 
     params = base_params(params_path, say=lambda m: print(m, file=sys.stderr))
     params = deep_merge(params, load_params(params_files or []))
@@ -51,21 +58,23 @@ def resolve_params(params_files: list[str] | None = None, param: list[str] | Non
             direct[key] = value
     sources = [params_path or f"committed {PARAMS_FILE}", *(params_files or ())]
     check_params(params, ", ".join(map(str, sources)) + (" and --param" if param else ""))
-    if direct:  # the parameters of the pipeline these params build (shared_pvc: distributed)
-        names = set(build_pipeline(params).component_spec.inputs or {})
-        if unknown := sorted(set(direct) - names):
-            raise SystemExit(f"--param {unknown[0]}: not a pipeline parameter "
-                             f"({', '.join(sorted(names))}) nor a dotted params.yaml key")
     return params, direct
 
 
-def build_arguments(params_files: list[str] | None = None, param: list[str] | None = None,
-                    params_path: str | None = None) -> tuple[dict, dict[str, Any]]:
-    """(params, the pipeline's arguments): params.yaml + params files + `k=v` overrides."""
-    from pipeline.pipeline import pipeline_arguments
+def build(params_files: list[str] | None = None, param: list[str] | None = None,
+          params_path: str | None = None, image: str | None = None) -> tuple[dict, Any, dict]:
+    """(params, the pipeline built from them, its arguments): params.yaml + params files +
+    `k=v` overrides. The one build of a command: a `k=v` without a dot must name a parameter
+    of this pipeline (shared_pvc only when it trains distributed)."""
+    from pipeline.pipeline import build_pipeline, pipeline_arguments
 
     params, direct = resolve_params(params_files, param, params_path)
-    return params, {**pipeline_arguments(params), **direct}
+    pipeline = build_pipeline(params, image)
+    names = set(pipeline.component_spec.inputs or {})
+    if unknown := sorted(set(direct) - names):
+        raise SystemExit(f"--param {unknown[0]}: not a pipeline parameter "
+                         f"({', '.join(sorted(names))}) nor a dotted params.yaml key")
+    return params, pipeline, {**pipeline_arguments(params), **direct}
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -82,12 +91,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from pipeline.pipeline import PIPELINE_NAME, compile_pipeline
 
-    params, arguments = build_arguments(args.params_file, args.param, args.params)
+    params, pipeline, arguments = build(args.params_file, args.param, args.params, args.image)
     client = kfp.Client(host=args.host, namespace=args.namespace,
                         existing_token=os.environ.get("KFP_TOKEN") or None)
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package or str(compile_pipeline(Path(tmp) / "pipeline.yaml",
-                                                       image=args.image, params=params))
+                                                       image=args.image, params=params,
+                                                       pipeline=pipeline))
         result = client.create_run_from_pipeline_package(
             package, arguments=arguments, run_name=args.run_name or None,
             experiment_name=args.experiment, namespace=args.namespace,
@@ -103,15 +113,28 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     from kfp import local
 
     from pipeline.data import check_dataset_folder
-    from pipeline.pipeline import build_pipeline
 
-    params, arguments = build_arguments(args.params_file, args.param, args.params)
+    _, pipeline, arguments = build(args.params_file, args.param, args.params)
     arguments["local_data"] = str(Path(args.data or arguments["data_path"]).resolve())
     check_dataset_folder(arguments["local_data"])
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=args.pipeline_root, raise_on_error=True)
-    build_pipeline(params)(**arguments)
+    pipeline(**arguments)
     print(f"outputs under {Path(args.pipeline_root).resolve()}")
+    return 0
+
+
+def cmd_train_job(args: argparse.Namespace) -> int:
+    from components import train
+    from pipeline import trainjob
+
+    # parsed here too: a bad flag stops before anything is submitted
+    parser = train.build_parser()
+    parser.prog = "skinlesion pipeline train-job"
+    params_files, params, cfg = train.settings(parser.parse_args(args.train_flags))
+    trainjob.submit_and_wait(trainjob.command_request(args.image, args.pvc, args.namespace,
+                                                      args.train_flags, cfg, params))
+    train.check_params_unchanged(params_files, params)  # the nodes never saw this file
     return 0
 
 
@@ -157,7 +180,24 @@ def main(argv: list[str] | None = None) -> int:
     _add_params_options(p)
     p.set_defaults(func=cmd_run_local)
 
-    args = parser.parse_args(argv)
+    p = sub.add_parser("train-job", allow_abbrev=False,
+                       usage="skinlesion pipeline train-job --image IMAGE --pvc PVC "
+                             "[--namespace NS] <skinlesion train flags>",
+                       help="train with `skinlesion train`'s flags as a Kubeflow Trainer "
+                            "TrainJob (train.nodes x train.gpus_per_node processes)",
+                       description="The train flags (`skinlesion train --help`) are checked "
+                                   "here, then run as given on every node.")
+    p.add_argument("--image", required=True, help="the project's image the nodes run")
+    p.add_argument("--pvc", required=True,
+                   help=f"ReadWriteMany volume holding data and outputs, mounted at {MOUNT}")
+    p.add_argument("--namespace", default=None,
+                   help="Kubernetes namespace (default: the kubeconfig's)")
+    p.set_defaults(func=cmd_train_job)
+
+    args, train_flags = parser.parse_known_args(argv)  # only train-job takes others' flags
+    if train_flags and args.command != "train-job":
+        parser.error(f"unrecognized arguments: {' '.join(train_flags)}")
+    args.train_flags = train_flags
     try:
         return args.func(args)
     except ConfigError as err:  # a bad params file, setting or data folder: one line

@@ -11,7 +11,7 @@ Two sources, one result:
 The hash is DVC's own directory hash (`<md5>.dir`, what `dvc add data/raw` writes into
 `data/raw.dvc`), computed from the files actually materialised, so a run-local hash and a
 cluster hash of the same data are the same string. Every artifact the pipeline writes carries
-it in `.metadata["data_hash"]` (see `provenance`).
+it in `.metadata["data_hash"]` (see pipeline/publish.py).
 """
 from __future__ import annotations
 
@@ -19,10 +19,6 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-
-# metadata keys that travel from the raw dataset into every later artifact
-PROVENANCE_KEYS = ("data_hash", "data_source", "data_rev")
-
 
 def file_md5(path: str | Path) -> str:
     with open(path, "rb") as f:
@@ -141,48 +137,3 @@ def materialise(
         # and keep the hash of what this run actually used.
         info["dvc_file_md5"] = recorded
     return info
-
-
-def provenance(metadata: dict) -> dict:
-    """The provenance part of an input artifact's metadata, to copy into an output's."""
-    return {k: metadata[k] for k in PROVENANCE_KEYS if k in metadata}
-
-
-def configure_services(mlflow_tracking_uri: str = "", s3_endpoint_url: str = "",
-                       mlflow_experiment: str = "") -> None:
-    """Point MLflow (and boto3 under it) at the run's services through the environment.
-
-    Credentials are not handled here: on the cluster they arrive as environment variables
-    from Kubernetes secrets (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-    MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD).
-    """
-    import os
-
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    if mlflow_experiment:
-        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", mlflow_experiment)
-    if s3_endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url          # boto3 >= 1.28
-        os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint_url    # MLflow's own setting
-
-
-def publish_training(model, train_metrics, summary: dict, prepared, splits, config) -> None:
-    """Fill the train step's Model and Metrics artifacts from training_summary.json: the same
-    for the single-pod and the distributed train component, so downstream steps and the KFP
-    UI cannot tell them apart."""
-    for artifact in (model, train_metrics):
-        artifact.metadata.update(provenance(prepared.metadata))
-        artifact.metadata["split_hash"] = splits.metadata.get("split_hash", "")
-    model.metadata.update({"mlflow_run_id": summary.get("mlflow_run_id") or "",
-                           "mlflow_model_uri": summary["paths"].get("mlflow_model_uri") or "",
-                           "framework": "pytorch", "preset": config.preset,
-                           "img_size": config.img_size, "nodes": config.nodes,
-                           "gpus_per_node": config.gpus_per_node})
-    scalars = {k: summary[k] for k in ("epochs", "steps", "best_epoch", "seconds")}
-    for section in ("best", "final", "test"):
-        scalars.update({f"{section}_{k}": v for k, v in (summary.get(section) or {}).items()
-                        if k != "epoch"})
-    for key, value in scalars.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            train_metrics.log_metric(key, float(value))

@@ -13,7 +13,8 @@ Rules every component here follows:
 * Folders are passed as artifacts whose layout is components/common/outputs.py's, so the
   steps find their files exactly as under DVC.
 * Every output artifact's `.metadata` carries the raw data's provenance (`data_hash`,
-  `data_source`, `data_rev`, see `pipeline.data`), copied from the input artifacts.
+  `data_source`, `data_rev`, see `pipeline.data`), copied from the input artifacts
+  (`pipeline.publish`, which also fills the train and evaluate steps' Metrics).
 """
 # no `from __future__ import annotations`: KFP reads these annotations at decoration time
 
@@ -69,7 +70,7 @@ def preprocess(
 
     from components import preprocess as step
     from components.common.config import PreprocessConfig
-    from pipeline.data import provenance
+    from pipeline.publish import provenance
 
     metadata = os.path.join(raw.path, "metadata.csv")
     result = step.run(os.path.join(raw.path, "labels.csv"), os.path.join(raw.path, "images"),
@@ -93,7 +94,7 @@ def split(
     from components import split as step
     from components.common import outputs
     from components.common.config import SplitConfig
-    from pipeline.data import provenance
+    from pipeline.publish import provenance
 
     metadata = os.path.join(prepared.path, outputs.KEPT_METADATA)
     report = step.run(os.path.join(prepared.path, outputs.KEPT_LABELS), splits.path,
@@ -116,7 +117,7 @@ def class_weights(
     from components import class_weights as step
     from components.common import outputs
     from components.common.config import ClassWeightsConfig
-    from pipeline.data import provenance
+    from pipeline.publish import provenance
 
     step.run(os.path.join(splits.path, outputs.split_csv("train")), weights.path,
              ClassWeightsConfig.from_dict(class_weights_params, "pipeline"))
@@ -142,7 +143,7 @@ def train(
     from components import train as step
     from components.common import outputs
     from components.common.config import TrainConfig
-    from pipeline.data import configure_services, publish_training
+    from pipeline.publish import configure_services, publish_training
 
     configure_services(mlflow_tracking_uri, s3_endpoint_url)
     config = TrainConfig.from_dict(train_params, "pipeline")
@@ -185,8 +186,8 @@ def train_distributed(
 
     from components.common import outputs
     from components.common.config import TrainConfig
-    from components.training import trainjob
-    from pipeline.data import publish_training
+    from pipeline import trainjob
+    from pipeline.publish import publish_training
 
     config = TrainConfig.from_dict(train_params, "pipeline")
     run_dir = Path(trainjob.MOUNT) / "runs" / run_id
@@ -228,13 +229,13 @@ def evaluate(
     from components import evaluate as step
     from components.common import outputs
     from components.common.config import EvaluateConfig
-    from pipeline.data import configure_services, provenance
+    from pipeline.publish import configure_services, kfp_outputs, provenance
 
     configure_services(mlflow_tracking_uri, s3_endpoint_url)
     result = step.run(model.path, os.path.join(splits.path, outputs.split_csv("test")),
                       os.path.join(prepared.path, outputs.PREPARED_IMAGES), evaluation.path,
                       EvaluateConfig.from_dict(evaluate_params, "pipeline"))
-    kfp = step.kfp_outputs(evaluation.path)
+    kfp = kfp_outputs(evaluation.path)
     for name, value in kfp["scalars"]:
         metrics.log_metric(name, value)
     matrix = kfp["confusion_matrix"]
@@ -267,7 +268,7 @@ def register(
     from components import register as step
     from components.common import outputs
     from components.common.config import RegisterConfig
-    from pipeline.data import configure_services, provenance
+    from pipeline.publish import configure_services, provenance
 
     configure_services(mlflow_tracking_uri, s3_endpoint_url)
     tags = provenance(model.metadata)

@@ -27,8 +27,8 @@ from components.common.config import (PARAMS_FILE, STEP_SECTIONS, TrainConfig, c
                                        committed_text, load_params, parse_params,
                                        task_resources)
 from components.common.params_yaml import read_text
-from components.training import trainjob
 from pipeline import kfp_components as c
+from pipeline import trainjob
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_ENV = "SKINLESION_PARAMS"
@@ -189,16 +189,18 @@ def build_pipeline(params: dict, image: str | None = None):
 
 
 def compile_pipeline(path: "str | os.PathLike" = "pipeline.yaml", image: "str | None" = None,
-                     params: "dict | None" = None) -> Path:
+                     params: "dict | None" = None, pipeline=None) -> Path:
     """Compile the pipeline (with its Kubernetes platform config) to a YAML file.
 
     `params`: the params dict whose values become the defaults (default: base_params()).
     `image` replaces every step's container image (default: `pipeline.kfp_components.IMAGE`).
+    `pipeline`: build_pipeline(params, image) when the caller has built it already.
     """
     path = Path(path)
     if params is None:
         params = base_params(say=lambda m: print(m, file=sys.stderr))
-    compiler.Compiler().compile(build_pipeline(params, image), package_path=str(path))
+    pipeline = pipeline or build_pipeline(params, image)
+    compiler.Compiler().compile(pipeline, package_path=str(path))
     text = path.read_text()
     docs = list(yaml.safe_load_all(text))
     # KFP's compiler writes a dict default as a protobuf Struct: every number a float

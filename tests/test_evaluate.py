@@ -17,6 +17,7 @@ from components.common.config import EvaluateConfig
 from components.common.labels import CLASSES
 from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import HybridConvNeXtV2
+from pipeline.publish import kfp_outputs
 
 TINY = dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1))
 IMG_SIZE = 32
@@ -104,7 +105,7 @@ def test_end_to_end_outputs_are_consistent(data, tmp_path):
     roc = pd.read_csv(out / "roc.csv")
     assert roc.columns.tolist() == ["fpr", *CLASSES]
 
-    kfp = evaluate.kfp_outputs(out)
+    kfp = kfp_outputs(out)
     assert dict(kfp["scalars"])["balanced_accuracy"] == metrics["balanced_accuracy"]
     assert kfp["confusion_matrix"]["matrix"] == metrics["confusion_matrix"]
     assert len(kfp["roc"]["fpr"]) == len(kfp["roc"]["threshold"])
@@ -262,7 +263,7 @@ def test_per_source_metrics_when_the_test_set_has_several_sources(data, tmp_path
     for s in per_source.values():
         ci = s["ci95"]["balanced_accuracy"]
         assert ci["low"] <= s["balanced_accuracy"] <= ci["high"]
-    scalars = dict(evaluate.kfp_outputs(tmp_path / "e")["scalars"])
+    scalars = dict(kfp_outputs(tmp_path / "e")["scalars"])
     assert scalars["SITE_B_balanced_accuracy"] == per_source["SITE_B"]["balanced_accuracy"]
     cross_site = metrics["cross_site"]["tasks"]["mel_vs_nv"]   # evaluation/sites.py
     assert set(cross_site["within"]) == {"SITE_A", "SITE_B"}

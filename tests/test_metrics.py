@@ -13,10 +13,10 @@ from components.evaluation.metrics import (
     bootstrap_intervals,
     classification_metrics,
     expected_calibration_error,
-    kfp_metrics,
     metrics_from_confusion,
     roc_points,
 )
+from pipeline.publish import kfp_metrics
 
 # Ozdemir & Pacal 2025, Fig. (test confusion matrix); rows true, columns predicted,
 # order AK, BCC, BKL, DF, MEL, NV, SCC, VASC.

@@ -13,7 +13,7 @@ from kfp.components import load_component_from_file
 from components.common.config import SECTIONS, STEP_SECTIONS, load_params, task_resources
 from components.commands.cli import main as skinlesion
 from pipeline import kfp_components
-from pipeline.cli import build_arguments
+from pipeline.cli import build
 from pipeline.pipeline import build_pipeline
 from test_config import LAUGHS
 
@@ -213,9 +213,9 @@ def test_image_option_rewrites_every_step(tmp_path):
 def test_arguments_merge_params_files_and_overrides(tmp_path):
     demo = tmp_path / "demo.yaml"
     demo.write_text("train:\n  epochs: 2\n  batch_size: 8\nsplit:\n  seed: 3\n")
-    _, args = build_arguments([str(demo)], ["train.peak_lr=0.005", "register.gate_threshold=0.25",
-                                            "mlflow_tracking_uri=http://mlflow:5000"],
-                              params_path=str(ROOT / "params.yaml"))
+    _, _, args = build([str(demo)], ["train.peak_lr=0.005", "register.gate_threshold=0.25",
+                                     "mlflow_tracking_uri=http://mlflow:5000"],
+                       params_path=str(ROOT / "params.yaml"))
     defaults = load_params(ROOT / "params.yaml")
     assert args["train_params"]["epochs"] == 2 and args["train_params"]["batch_size"] == 8
     assert args["train_params"]["peak_lr"] == 0.005
@@ -223,9 +223,9 @@ def test_arguments_merge_params_files_and_overrides(tmp_path):
     assert args["split_params"]["seed"] == 3 and args["register_params"]["gate_threshold"] == 0.25
     assert args["mlflow_tracking_uri"] == "http://mlflow:5000"
     with pytest.raises(ValueError, match="no such key"):
-        build_arguments([], ["train.epoch=2"], params_path=str(ROOT / "params.yaml"))
+        build([], ["train.epoch=2"], params_path=str(ROOT / "params.yaml"))
     with pytest.raises(SystemExit, match="not a pipeline parameter"):
-        build_arguments([], ["epochs=2"], params_path=str(ROOT / "params.yaml"))
+        build([], ["epochs=2"], params_path=str(ROOT / "params.yaml"))
 
 
 def test_demo_override_file_only_sets_known_keys():
@@ -282,5 +282,5 @@ def test_a_param_override_is_read_by_the_params_loader(tmp_path, capsys):
                        "--param", "train.dims=[&a [1, 1], *a, *a, *a]"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--param train.dims" in err and "aliases" in err
-    _, args = build_arguments([], ["train.gpu_resident=on"], str(ROOT / "params.yaml"))
+    _, _, args = build([], ["train.gpu_resident=on"], str(ROOT / "params.yaml"))
     assert SECTIONS["train"].from_dict(args["train_params"]).gpu_resident == "on"

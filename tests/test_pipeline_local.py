@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from components.commands.cli import main as skinlesion
-from pipeline.data import dir_md5, materialise, provenance
+from pipeline.data import dir_md5, materialise
+from pipeline.publish import provenance
 
 BIN = Path(sys.executable).parent
 TASKS = ["materialise-data", "preprocess", "split", "class-weights", "train", "evaluate", "register"]

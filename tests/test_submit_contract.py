@@ -170,3 +170,20 @@ def test_submit_contract_reports_an_unknown_parameter_before_any_request():
         with pytest.raises(SystemExit, match="not a pipeline parameter"):
             _submit(kfp_api.url, "--param", "epochs=3")
     assert kfp_api.requests == []
+
+
+def test_submit_builds_the_pipeline_once_spied(monkeypatch):
+    """A pipeline is built on demand only: never at import, once per command (the --param
+    names are checked against the pipeline that is then compiled and sent). A spy around the
+    real build_pipeline counts the builds."""
+    import pipeline.pipeline as kfp_pipeline
+
+    builds = []
+    real = kfp_pipeline.build_pipeline
+    monkeypatch.setattr(kfp_pipeline, "build_pipeline",
+                        lambda *a, **kw: builds.append(a) or real(*a, **kw))
+    with FakeKFP() as kfp_api:
+        assert _submit(kfp_api.url, "--param", "mlflow_tracking_uri=http://mlflow:5000") == 0
+    assert len(builds) == 1
+    [run] = kfp_api.calls("POST", "/apis/v2beta1/runs")
+    assert run["body"]["runtime_config"]["parameters"]["mlflow_tracking_uri"] == "http://mlflow:5000"

@@ -100,26 +100,6 @@ def test_an_earlier_runs_files_without_its_last_checkpoint_are_kept(data, tmp_pa
     assert not (out / "checkpoint_best.pt").exists() and f"moved to {aside}" in capsys.readouterr().out
 
 
-def test_params_edited_during_a_trainjob_fail_the_submitting_step_cluster_faked(
-        data, tmp_path, monkeypatch, capsys):
-    """`dvc repro` of a distributed training: the stage's process submits a TrainJob and waits
-    (no cluster here: the submission is replaced by a params.yaml edit meanwhile); the nodes
-    read no file of this machine, so only the submitting process can see the edit."""
-    import yaml
-
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"train": {"nodes": 2, "peak_lr": 0.01}}))
-
-    def submitted_while_params_edited(args, cfg, params_read, argv):
-        params.write_text(yaml.safe_dump({"train": {"nodes": 2, "peak_lr": 0.02}}))
-        return 0
-
-    monkeypatch.setattr(train, "_submit_trainjob", submitted_while_params_edited)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert train.main(_args(data, tmp_path / "out", "--params", str(params))) == 1
-    assert "train.peak_lr (0.01 -> 0.02)" in capsys.readouterr().err
-
-
 def test_a_second_training_into_the_same_out_dir_refuses(data, tmp_path):
     out = tmp_path / "out"
     with exclusive(out):  # as a running training holds it

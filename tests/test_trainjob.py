@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from components.common.config import load_params
-from components.training import checkpoint, trainjob
+from components.training import checkpoint
+from pipeline import trainjob
 from procs import free_port, run_group
 from tiny_data import TINY, make_splits
 
@@ -189,19 +190,78 @@ def test_the_jobs_command_trains_with_two_processes_resumes_exactly_and_is_hande
                for k in a["ema"]) < 1e-6
 
 
-def test_scale_out_refuses_no_cluster_target_and_credentials_in_a_url(data, tmp_path, capsys,
+def test_train_points_to_train_job_which_refuses_credentials_in_a_url(data, tmp_path, capsys,
                                                                      monkeypatch):
     from components import train
+    from components.commands.cli import main as skinlesion
 
-    assert train.main(_train_args(data, tmp_path / "o")[:-4] + ["--nodes", "2"]) == 1
-    assert "--image and --pvc" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    flags = _train_args(data, tmp_path / "o")[:-4] + ["--nodes", "2"]
+    assert train.main(flags) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "skinlesion pipeline train-job --image IMAGE --pvc PVC" in line and "torchrun" in line
+    with pytest.raises(SystemExit):  # no cluster target: argparse names the missing flags
+        skinlesion(["pipeline", "train-job", *flags])
+    assert "--image, --pvc" in capsys.readouterr().err
     # a password in the tracking URI would be written into the TrainJob's spec: refused
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@mlflow.example.org:5000")
-    assert train.main(_train_args(data, tmp_path / "o")[:-4] + [
-        "--nodes", "2", "--image", "registry.example.org/x:1", "--pvc", "work"]) == 1
+    assert skinlesion(["pipeline", "train-job", "--image", "registry.example.org/x:1",
+                       "--pvc", "work", *flags]) == 1
     err = capsys.readouterr().err
     assert "MLFLOW_TRACKING_URI = http://***@mlflow.example.org:5000 carries credentials" in err
     assert "s3cret" not in err and "alice" not in err
+
+
+@pytest.fixture
+def submitted(monkeypatch) -> list:
+    """The requests `skinlesion pipeline train-job` hands to the Kubeflow SDK (no cluster
+    here: submit_and_wait is replaced by a recorder)."""
+    requests = []
+    monkeypatch.setattr(trainjob, "submit_and_wait", requests.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return requests
+
+
+def test_train_job_runs_the_train_flags_on_every_node_cluster_faked(data, tmp_path, submitted,
+                                                                    monkeypatch):
+    from components.commands.cli import main as skinlesion
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.mlflow:5000")
+    flags = [*_train_args(data, tmp_path / "o")[:-4], "--gpus_per_node", "4", "--nodes", "2",
+             "--params", str(ROOT / "params.yaml")]
+    with pytest.raises(SystemExit):  # a flag the nodes would refuse stops it here
+        skinlesion(["pipeline", "train-job", "--image", "x", "--pvc", "work", *flags, "--epochz", "2"])
+    assert submitted == []
+    assert skinlesion(["pipeline", "train-job", "--image", "registry.example.org/x:1",
+                       "--pvc", "work", "--namespace", "ml", *flags]) == 0
+    [req] = submitted
+    assert req.train_args == flags, "the nodes get the train flags as given"
+    assert (req.image, req.pvc, req.namespace, req.nodes, req.gpus_per_node) == (
+        "registry.example.org/x:1", "work", "ml", 2, 4)
+    node = load_params(ROOT / "params.yaml")["kubeflow"]["resources"]["train"]
+    assert (req.cpu, req.memory) == (str(node["cpu"]), str(node["memory"]))
+    assert req.env["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow:5000"
+    assert req.secrets == trainjob.SECRETS
+    assert req.command()[1][:3] == ["--nproc-per-node=4", "-m", "components.train"]
+
+
+def test_params_edited_during_a_train_job_fail_the_command_cluster_faked(
+        data, tmp_path, monkeypatch, capsys):
+    """The command submits a TrainJob and waits (no cluster here: the submission is replaced
+    by a params.yaml edit meanwhile); the nodes read no file of this machine, so only the
+    submitting process can see the edit."""
+    from components.commands.cli import main as skinlesion
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"nodes": 2, "peak_lr": 0.01}}))
+
+    def submitted_while_params_edited(request):
+        params.write_text(yaml.safe_dump({"train": {"nodes": 2, "peak_lr": 0.02}}))
+
+    monkeypatch.setattr(trainjob, "submit_and_wait", submitted_while_params_edited)
+    assert skinlesion(["pipeline", "train-job", "--image", "x", "--pvc", "work",
+                       *_train_args(data, tmp_path / "out")[:-4], "--params", str(params)]) == 1
+    assert "train.peak_lr (0.01 -> 0.02)" in capsys.readouterr().err
 
 
 def test_compiled_pipeline_with_two_nodes_submits_a_trainjob(tmp_path):

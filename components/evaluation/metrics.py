@@ -1,5 +1,5 @@
 """Classification metrics for the evaluate step: headline scores, per-class table, calibration,
-bootstrap intervals, and the shapes a KFP Metrics / ClassificationMetrics artifact takes.
+bootstrap intervals (the shapes KFP's metrics artifacts take: pipeline/publish.py).
 
 scikit-learn computes every score it has. Written here by hand only what it lacks: expected
 calibration error and reliability bins for a multi-class model (sklearn's `calibration_curve`
@@ -265,44 +265,6 @@ def operating_point(y_true, probs, positive: int, specificity: float = 0.9) -> d
             "threshold": float(min(thresholds[i], 1.0)),  # roc_curve's first threshold is inf
             "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i]),
             "n_positive": int(pos.sum()), "n_negative": int((~pos).sum())}
-
-
-def kfp_metrics(metrics: dict, y_true=None, probs=None, max_points: int = 200) -> dict:
-    """What KFP's Metrics and ClassificationMetrics artifacts take, from a metrics dict
-    (metrics.json) and optionally the predictions behind it.
-
-    Returns {"scalars": [(name, value), ...] for Metrics.log_metric,
-             "confusion_matrix": {"categories": [...], "matrix": [[...], ...]}
-                 for ClassificationMetrics.log_confusion_matrix,
-             "roc": {"fpr": [...], "tpr": [...], "threshold": [...]} or None
-                 for ClassificationMetrics.log_roc_curve (micro-average over classes: KFP
-                 holds one curve; at most `max_points` points; thresholds clipped to [0, 1])}.
-    """
-    scalars = [(name, float(metrics[name])) for name in ("n_images", *HEADLINE)
-               if metrics.get(name) is not None]
-    scalars += [(f"{name}_ci_{end}", float(ci[end])) for name, ci in
-                metrics.get("ci95", {}).items() for end in ("low", "high") if ci[end] is not None]
-    scalars += [(f"roc_auc_{c}", float(v)) for c, v in
-                metrics.get("roc_auc_per_class", {}).items() if v is not None]
-    if point := metrics.get("melanoma_operating_point"):
-        scalars += [("melanoma_sensitivity", point["sensitivity"]),
-                    ("melanoma_specificity", point["specificity"]),
-                    ("melanoma_threshold", point["threshold"])]
-    for source, sm in (metrics.get("per_source") or {}).items():
-        scalars += [(f"{source}_{k}", float(v)) for k, v in sm.items()
-                    if isinstance(v, float)]
-    out = {"scalars": scalars,
-           "confusion_matrix": {"categories": list(metrics["classes"]),
-                                "matrix": [list(map(int, r)) for r in metrics["confusion_matrix"]]},
-           "roc": None}
-    if y_true is not None and probs is not None:
-        k = len(metrics["classes"])
-        onehot = np.eye(k, dtype=bool)[np.asarray(y_true)]
-        fpr, tpr, thr = roc_curve(onehot.ravel(), np.asarray(probs, dtype=np.float64).ravel())
-        keep = np.unique(np.linspace(0, len(fpr) - 1, min(max_points, len(fpr))).astype(int))
-        out["roc"] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(),
-                      "threshold": np.clip(thr[keep], 0.0, 1.0).tolist()}
-    return out
 
 
 def _num(x):

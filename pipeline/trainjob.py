@@ -1,6 +1,7 @@
 """Multi-GPU and multi-node training on Kubeflow Trainer: the same `components.train` entry
 point, under the torch-distributed runtime, as a TrainJob submitted with the Kubeflow SDK
-(package `kubeflow`, `TrainerClient`).
+(package `kubeflow`, `TrainerClient`), by the pipeline's train_distributed task or by
+`skinlesion pipeline train-job` (pipeline/cli.py).
 
 What runs: `torchrun --nproc-per-node=G -m components.train --params <run>/params.yaml ...` on
 each of N nodes (pods) of the project's image. The runtime injects the PET_* variables
@@ -23,6 +24,7 @@ into its Model artifact, the same files as the single-pod path.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -31,7 +33,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from components.common import tracking
-from components.common.config import ConfigError
+from components.common.config import ConfigError, TrainConfig, task_resources
 
 RUNTIME = "torch-distributed"
 NODE = "node"                  # the runtime's replicated job and container name
@@ -193,11 +195,23 @@ PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOI
               "AWS_ENDPOINT_URL")
 
 
-def main_submit(req: TrainJobRequest) -> int:
-    """`skinlesion train --nodes N --gpus_per_node G`: submit, wait, print rank 0's log."""
+def command_request(image: str, pvc: str, namespace: str | None, train_flags: list[str],
+                    cfg: TrainConfig, params: dict) -> TrainJobRequest:
+    """The TrainJob of `skinlesion pipeline train-job`: every node runs the train flags as
+    given (paths as the pods see them), with `cfg`'s node layout and the train task's CPU and
+    memory (kubeflow.resources.train)."""
+    node = task_resources(params)["train"]
+    return TrainJobRequest(
+        image=image, nodes=cfg.nodes, gpus_per_node=cfg.gpus_per_node,
+        train_args=list(train_flags), pvc=pvc, namespace=namespace,
+        cpu=str(node["cpu"]), memory=str(node["memory"]), name=job_name(), secrets=SECRETS,
+        env={k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)})
+
+
+def submit_and_wait(req: TrainJobRequest) -> None:
+    """Submit, say so, wait for the job, print rank 0's log (RuntimeError when it failed)."""
     client = client_for(req.namespace)
     name = submit(req, client)
     print(f"submitted TrainJob {name}: {req.nodes} node(s) x {req.gpus_per_node} GPU(s) of "
           f"{req.image}", file=sys.stderr, flush=True)
     wait(client, name)
-    return 0
