@@ -261,7 +261,8 @@ def compare(before: pd.DataFrame, after: pd.DataFrame) -> dict:
 
 def _against_previous(labels, previous: Path, current: pd.DataFrame, accept_relabel: bool) -> dict | None:
     """compare() with the split in `previous` (None when it holds none yet: a first split)."""
-    if not previous.is_dir():
+    # A fresh clone holds the folder (DVC's .gitignore, the uncached report) but no CSV yet.
+    if not any((previous / outputs.split_csv(name)).is_file() for name in SPLITS):
         log.info("no earlier split in %s: every image is new", previous)
         return None
     before = read_split(previous)

@@ -127,3 +127,15 @@ def test_the_split_is_a_function_of_each_group_alone(tmp_path):
     _split(a, tmp_path / "c", tmp_path / "sc", seed=1)
     other_seed = _split_of(tmp_path / "sc")
     assert (other_seed != _split_of(tmp_path / "sa")[other_seed.index]).any()
+
+
+def test_a_previous_folder_without_a_split_is_a_first_split(ham, tmp_path):
+    """A fresh clone has data/splits/ (DVC's .gitignore, the uncached report) but not the
+    CSVs until `dvc pull`: nothing to compare with. One CSV of three is an error."""
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / ".gitignore").write_text("/train.csv\n")
+    report = _split(ham.iloc[:800], tmp_path / "a", tmp_path / "s2", previous=tmp_path / "s1")
+    assert report["previous"] is None
+    (tmp_path / "s2" / "val.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="val.csv"):
+        _split(ham.iloc[:800], tmp_path / "a", tmp_path / "s3", previous=tmp_path / "s2")
