@@ -140,7 +140,9 @@ def test_data_diff_fails_when_kept_lesions_moved(project, capsys, monkeypatch):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     _git(repo, "commit", "-qam", "split.seed 1")
     assert data_command.main(["diff", "v3", "HEAD"]) == 1
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "images: 110 -> 110 (0 added, 0 removed, 0 relabelled)" in out
     moved = int(out.split("kept lesions in another split: ")[1].split()[0])
     assert moved > 10, out
+    assert err.strip() == (f"data diff: {moved} kept lesions changed split between v3 and HEAD "
+                           f"(their split settings differ?)")

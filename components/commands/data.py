@@ -112,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data diff: {err}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else _text(result))
-    return 1 if result["moved"]["images"] else 0
+    if moved := result["moved"]["groups"]:
+        print(f"data diff: {moved} kept lesion{'s' * (moved != 1)} changed split between "
+              f"{args.before} and {args.after} (their split settings differ?)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
