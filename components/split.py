@@ -2,22 +2,34 @@
 
 Modes:
 
-- `grouped` (default): stratified by class and grouped by `lesion_id`, so no lesion is in
-  two splits; an image without a lesion id is its own group. Built from scikit-learn's
-  StratifiedGroupKFold: the data is cut into equal folds (20 for 15% steps) and whole folds
-  go to test, val and train.
+- `grouped` (default): grouped by `lesion_id` (an image without a lesion id is its own
+  group), so no lesion is in two splits, and stable as the data grows: a group's split is a
+  hash of (split.seed, its lesion id) cut at the fractions (hashed_split), so adding or
+  removing images never moves another group, and DVC, KFP and the CLI give the same split
+  with no earlier split to read. docs/DESIGN.md, "A split stable as the data grows", says why
+  and what it costs in class balance.
+- `folds`: the earlier default, stratified by class and grouped, from scikit-learn's
+  StratifiedGroupKFold (the data cut into equal folds, 20 for 15% steps, whole folds to test,
+  val and train). Recomputed from scratch, so new data moves lesions between splits; kept to
+  reproduce the figures measured on it.
 - `paper`: image-level stratified 70/15/15 as Ozdemir & Pacal did. Images of one lesion can
   land in train and test; the report's `test_lesion_leakage` says how often (about 58% of
   test images on ISIC 2019).
 - `source`: cross-site: the sources in `split.test_sources` (`--test_source BCN`, repeatable)
-  are the whole test split; val is a lesion-grouped `val_frac` of the other sources, the rest
-  trains. An image's source is its metadata's `source` column, else its lesion id's prefix
-  (ISIC 2019: BCN, HAM, MSK4), else "unknown" (labels.sources).
+  are the whole test split; val is a hashed, lesion-grouped `val_frac` of the other sources,
+  the rest trains. An image's source is its metadata's `source` column, else its lesion id's
+  prefix (ISIC 2019: BCN, HAM, MSK4), else "unknown" (labels.sources).
 
 Outputs: OUT/train.csv, OUT/val.csv, OUT/test.csv (image,label[,lesion_id][,source], integer
 labels in CLASSES order, sorted by image) and OUT/split_report.json (counts per class, and per
 source, of every split). `split_hash` is the sha256 of the three CSVs' bytes, train then val
 then test: equal hashes mean identical splits.
+
+`--previous DIR` (an earlier split's output folder; the DVC stage passes its own, kept between
+runs): the report's `previous` counts images and groups new, kept and removed, and kept ones
+that moved. A kept image whose label changed stops the split (one line naming it) unless
+`split.accept_relabel` (`--accept_relabel`) accepts it: a relabelling is a data change someone
+must confirm.
 """
 from __future__ import annotations
 
@@ -41,7 +53,9 @@ from components.common.labels import CLASSES, LabelError, read_labels, sources
 log = logging.getLogger(__name__)
 
 SPLITS = outputs.SPLITS
-MODES = ("grouped", "paper", "source")
+MODES = ("grouped", "folds", "paper", "source")
+# A class share this far (in points) from the overall one is worth a warning (DESIGN.md).
+MAX_SHARE_DEVIATION_PP = 2.0
 
 
 def _fold_plan(val_frac: float, test_frac: float) -> tuple[int, int, int]:
@@ -55,9 +69,26 @@ def _fold_plan(val_frac: float, test_frac: float) -> tuple[int, int, int]:
     return folds, val, test
 
 
-def grouped_split(labels: np.ndarray, groups: np.ndarray, val_frac: float, test_frac: float,
-                  seed: int) -> np.ndarray:
-    """Split index per image (0 train, 1 val, 2 test), whole groups only, stratified by label."""
+def hashed_split(groups: np.ndarray, val_frac: float, test_frac: float, seed: int) -> np.ndarray:
+    """Split index per image (0 train, 1 val, 2 test) from its group alone: sha256 of the seed
+    and the group key as a number in [0, 1), test below test_frac, val below test_frac +
+    val_frac. (sha256, not Python's hash(), which changes between processes.)"""
+    keys, index = np.unique(groups, return_inverse=True)
+    unit = np.array([int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big")
+                     for key in keys]) / 2.0 ** 64
+    per_group = np.where(unit < test_frac, 2, np.where(unit < test_frac + val_frac, 1, 0))
+    split = per_group[index]
+    wanted = (True, val_frac > 0, test_frac > 0)
+    if empty := [name for s, name in enumerate(SPLITS) if wanted[s] and not (split == s).any()]:
+        raise ValueError(f"{len(keys)} lesion{'s' * (len(keys) != 1)} (an image without a "
+                         f"lesion id counts as one) left the {' and '.join(empty)} split "
+                         f"empty; give more images")
+    return split
+
+
+def folds_split(labels: np.ndarray, groups: np.ndarray, val_frac: float, test_frac: float,
+                seed: int) -> np.ndarray:
+    """Split index per image, whole groups only, stratified by label (StratifiedGroupKFold)."""
     folds, val, test = _fold_plan(val_frac, test_frac)
     # scikit-learn's own messages for these name its parameters, not the data: say it here.
     if (n_groups := len(set(groups))) < folds:
@@ -99,7 +130,7 @@ def paper_split(labels: np.ndarray, val_frac: float, test_frac: float, seed: int
     return split
 
 
-def source_split(labels: np.ndarray, groups: np.ndarray, source: np.ndarray,
+def source_split(groups: np.ndarray, source: np.ndarray,
                  test_sources: tuple[str, ...], val_frac: float, seed: int) -> np.ndarray:
     """Split index per image: the test sources entire; val a grouped share of the others."""
     if unknown := sorted(set(test_sources) - set(source)):
@@ -110,11 +141,11 @@ def source_split(labels: np.ndarray, groups: np.ndarray, source: np.ndarray,
         raise ValueError(f"lesion {mixed.index[0]} has images from several sources "
                          f"({', '.join(sorted(mixed.iloc[0]))}), and {len(mixed) - 1} more "
                          f"lesions: a lesion must come from one source")
-    split = np.full(len(labels), 2)
+    split = np.full(len(groups), 2)
     rest = ~np.isin(source, test_sources)
     if not rest.any():
         raise ValueError(f"every image is in a test source {list(test_sources)}: nothing to train on")
-    split[rest] = grouped_split(labels[rest], groups[rest], val_frac, 0.0, seed)
+    split[rest] = hashed_split(groups[rest], val_frac, 0.0, seed)
     return split
 
 
@@ -167,35 +198,107 @@ def _several_classes(table: pd.DataFrame) -> dict[str, list[str]]:
     return several
 
 
-def run(labels: str | os.PathLike, out: str | os.PathLike, config: SplitConfig | None = None,
-        *, metadata: str | os.PathLike | None = None, **settings) -> dict:
-    """Write train/val/test CSVs and split_report.json into `out`; return the report.
+def group_keys(table: pd.DataFrame) -> pd.Series:
+    """Each image's group: its lesion id, else the image itself."""
+    return (table["lesion_id"].fillna(table["image"]) if "lesion_id" in table.columns
+            else table["image"]).astype(str)
 
-    config (or settings such as mode=, seed=): params.yaml's `split` section.
-    """
-    cfg = config or SplitConfig.from_dict(settings)
+
+def assign(table: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
+    """Split index per row of a read_labels table (with sources), as cfg's mode splits it."""
     mode, seed, val_frac, test_frac = cfg.mode, cfg.seed, cfg.val_frac, cfg.test_frac
-    table = read_labels(labels, metadata=metadata)
-    if "lesion_id" in table.columns or "source" in table.columns:
-        table["source"] = sources(table)
-    y = table["label"].to_numpy()
-    groups = (table["lesion_id"].fillna(table["image"]) if "lesion_id" in table.columns
-              else table["image"]).to_numpy(dtype=str)
-    if mode == "grouped" and "lesion_id" not in table.columns:
-        log.warning("no lesion_id (give --metadata): grouping by image, as in paper mode but fold-based")
+    y, groups = table["label"].to_numpy(), group_keys(table).to_numpy()
+    if mode in ("grouped", "folds") and "lesion_id" not in table.columns:
+        log.warning("no lesion_id (give --metadata): each image is its own group")
     if mode == "source" and "source" not in table.columns:
         raise ValueError("split.mode source needs a source or lesion_id per image (give "
                          "--metadata)")
+    if mode == "grouped":
+        return hashed_split(groups, val_frac, test_frac, seed)
+    if mode == "folds":
+        return folds_split(y, groups, val_frac, test_frac, seed)
+    if mode == "source":
+        return source_split(groups, table["source"].to_numpy(dtype=str),
+                            tuple(cfg.test_sources), val_frac, seed)
+    return paper_split(y, val_frac, test_frac, seed)
+
+
+def read_table(labels: str | os.PathLike, metadata: str | os.PathLike | None = None) -> pd.DataFrame:
+    """read_labels, with each image's source where lesion ids or sources are known."""
+    table = read_labels(labels, metadata=metadata)
+    if "lesion_id" in table.columns or "source" in table.columns:
+        table["source"] = sources(table)
+    return table
+
+
+def versioned(table: pd.DataFrame, split: np.ndarray) -> pd.DataFrame:
+    """image -> label, group, split name: what compare() needs of one version."""
+    return pd.DataFrame({"label": table["label"].to_numpy(), "group": group_keys(table).to_numpy(),
+                         "split": np.asarray(SPLITS)[split]}, index=table["image"].to_numpy())
+
+
+def read_split(folder: Path) -> pd.DataFrame:
+    """An earlier split's output folder as versioned() frames it."""
+    parts = [read_labels(folder / outputs.split_csv(name)).assign(split=name) for name in SPLITS]
+    table = pd.concat(parts, ignore_index=True)
+    return versioned(table, table["split"].map(SPLITS.index).to_numpy())
+
+
+def compare(before: pd.DataFrame, after: pd.DataFrame) -> dict:
+    """Images and groups new, kept and removed from `before` to `after` (versioned frames),
+    kept images (and their groups) in another split, and kept images relabelled (ids)."""
+    kept = before.index.intersection(after.index)
+    groups = set(before["group"]), set(after["group"])
+    moved = kept[before.loc[kept, "split"] != after.loc[kept, "split"]]
+    relabelled = kept[before.loc[kept, "label"] != after.loc[kept, "label"]]
+    return {"images": {"new": len(after.index.difference(before.index)), "kept": len(kept),
+                       "removed": len(before.index.difference(after.index))},
+            "groups": {"new": len(groups[1] - groups[0]), "kept": len(groups[0] & groups[1]),
+                       "removed": len(groups[0] - groups[1])},
+            "moved": {"images": len(moved), "groups": after.loc[moved, "group"].nunique()},
+            "relabelled": sorted(relabelled)}
+
+
+def _against_previous(labels, previous: Path, current: pd.DataFrame, accept_relabel: bool) -> dict | None:
+    """compare() with the split in `previous` (None when it holds none yet: a first split)."""
+    # A fresh clone holds the folder (DVC's .gitignore, the uncached report) but no CSV yet.
+    if not any((previous / outputs.split_csv(name)).is_file() for name in SPLITS):
+        log.info("no earlier split in %s: every image is new", previous)
+        return None
+    before = read_split(previous)
+    change = {"folder": str(previous), **compare(before, current)}
+    if (relabelled := change["relabelled"]) and not accept_relabel:
+        image = relabelled[0]
+        old, new = (CLASSES[frame.loc[image, "label"]] for frame in (before, current))
+        more = f" (and {len(relabelled) - 1} more)" if len(relabelled) > 1 else ""
+        raise LabelError(labels, None, f"image {image} was {old} in the earlier split "
+                                       f"{previous} and is {new} now{more}: a relabelled image is "
+                                       f"a data change to confirm; accept it with --accept_relabel "
+                                       f"(split.accept_relabel)")
+    if change["moved"]["images"]:
+        log.warning("%d images of %d kept groups moved to another split since %s (split "
+                    "settings changed?)", change["moved"]["images"], change["moved"]["groups"],
+                    previous)
+    return change
+
+
+def run(labels: str | os.PathLike, out: str | os.PathLike, config: SplitConfig | None = None,
+        *, metadata: str | os.PathLike | None = None, previous: str | os.PathLike | None = None,
+        **settings) -> dict:
+    """Write train/val/test CSVs and split_report.json into `out`; return the report.
+
+    config (or settings such as mode=, seed=): params.yaml's `split` section. previous: an
+    earlier split's folder to compare with (module docstring).
+    """
+    cfg = config or SplitConfig.from_dict(settings)
+    mode, seed, val_frac, test_frac = cfg.mode, cfg.seed, cfg.val_frac, cfg.test_frac
+    table = read_table(labels, metadata)
     try:
-        if mode == "grouped":
-            split = grouped_split(y, groups, val_frac, test_frac, seed)
-        elif mode == "source":
-            split = source_split(y, groups, table["source"].to_numpy(dtype=str),
-                                 tuple(cfg.test_sources), val_frac, seed)
-        else:
-            split = paper_split(y, val_frac, test_frac, seed)
+        split = assign(table, cfg)
     except ValueError as err:  # what the data cannot give: name the file that holds it
         raise LabelError(labels, None, str(err)) from None
+    change = (None if previous is None else
+              _against_previous(labels, Path(previous), versioned(table, split), cfg.accept_relabel))
 
     columns = ["image", "label"] + [c for c in ("lesion_id", "source") if c in table.columns]
     out = Path(out)
@@ -210,10 +313,16 @@ def run(labels: str | os.PathLike, out: str | os.PathLike, config: SplitConfig |
     report = {"mode": mode, "seed": seed, "val_frac": val_frac, "test_frac": test_frac,
               **({"test_sources": list(cfg.test_sources)} if mode == "source" else {}),
               "labels": str(labels), "metadata": str(metadata) if metadata else None,
-              **_report(table, split), "split_hash": digest.hexdigest()}
+              **_report(table, split), "split_hash": digest.hexdigest(),
+              **({"previous": change} if previous is not None else {})}
     for name, classes in report["classes_missing"].items():
         if classes:
             log.warning("%s split has no image of %s", name, ", ".join(classes))
+    if mode == "grouped" and (deviation := report["max_class_share_deviation_pp"]) > MAX_SHARE_DEVIATION_PP:
+        log.warning("a class's share in one split is %.1f points from its overall share (the "
+                    "hashed split's chance on few lesions): for a dataset's first version, "
+                    "another split.seed can balance it; later it would move every lesion",
+                    deviation)
     atomic.write_json(out / outputs.SPLIT_REPORT, report)
     return report
 
@@ -231,13 +340,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test_frac", type=float)
     parser.add_argument("--test_source", action="append", dest="test_sources",
                         help="mode source: a source held out as the test split (repeatable)")
+    parser.add_argument("--previous", metavar="DIR",
+                        help="an earlier split's output folder: report what changed since")
+    parser.add_argument("--accept_relabel", action="store_true", default=None,
+                        help="accept kept images whose label changed since --previous")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = SplitConfig.resolve(cli_args.params_paths(args), mode=args.mode, seed=args.seed,
                                   val_frac=args.val_frac, test_frac=args.test_frac,
-                                  test_sources=args.test_sources)
-        report = run(args.labels, args.out, cfg, metadata=args.metadata)
+                                  test_sources=args.test_sources,
+                                  accept_relabel=args.accept_relabel)
+        report = run(args.labels, args.out, cfg, metadata=args.metadata, previous=args.previous)
     except (ConfigError, LabelError, ValueError) as err:
         print(f"split: {err}", file=sys.stderr)
         return 1
@@ -245,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"split: {cli_args.os_error(err)}", file=sys.stderr)
         return 1
     print(json.dumps({k: report[k] for k in ("sizes", "max_class_share_deviation_pp", "split_hash")}
-                     | {k: report[k] for k in ("lesions_shared", "test_lesion_leakage") if k in report}, indent=2))
+                     | {k: report[k] for k in ("lesions_shared", "test_lesion_leakage", "previous") if k in report}, indent=2))
     return 0
 
 

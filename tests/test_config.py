@@ -108,8 +108,8 @@ def test_yaml_booleans_read_as_on_off_for_gpu_resident(tmp_path, spelling, value
 
 
 def test_a_boolean_in_another_choice_key_says_to_quote_it():
-    with pytest.raises(ConfigError, match=r"split\.mode = True: must be one of grouped, paper, "
-                                          r"source \(unquoted on/off/yes/no"):
+    with pytest.raises(ConfigError, match=r"split\.mode = True: must be one of grouped, folds, "
+                                          r"paper, source \(unquoted on/off/yes/no"):
         SECTIONS["split"].from_dict({"mode": True})
 
 

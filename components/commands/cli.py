@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tracking-server": ("components.commands.tracking_server",
                         "MLflow's server and UI on the project's store (mlflow.db, mlartifacts/)"),
     # data and model helpers
+    "data": ("components.commands.data", "what changed between two data versions (data diff A B)"),
     "synth": ("components.commands.synth", "write a synthetic ISIC-format dataset (images, labels, metadata)"),
     "info": ("components.commands.model_info", "build the model and print its parameter report"),
 }

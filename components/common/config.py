@@ -221,11 +221,12 @@ class PreprocessConfig(StepConfig):
 @dataclass
 class SplitConfig(StepConfig):
     SECTION = "split"
-    mode: str = choice("grouped", "paper", "source")  # by lesion_id | image-level | source
+    mode: str = choice("grouped", "folds", "paper", "source")  # components/split.py
     seed: int = 0
     val_frac: float = 0.15
     test_frac: float = 0.15
     test_sources: tuple[str, ...] = ()   # mode source: the sources held out as test
+    accept_relabel: bool = False         # accept kept images relabelled since --previous
 
     def check(self) -> None:
         _require(self.mode != "source" or bool(self.test_sources), self, "test_sources",

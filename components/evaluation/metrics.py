@@ -25,6 +25,8 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
+from components.common.config import GATE_METRICS
+
 # Metrics that carry a bootstrap interval in metrics.json.
 HEADLINE = (
     "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
@@ -130,19 +132,42 @@ def roc_auc_per_class(y_true, probs) -> np.ndarray:
     return out
 
 
+def _confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    k = probs.shape[1]
+    return np.bincount(y_true * k + probs.argmax(axis=1), minlength=k * k).reshape(k, k)
+
+
+def _auc_macro(auc: np.ndarray) -> float:
+    return float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
+
+
+def _top2(y_true: np.ndarray, probs: np.ndarray) -> float:
+    k = probs.shape[1]
+    return float(top_k_accuracy_score(y_true, probs, k=min(2, k), labels=np.arange(k)))
+
+
 def _scores(y_true: np.ndarray, probs: np.ndarray) -> dict:
     """Every scalar metric, plus the per-class arrays (no input checks: bootstrap's hot path)."""
-    k = probs.shape[1]
-    cm = np.bincount(y_true * k + probs.argmax(axis=1), minlength=k * k).reshape(k, k)
+    cm = _confusion(y_true, probs)
     out = metrics_from_confusion(cm)
     auc = roc_auc_per_class(y_true, probs)
-    out["roc_auc_macro"] = float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
-    out["top2_accuracy"] = float(top_k_accuracy_score(y_true, probs, k=min(2, k),
-                                                      labels=np.arange(k)))
+    out["roc_auc_macro"] = _auc_macro(auc)
+    out["top2_accuracy"] = _top2(y_true, probs)
     out["ece"] = expected_calibration_error(y_true, probs)
     out["per_class"]["auc"] = auc
     out["confusion_matrix"] = cm
     return out
+
+
+def _score(y_true: np.ndarray, probs: np.ndarray, metric: str) -> float:
+    """One metric of _scores, computing only what it needs (the paired bootstrap's hot path)."""
+    if metric == "roc_auc_macro":
+        return _auc_macro(roc_auc_per_class(y_true, probs))
+    if metric == "top2_accuracy":
+        return _top2(y_true, probs)
+    if metric == "ece":
+        return expected_calibration_error(y_true, probs)
+    return metrics_from_confusion(_confusion(y_true, probs))[metric]
 
 
 def classification_metrics(y_true, probs, classes: Sequence[str]) -> dict:
@@ -215,6 +240,41 @@ def bootstrap(statistic, n_rows: int, groups=None, n: int = 1000, seed: int = 0,
         low, high = np.percentile(v, [tail, 100 - tail]) if len(v) else (np.nan, np.nan)
         out[name] = {"low": _num(low), "high": _num(high)}
     return out
+
+
+def paired_difference(y_true, probs_challenger, probs_champion, groups, metric: str,
+                      n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Challenger minus champion in `metric` on the same images, with a lesion-level paired
+    bootstrap interval: each resample scores both models on the same lesions, so what they
+    share (the same hard lesions) cancels, and a real gain shows where two separate intervals
+    overlap. {metric, n_images, n_lesions, challenger, champion, difference, low, high}."""
+    if metric not in GATE_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(GATE_METRICS)}")
+    y_true = np.asarray(y_true)
+    new, old = (np.asarray(p, dtype=np.float64) for p in (probs_challenger, probs_champion))
+    if not new.shape == old.shape == (len(y_true), new.shape[1]):
+        raise ValueError(f"both models must be scored on the same images: {len(y_true)} labels, "
+                         f"probabilities of shapes {new.shape} and {old.shape}")
+
+    def scores(rows: np.ndarray) -> dict:
+        return {"difference": _score(y_true[rows], new[rows], metric)
+                - _score(y_true[rows], old[rows], metric)}
+
+    challenger, champion = (_score(y_true, p, metric) for p in (new, old))
+    interval = bootstrap(scores, len(y_true), groups, n=n, seed=seed, level=level)["difference"]
+    return {"metric": metric, "n_images": len(y_true),
+            "n_lesions": len(_group_members(groups, len(y_true))),
+            "challenger": _num(challenger), "champion": _num(champion),
+            "difference": _num(challenger - champion), **interval}
+
+
+def paired_gate(diff: dict, min_delta: float) -> bool:
+    """The promotion rule on a paired_difference: the whole interval is better than the
+    champion by more than `min_delta` (its lower bound above it; for a lower-is-better metric
+    such as ECE, its upper bound below -min_delta)."""
+    if GATE_METRICS[diff["metric"]]:
+        return diff["high"] is not None and diff["high"] < -min_delta
+    return diff["low"] is not None and diff["low"] > min_delta
 
 
 def _group_members(groups, n_rows: int) -> list[np.ndarray]:
