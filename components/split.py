@@ -18,7 +18,8 @@ Modes:
 - `source`: cross-site: the sources in `split.test_sources` (`--test_source BCN`, repeatable)
   are the whole test split; val is a hashed, lesion-grouped `val_frac` of the other sources,
   the rest trains. An image's source is its metadata's `source` column, else its lesion id's
-  prefix (ISIC 2019: BCN, HAM, MSK4), else "unknown" (labels.sources).
+  prefix (ISIC 2019: BCN, HAM, MSK4), else "unknown" (labels.sources). A lesion with images
+  from two sources is left out of every split and listed in the report.
 
 Outputs: OUT/train.csv, OUT/val.csv, OUT/test.csv (image,label[,lesion_id][,source], integer
 labels in CLASSES order, sorted by image) and OUT/split_report.json (counts per class, and per
@@ -56,6 +57,7 @@ SPLITS = outputs.SPLITS
 MODES = ("grouped", "folds", "paper", "source")
 # A class share this far (in points) from the overall one is worth a warning (DESIGN.md).
 MAX_SHARE_DEVIATION_PP = 2.0
+LEFT_OUT = -1  # source_split: an image in no split
 
 
 def _fold_plan(val_frac: float, test_frac: float) -> tuple[int, int, int]:
@@ -136,16 +138,17 @@ def source_split(groups: np.ndarray, source: np.ndarray,
     if unknown := sorted(set(test_sources) - set(source)):
         raise ValueError(f"test sources {unknown} are not in the data; its sources are "
                          f"{sorted(set(source))}")
-    per_group = pd.DataFrame({"g": groups, "s": source}).groupby("g")["s"].unique()
-    if len(mixed := per_group[per_group.map(len) > 1]):
-        raise ValueError(f"lesion {mixed.index[0]} has images from several sources "
-                         f"({', '.join(sorted(mixed.iloc[0]))}), and {len(mixed) - 1} more "
-                         f"lesions: a lesion must come from one source")
+    # A lesion imaged at two sites (9 on HAM10000, Vienna's two collections) belongs to no
+    # site: in a held-out site's test split or in training, it would carry one site's images
+    # across the line. It is left out of every split (LEFT_OUT), and the report lists it.
+    per_group = pd.DataFrame({"g": groups, "s": source}).groupby("g")["s"].nunique()
+    mixed = np.isin(groups, per_group.index[per_group > 1])
     split = np.full(len(groups), 2)
-    rest = ~np.isin(source, test_sources)
+    rest = ~np.isin(source, test_sources) & ~mixed
     if not rest.any():
         raise ValueError(f"every image is in a test source {list(test_sources)}: nothing to train on")
     split[rest] = hashed_split(groups[rest], val_frac, 0.0, seed)
+    split[mixed] = LEFT_OUT
     return split
 
 
@@ -297,6 +300,14 @@ def run(labels: str | os.PathLike, out: str | os.PathLike, config: SplitConfig |
         split = assign(table, cfg)
     except ValueError as err:  # what the data cannot give: name the file that holds it
         raise LabelError(labels, None, str(err)) from None
+    if (left_out := split == LEFT_OUT).any():
+        left_out_lesions = sorted(table.loc[left_out, "lesion_id"].unique())
+        log.warning("%d lesions (%d images) have images from several sources and are left out "
+                    "of every split, e.g. %s", len(left_out_lesions), left_out.sum(),
+                    left_out_lesions[0])
+        table, split = table[~left_out].reset_index(drop=True), split[~left_out]
+    else:
+        left_out_lesions = []
     change = (None if previous is None else
               _against_previous(labels, Path(previous), versioned(table, split), cfg.accept_relabel))
 
@@ -311,7 +322,8 @@ def run(labels: str | os.PathLike, out: str | os.PathLike, config: SplitConfig |
         atomic.write_bytes(out / outputs.split_csv(name), data)
 
     report = {"mode": mode, "seed": seed, "val_frac": val_frac, "test_frac": test_frac,
-              **({"test_sources": list(cfg.test_sources)} if mode == "source" else {}),
+              **({"test_sources": list(cfg.test_sources),
+                  "left_out_mixed_source_lesions": left_out_lesions} if mode == "source" else {}),
               "labels": str(labels), "metadata": str(metadata) if metadata else None,
               **_report(table, split), "split_hash": digest.hexdigest(),
               **({"previous": change} if previous is not None else {})}

@@ -133,12 +133,16 @@ def test_source_split_holds_out_whole_sources(tmp_path):
     assert report["sources"] == {"train": {"SITE_A": report["sizes"]["train"]},
                                  "val": {"SITE_A": report["sizes"]["val"]}, "test": {"SITE_B": 80}}
     assert report["lesions_shared"] == {"train_val": 0, "train_test": 0, "val_test": 0}
-    assert report["test_sources"] == ["SITE_B"]
+    assert report["test_sources"] == ["SITE_B"] and report["left_out_mixed_source_lesions"] == []
     (tmp_path / "bad.csv").write_text("image,lesion_id,source\n" + "\n".join(
         m if not m.startswith("img001,") else "img001,L0,SITE_A" for m in meta) + "\n")
-    with pytest.raises(ValueError, match="lesion L0 has images from several sources"):
-        split.run(tmp_path / "labels.csv", tmp_path / "o3", metadata=tmp_path / "bad.csv",
-                  mode="source", test_sources=["SITE_B"])
+    # a lesion imaged at both sites belongs to neither: left out of every split, and listed
+    mixed = split.run(tmp_path / "labels.csv", tmp_path / "o3", metadata=tmp_path / "bad.csv",
+                      mode="source", test_sources=["SITE_B"], val_frac=0.2)
+    assert mixed["left_out_mixed_source_lesions"] == ["L0"]
+    assert sum(mixed["sizes"].values()) == 238 and mixed["sizes"]["test"] == 78
+    parts = read_splits(tmp_path / "o3")
+    assert not {"img000", "img001"} & set(pd.concat(parts.values())["image"])
     with pytest.raises(ValueError, match=r"test sources \['SITE_C'\] are not in the data"):
         split.run(tmp_path / "labels.csv", tmp_path / "o2", metadata=tmp_path / "meta.csv",
                   mode="source", test_sources=["SITE_C"])
