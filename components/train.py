@@ -30,7 +30,7 @@ from components.common.labels import LabelError
 from components.training import checkpoint, run_record, trainjob
 from components.training.balance import class_balance
 from components.training.dataset import SplitDataset, read_split
-from components.training.inputs import choose_resident, make_input
+from components.training.batches import choose_resident, make_input
 from components.training.losses import SoftTargetCrossEntropy
 from components.training.out_dir import (TrainingRefused, auto_resume, exclusive, lineage,
                                          refuse_clobbering, settings_fingerprint)
