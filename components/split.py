@@ -167,8 +167,9 @@ def _several_classes(table: pd.DataFrame) -> dict[str, list[str]]:
     return several
 
 
-def run(labels: str | os.PathLike, out: str | os.PathLike, config: SplitConfig | None = None,
-        *, metadata: str | os.PathLike | None = None, **settings) -> dict:
+def run(labels: str | os.PathLike, out: str | os.PathLike, *,
+        config: SplitConfig | None = None, metadata: str | os.PathLike | None = None,
+        **settings) -> dict:
     """Write train/val/test CSVs and split_report.json into `out`; return the report.
 
     config (or settings such as mode=, seed=): params.yaml's `split` section.
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SplitConfig.resolve(cli_args.params_paths(args), mode=args.mode, seed=args.seed,
                                   val_frac=args.val_frac, test_frac=args.test_frac,
                                   test_sources=args.test_sources)
-        report = run(args.labels, args.out, cfg, metadata=args.metadata)
+        report = run(args.labels, args.out, config=cfg, metadata=args.metadata)
     except (ConfigError, LabelError, ValueError) as err:
         print(f"split: {err}", file=sys.stderr)
         return 1
