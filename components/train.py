@@ -36,7 +36,7 @@ from components.training.out_dir import (TrainingRefused, auto_resume, exclusive
                                          refuse_clobbering, settings_fingerprint)
 from components.training.samplers import make_sampler, seed_everything
 from components.training.trainer import NonFiniteLoss, Runtime, Trainer, init_runtime
-from components.training.training_data import TrainingData
+from components.training.training_data import TrainingData, UnreadableInput
 
 __all__ = ["TrainConfig", "TrainingData", "TrainingRefused", "run", "main"]
 
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                       resume_fallback=args.resume_fallback)
         check_params_unchanged(params_files, params)
     except (checkpoint.CheckpointError, tracking.TrackingUnreachable, TrainingRefused,
-            LabelError, ConfigError, NonFiniteLoss) as err:
+            LabelError, ConfigError, NonFiniteLoss, UnreadableInput) as err:
         print(f"train: {tracking.scrub(str(err))}", file=sys.stderr)
         return 1
     except OSError as err:  # a missing input, a read-only or full output folder

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from components import train
 from components.common import outputs
 from components.training.training_data import TrainingData
 from tiny_data import dvc_project
@@ -93,3 +94,22 @@ def test_the_input_digest_follows_every_file_a_training_depends_on(files, tmp_pa
     after_weights = digest()
     (files["img_dir"].parent / outputs.PREPROCESS_REPORT).write_text('{"size": 64}')
     assert digest() != after_weights
+
+
+@pytest.mark.parametrize("broken", ["split report", "preprocess report", "dvc file"])
+def test_an_unreadable_report_stops_the_training_in_one_line_naming_it(files, tmp_path,
+                                                                        monkeypatch, capsys,
+                                                                        broken):
+    project = tmp_path / "project"
+    dvc_project(project, "0123abcd")
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    path = {"split report": files["train_csv"].parent / outputs.SPLIT_REPORT,
+            "preprocess report": files["img_dir"].parent / outputs.PREPROCESS_REPORT,
+            "dvc file": project / outputs.RAW_DATA_DVC}[broken]
+    path.write_text('{"mode": "grouped", [secret')
+    out = tmp_path / "out"
+    assert train.main(["--train_csv", str(files["train_csv"]), "--img_dir",
+                       str(files["img_dir"]), "--out_dir", str(out), "--no_mlflow"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"train: {path}: ") and err.count("\n") == 1
+    assert "secret" not in err and not out.exists()

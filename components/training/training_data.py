@@ -29,6 +29,11 @@ from components.common import outputs, tracking
 PathLike = str | os.PathLike
 
 
+class UnreadableInput(ValueError):
+    """A report or DVC file beside the inputs that cannot be parsed; the message names it and
+    its line, never its content."""
+
+
 @dataclass(frozen=True)
 class DataVersion:
     """Which data the project held: its git commit (or "unknown") and the md5 DVC recorded in
@@ -48,8 +53,16 @@ class DataVersion:
         dvc_file = project / outputs.RAW_DATA_DVC
         dvc_hash = None
         if dvc_file.is_file():
-            outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-            dvc_hash = str(outs[0].get("md5") or "").removesuffix(".dir") or None
+            try:
+                outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+                dvc_hash = str(outs[0].get("md5") or "").removesuffix(".dir") or None
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" (line {mark.line + 1})" if mark else ""
+                raise UnreadableInput(f"{dvc_file}: not valid YAML{where}") from None
+            except (AttributeError, IndexError, TypeError):
+                raise UnreadableInput(f"{dvc_file}: not a DVC file (no outs: - md5: ...)"
+                                      ) from None
         commit = tracking.git_commit(project)
         return cls(commit, dvc_hash, commit != "unknown" and _unchanged(project,
                                                                        outputs.RAW_DATA_DVC))
@@ -136,4 +149,12 @@ def _lineage(train_csv: PathLike, img_dir: PathLike) -> dict:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        found = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UnreadableInput(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(found, dict):
+        raise UnreadableInput(f"{path}: not a JSON object")
+    return found
