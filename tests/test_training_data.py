@@ -11,6 +11,7 @@ import pytest
 
 from components import train
 from components.common import outputs
+from components.training import run_record
 from components.training.training_data import TrainingData
 from tiny_data import dvc_project
 
@@ -49,6 +50,8 @@ def test_the_data_version_is_the_projects_not_the_working_folders(files, tmp_pat
     edited = TrainingData.read(**files)
     assert (edited.version.commit, edited.version.dvc_hash, edited.version.rev) == (
         rev, "4567cdef", None)
+    assert run_record.data_rev(edited.version) == "uncommitted"
+    assert "4567cdef, not committed" in run_record.data_version(edited)
 
 
 def test_without_dvc_the_data_hash_is_the_manifests_else_the_split_csvs(files, tmp_path):
@@ -58,6 +61,8 @@ def test_without_dvc_the_data_hash_is_the_manifests_else_the_split_csvs(files, t
     manifest.write_text("image,label,src_file\ntrain_1,0,a.jpg\n")
     data = TrainingData.read(**files, project=project)
     assert data.version.dvc_hash is None and data.version.rev is None
+    assert run_record.data_rev(data.version) == "none"
+    assert run_record.data_version(data).startswith("not versioned by DVC")
     assert data.data_hash == hashlib.md5(manifest.read_bytes()).hexdigest()
 
     manifest.unlink()

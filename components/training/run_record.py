@@ -13,7 +13,7 @@ import torch
 
 from components.common import outputs
 from components.common.config import TrainConfig
-from components.training.training_data import TrainingData
+from components.training.training_data import DataVersion, TrainingData
 
 # Settings that change how fast a run goes, not what it learns: left out of its name.
 RUNTIME_SETTINGS = {"num_workers", "compile", "gpu_resident", "gpu_resident_max_share"}
@@ -83,6 +83,12 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
+def data_rev(version: DataVersion) -> str:
+    """The data_rev tag: the git revision holding the data, else "uncommitted" (data/raw.dvc
+    edited since the commit) or "none" (no data/raw.dvc)."""
+    return version.rev or ("none" if version.dvc_hash is None else "uncommitted")
+
+
 def log_start(run_, cfg: TrainConfig, run_config: dict, device: torch.device, world_size: int,
               data: TrainingData, frames: dict) -> None:
     """Params, tags, name, description and datasets of a new training run."""
@@ -96,8 +102,7 @@ def log_start(run_, cfg: TrainConfig, run_config: dict, device: torch.device, wo
                    "color_constancy": lineage.get("color_constancy") or "none",
                    "preprocess_corrupt": str(lineage.get("preprocess_corrupt") or 0),
                    "git_commit": version.commit, "data_hash": data.data_hash,
-                   "data_rev": version.rev or ("none" if version.dvc_hash is None
-                                               else "uncommitted"),
+                   "data_rev": data_rev(version),
                    "device": device_name(device), "world_size": str(world_size),
                    **dvc_experiment_tags()})
     run_.log_datasets(frames, data.data_hash)
