@@ -50,22 +50,24 @@ class DataVersion:
 
     @classmethod
     def of(cls, project: Path) -> "DataVersion":
-        dvc_file = project / outputs.RAW_DATA_DVC
-        dvc_hash = None
-        if dvc_file.is_file():
-            try:
-                outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-                dvc_hash = str(outs[0].get("md5") or "").removesuffix(".dir") or None
-            except yaml.YAMLError as err:
-                mark = getattr(err, "problem_mark", None)
-                where = f" (line {mark.line + 1})" if mark else ""
-                raise UnreadableInput(f"{dvc_file}: not valid YAML{where}") from None
-            except (AttributeError, IndexError, TypeError):
-                raise UnreadableInput(f"{dvc_file}: not a DVC file (no outs: - md5: ...)"
-                                      ) from None
         commit = tracking.git_commit(project)
-        return cls(commit, dvc_hash, commit != "unknown" and _unchanged(project,
-                                                                       outputs.RAW_DATA_DVC))
+        return cls(commit, _dvc_hash(project / outputs.RAW_DATA_DVC),
+                   committed=commit != "unknown" and _unchanged(project, outputs.RAW_DATA_DVC))
+
+
+def _dvc_hash(dvc_file: Path) -> str | None:
+    """The md5 `dvc add` recorded in dvc_file (without DVC's ".dir"), None without the file."""
+    if not dvc_file.is_file():
+        return None
+    try:
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+        return str(outs[0].get("md5") or "").removesuffix(".dir") or None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UnreadableInput(f"{dvc_file}: not valid YAML{where}") from None
+    except (AttributeError, IndexError, TypeError):
+        raise UnreadableInput(f"{dvc_file}: not a DVC file (no outs: - md5: ...)") from None
 
 
 def _unchanged(repo: Path, path: str) -> bool:
