@@ -40,16 +40,17 @@ def held_out(prepared: Path, source: str, out: Path, params: dict, use_mlflow: b
         return json.loads(result_file.read_text())
     splits = out / "splits"
     split.run(prepared / outputs.KEPT_LABELS, splits,
-              SplitConfig.resolve(params, mode="source", test_sources=[source]),
+              config=SplitConfig.resolve(params, mode="source", test_sources=[source]),
               metadata=prepared / outputs.KEPT_METADATA)
     class_weights.run(splits / "train.csv", out / "class_weights.json",
-                      ClassWeightsConfig.resolve(params))
-    train.run(splits / "train.csv", prepared / outputs.PREPARED_IMAGES, out / "train",
-              val_csv=splits / "val.csv", class_weights=out / "class_weights.json",
-              config=TrainConfig.resolve(params), resume="auto", mlflow=use_mlflow,
-              experiment="cross-site")
+                      config=ClassWeightsConfig.resolve(params))
+    data = train.TrainingData.read(splits / "train.csv", prepared / outputs.PREPARED_IMAGES,
+                                   val_csv=splits / "val.csv",
+                                   class_weights=out / "class_weights.json")
+    train.run(data, out / "train", config=TrainConfig.resolve(params), resume="auto",
+              use_mlflow=use_mlflow, experiment="cross-site")
     evaluate.run(out / "train", splits / "test.csv", prepared / outputs.PREPARED_IMAGES,
-                 out / "eval", EvaluateConfig.resolve(params), use_mlflow=use_mlflow)
+                 out / "eval", config=EvaluateConfig.resolve(params), use_mlflow=use_mlflow)
     metrics = json.loads((out / "eval" / outputs.METRICS).read_text())
     result = {"source": source, "n_images": metrics["n_images"],
               **{k: metrics[k] for k in SHOWN}, "ci95": {k: metrics["ci95"][k] for k in SHOWN},
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.color_constancy:
         params.setdefault("preprocess", {})["color_constancy"] = args.color_constancy
     prepared = args.out / "prepared"
-    preprocess.run(args.labels, args.images, prepared, PreprocessConfig.resolve(params),
+    preprocess.run(args.labels, args.images, prepared, config=PreprocessConfig.resolve(params),
                    metadata=args.metadata)
     found = sources(read_labels(prepared / outputs.KEPT_LABELS,
                                 metadata=prepared / outputs.KEPT_METADATA))

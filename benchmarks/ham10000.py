@@ -102,13 +102,14 @@ def run_one(name: str, seed: int, cfg: TrainConfig, splits: dict, img_dir: Path,
     weights = out / "class_weights.json"
     class_weights.run(splits["train"], weights, method=method, beta=beta)
     resume = out / LAST if (out / LAST).is_file() else None
-    summary = train.run(splits["train"], img_dir, out, val_csv=splits["val"], config=cfg,
-                        class_weights=weights, resume=resume, mlflow=use_mlflow,
+    data = train.TrainingData.read(splits["train"], img_dir, val_csv=splits["val"],
+                                   class_weights=weights)
+    summary = train.run(data, out, config=cfg, resume=resume, use_mlflow=use_mlflow,
                         experiment="ham10000-study")
     scores = {}
     for part in ("val", "test"):
         metrics = evaluate.run(out / EMA_WEIGHTS, splits[part], img_dir, out / f"eval_{part}",
-                               evaluation, use_mlflow=False)
+                               config=evaluation, use_mlflow=False)
         full = json.loads((out / f"eval_{part}" / "metrics.json").read_text())
         scores[part] = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
         scores[part]["ci95"] = {k: full["ci95"][k] for k in scores[part]}

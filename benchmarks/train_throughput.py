@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.common import tracking  # noqa: E402
 from components.training.dataset import SplitDataset  # noqa: E402
-from components.training.inputs import make_input  # noqa: E402
+from components.training.batches import make_input  # noqa: E402
 from components.common.labels import CLASSES  # noqa: E402
 from components.training.losses import SoftTargetCrossEntropy  # noqa: E402
 from components.training.samplers import make_sampler  # noqa: E402

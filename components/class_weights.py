@@ -19,7 +19,7 @@ from components.common.labels import CLASSES, LabelError, read_labels
 from components.training.balance import METHODS, weights_for_counts
 
 
-def run(train: str | os.PathLike, out: str | os.PathLike,
+def run(train: str | os.PathLike, out: str | os.PathLike, *,
         config: ClassWeightsConfig | None = None, **settings) -> dict:
     """Write {classes, counts, priors, weights, method} for the train CSV to `out`; return it.
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = ClassWeightsConfig.resolve(cli_args.params_paths(args), method=args.method,
                                          beta=args.beta)
-        result = run(args.train, args.out, cfg)
+        result = run(args.train, args.out, config=cfg)
     except (ConfigError, LabelError) as err:
         print(f"class_weights: {err}", file=sys.stderr)
         return 1

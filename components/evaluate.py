@@ -75,7 +75,7 @@ class ModelRefused(ValueError):
 
 
 def run(model: str | os.PathLike, test_csv: str | os.PathLike, img_dir: str | os.PathLike,
-        out: str | os.PathLike, config: EvaluateConfig | None = None, *,
+        out: str | os.PathLike, *, config: EvaluateConfig | None = None,
         device: str | None = None, num_workers: int = 0, use_mlflow: bool = True,
         img_size: int | None = None) -> dict:
     """Predict the test split, write metrics, tables and figures to `out`, log them to MLflow.
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EvaluateConfig.resolve(cli_args.params_paths(args), tta=args.tta,
                                      batch_size=args.batch_size, bootstrap=args.bootstrap,
                                      seed=args.seed)
-        summary = run(args.model, args.test_csv, args.img_dir, args.out, cfg,
+        summary = run(args.model, args.test_csv, args.img_dir, args.out, config=cfg,
                       img_size=args.img_size, device=args.device, num_workers=args.num_workers,
                       use_mlflow=args.use_mlflow)
     except (ConfigError, ModelRefused, checkpoint.CheckpointError,

@@ -112,8 +112,8 @@ def _map(jobs: list[dict], workers: int, stop_on_corrupt: bool):
             pool.shutdown(cancel_futures=True)
 
 
-def run(labels: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike,
-        config: PreprocessConfig | None = None, *, metadata: str | os.PathLike | None = None,
+def run(labels: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
+        config: PreprocessConfig | None = None, metadata: str | os.PathLike | None = None,
         workers: int | None = None, draft: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
         **settings) -> dict:
     """Resize every labelled image in `images` into `out`; return the report's counts.
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PreprocessConfig.resolve(cli_args.params_paths(args), size=args.size,
                                        skip_corrupt=args.skip_corrupt,
                                        color_constancy=args.color_constancy)
-        result = run(args.labels, args.images, args.out, cfg, metadata=args.metadata,
+        result = run(args.labels, args.images, args.out, config=cfg, metadata=args.metadata,
                      workers=args.workers, draft=args.draft, max_pixels=args.max_pixels)
     except (ConfigError, LabelError, CorruptImageError) as err:
         print(f"preprocess: {err}", file=sys.stderr)

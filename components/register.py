@@ -202,7 +202,7 @@ def _logged_model(client, run_id: str):
 
 
 def run(source: str | os.PathLike, metrics: str | os.PathLike | dict,
-        split_report: str | os.PathLike | dict, config: RegisterConfig | None = None, *,
+        split_report: str | os.PathLike | dict, *, config: RegisterConfig | None = None,
         tracking_uri: str | None = None, alias: str = registry.CHALLENGER,
         extra_tags: dict | None = None, use_gate: bool = True,
         experiment: str = tracking.DEFAULT_EXPERIMENT) -> dict:
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = RegisterConfig.resolve(cli_args.params_paths(args), model_name=args.model_name)
-        result = run(args.train_dir or args.run_id, args.metrics, args.split_report, cfg,
+        result = run(args.train_dir or args.run_id, args.metrics, args.split_report, config=cfg,
                      tracking_uri=args.tracking_uri, alias=args.alias, use_gate=args.gate)
     except (registry.RegistryUnavailable, registry.BadName, FileNotFoundError, LookupError,
             LineageError, ConfigError, checkpoint.CheckpointError) as err:

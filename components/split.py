@@ -285,8 +285,8 @@ def _against_previous(labels, previous: Path, current: pd.DataFrame, accept_rela
     return change
 
 
-def run(labels: str | os.PathLike, out: str | os.PathLike, config: SplitConfig | None = None,
-        *, metadata: str | os.PathLike | None = None, previous: str | os.PathLike | None = None,
+def run(labels: str | os.PathLike, out: str | os.PathLike, *, config: SplitConfig | None = None,
+        metadata: str | os.PathLike | None = None, previous: str | os.PathLike | None = None,
         **settings) -> dict:
     """Write train/val/test CSVs and split_report.json into `out`; return the report.
 
@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                                   val_frac=args.val_frac, test_frac=args.test_frac,
                                   test_sources=args.test_sources,
                                   accept_relabel=args.accept_relabel)
-        report = run(args.labels, args.out, cfg, metadata=args.metadata, previous=args.previous)
+        report = run(args.labels, args.out, config=cfg, metadata=args.metadata,
+                     previous=args.previous)
     except (ConfigError, LabelError, ValueError) as err:
         print(f"split: {err}", file=sys.stderr)
         return 1

@@ -30,23 +30,24 @@ from components.common.labels import LabelError
 from components.training import checkpoint, run_record
 from components.training.balance import class_balance
 from components.training.dataset import SplitDataset, read_split
-from components.training.inputs import choose_resident, make_input
+from components.training.batches import choose_resident, make_input
 from components.training.losses import SoftTargetCrossEntropy
-from components.training.out_dir import (TrainingRefused, auto_resume, exclusive, lineage,
+from components.training.out_dir import (TrainingRefused, auto_resume, exclusive,
                                          refuse_clobbering, settings_fingerprint)
 from components.training.samplers import make_sampler, seed_everything
 from components.training.trainer import NonFiniteLoss, Runtime, Trainer, init_runtime
+from components.training.training_data import TrainingData, UnreadableInput
 
-__all__ = ["TrainConfig", "TrainingRefused", "run", "main"]
+__all__ = ["TrainConfig", "TrainingData", "TrainingRefused", "run", "main"]
 
 
-def run(train_csv, img_dir, out_dir, *, val_csv=None, test_csv=None, class_weights=None,
-        config: TrainConfig | None = None, resume=None, overfit_n: int | None = None,
-        mlflow: bool = True, experiment: str = tracking.DEFAULT_EXPERIMENT,
-        stop_after_epoch: int | None = None, resume_fallback: bool = False) -> dict:
-    """Train; returns the training summary (also written to out_dir/training_summary.json).
+def run(data: TrainingData, out, *, config: TrainConfig | None = None, resume=None,
+        overfit_n: int | None = None, use_mlflow: bool = True,
+        experiment: str = tracking.DEFAULT_EXPERIMENT, stop_after_epoch: int | None = None,
+        resume_fallback: bool = False) -> dict:
+    """Train on `data` into the folder `out`; returns the training summary (also written to
+    out/training_summary.json).
 
-    class_weights: the class_weights step's JSON (default: inverse frequency of train_csv).
     overfit_n: train and validate on the same first n training images (a sanity check).
     stop_after_epoch: end this invocation after that many epochs, as a preemption would;
         `resume` continues exactly where it stopped.
@@ -54,12 +55,12 @@ def run(train_csv, img_dir, out_dir, *, val_csv=None, test_csv=None, class_weigh
         (with a warning) instead of refusing.
     """
     cfg = config or TrainConfig()
-    out_dir = Path(out_dir)
+    out_dir = Path(out)
     if overfit_n:
-        cfg, val_csv = cfg.for_overfit(), None
+        cfg = cfg.for_overfit()
+        data = data.without_validation() if data.val_csv else data
     rt = init_runtime()
-    fingerprint = settings_fingerprint(cfg, rt.world_size, train_csv, val_csv, class_weights,
-                                       img_dir, overfit_n)
+    fingerprint = settings_fingerprint(cfg, rt.world_size, data.input_digest, overfit_n)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     started = time.time()
 
@@ -68,45 +69,41 @@ def run(train_csv, img_dir, out_dir, *, val_csv=None, test_csv=None, class_weigh
         # checkpoint and opens MLflow; every rank learns the outcome and the file resumed, so
         # a refusal stops them all instead of leaving them waiting.
         ckpt, run_, resume = _collective(rt, lambda: _preflight(
-            stack, out_dir, resume, fingerprint, mlflow, experiment, resume_fallback))
+            stack, out_dir, resume, fingerprint, use_mlflow, experiment, resume_fallback))
         if resume is not None and not rt.is_main:  # every rank restores weights and optimiser
             ckpt = checkpoint.load(resume)
-        train_frame = read_split(train_csv)
+        train_frame = read_split(data.train_csv)
         if overfit_n:
             train_frame = train_frame.iloc[:overfit_n]
-        val_frame = train_frame if overfit_n else (read_split(val_csv) if val_csv else None)
-        weights, priors = class_balance(class_weights, train_frame)
-        inputs = lineage(train_csv, img_dir)
-        run_config = {"train": cfg.as_dict(), "train_csv": str(train_csv),
-                      "val_csv": str(val_csv), "test_csv": str(test_csv), "img_dir": str(img_dir),
-                      "class_weights": str(class_weights), "overfit_n": overfit_n,
+        val_frame = train_frame if overfit_n else (read_split(data.val_csv) if data.val_csv
+                                                   else None)
+        weights, priors = class_balance(data.class_weights, train_frame)
+        run_config = {"train": cfg.as_dict(), **data.params(), "overfit_n": overfit_n,
                       "world_size": rt.world_size, "fingerprint": fingerprint}
 
-        train_input, val_input, common = _inputs(cfg, rt, train_frame, val_frame, img_dir,
-                                                 weights)
+        train_input, val_input, common = _batches(cfg, rt, train_frame, val_frame,
+                                                  data.img_dir, weights)
         criterion = SoftTargetCrossEntropy(
             weights if cfg.class_weighted_loss else None,
             priors.log() if cfg.logit_adjust_tau else None, cfg.logit_adjust_tau)
         trainer = Trainer(cfg, rt, train_input, val_input, criterion, run_, out_dir, run_config,
-                          lineage=inputs)
+                          lineage=data.lineage)
         if ckpt is not None:
             trainer.restore(ckpt)  # rank 0's generators too; other ranks reseed every epoch
             if rt.is_main:
                 trainer.restore_best_link(resume)
         if ckpt is None and rt.is_main:
-            frames = {"training": (train_frame, train_csv)}
-            if val_frame is not None and val_csv:
-                frames["validation"] = (val_frame, val_csv)
-            run_record.log_start(run_, cfg, run_config, rt.device, rt.world_size, inputs,
-                                 img_dir, frames)
+            frames = {"training": (train_frame, data.train_csv)}
+            if val_frame is not None and data.val_csv:
+                frames["validation"] = (val_frame, data.val_csv)
+            run_record.log_start(run_, cfg, run_config, rt.device, rt.world_size, data, frames)
         _print_start(rt, cfg, common["resident"], len(train_frame),
                      len(val_frame) if val_frame is not None else 0, trainer)
 
         state = trainer.fit(stop_after_epoch)
         summary = None
         if rt.is_main:
-            summary = _finish(trainer, state, run_, out_dir, test_csv, img_dir, common, started,
-                              inputs)
+            summary = _finish(trainer, state, run_, out_dir, data, common, started)
     if summary is not None and run_.failure != summary["tracking_error"]:  # failed at the end
         summary["tracking_error"] = run_.failure
         atomic.write_json(out_dir / outputs.TRAINING_SUMMARY, summary)
@@ -141,7 +138,7 @@ def _preflight(stack: contextlib.ExitStack, out_dir: Path, resume, fingerprint: 
     return ckpt, run_, resume
 
 
-def _inputs(cfg: TrainConfig, rt: Runtime, train_frame, val_frame, img_dir, weights):
+def _batches(cfg: TrainConfig, rt: Runtime, train_frame, val_frame, img_dir, weights):
     """(train input, val input or None, the settings both share): the device-resident path
     when the images fit (or are asked to), else the DataLoader; the sampler per the recipe."""
     train_set = SplitDataset(train_frame, img_dir)
@@ -190,8 +187,8 @@ def _print_start(rt, cfg, resident, n_train, n_val, trainer) -> None:
 
 
 # -- after training (rank 0) ------------------------------------------------------------------
-def _finish(trainer: Trainer, state, run_, out_dir: Path, test_csv, img_dir, common: dict,
-            started: float, inputs: dict) -> dict:
+def _finish(trainer: Trainer, state, run_, out_dir: Path, data: TrainingData, common: dict,
+            started: float) -> dict:
     """Save the EMA weights, test them, log the served model, write training_summary.json."""
     completed = state.epoch >= trainer.cfg.epochs
     paths = {"checkpoint_last": str(out_dir / outputs.CHECKPOINT_LAST),
@@ -199,9 +196,9 @@ def _finish(trainer: Trainer, state, run_, out_dir: Path, test_csv, img_dir, com
     test = None
     if completed:
         paths["ema_weights"] = str(trainer.save_ema_weights())
-        if test_csv:
-            test_input = make_input(SplitDataset.from_csv(test_csv, img_dir), augment=False,
-                                    **common)
+        if data.test_csv:
+            test_input = make_input(SplitDataset.from_csv(data.test_csv, data.img_dir),
+                                    augment=False, **common)
             test = trainer.validate(trainer.ema.module, "test_ema", test_input)
             run_.log_metrics(test, step=state.epoch)
         paths["mlflow_model_uri"] = log_served_model(run_, paths["ema_weights"])
@@ -211,7 +208,7 @@ def _finish(trainer: Trainer, state, run_, out_dir: Path, test_csv, img_dir, com
         "best": state.best, "final": state.history[-1] if state.history else None,
         "test": test, "mlflow_run_id": run_.run_id,
         "tracking_uri": tracking.redact(tracking.tracking_uri()) if run_.active else None,
-        "tracking_error": run_.failure, "split_hash": inputs.get("split_hash"),
+        "tracking_error": run_.failure, "split_hash": data.lineage.get("split_hash"),
         "input_path": "gpu-resident" if common["resident"] else "dataloader",
         "seconds": round(time.time() - started, 1), "paths": paths,
     }
@@ -308,15 +305,16 @@ def main(argv: list[str] | None = None) -> int:
                               f"a cluster with `skinlesion pipeline train-job --image IMAGE --pvc "
                               f"PVC <these flags>`, or on one machine with `torchrun "
                               f"--nproc-per-node {cfg.gpus_per_node} -m components.train ...`")
-        summary = run(args.train_csv, args.img_dir, args.out_dir, val_csv=args.val_csv,
-                      test_csv=args.test_csv, class_weights=args.class_weights, config=cfg,
-                      resume=args.resume, overfit_n=args.overfit_n if args.overfit_mode else None,
-                      mlflow=args.mlflow, experiment=args.experiment,
+        data = TrainingData.read(args.train_csv, args.img_dir, val_csv=args.val_csv,
+                                 test_csv=args.test_csv, class_weights=args.class_weights)
+        summary = run(data, args.out_dir, config=cfg, resume=args.resume,
+                      overfit_n=args.overfit_n if args.overfit_mode else None,
+                      use_mlflow=args.mlflow, experiment=args.experiment,
                       stop_after_epoch=args.stop_after_epoch,
                       resume_fallback=args.resume_fallback)
         check_params_unchanged(params_files, params)
     except (checkpoint.CheckpointError, tracking.TrackingUnreachable, TrainingRefused,
-            LabelError, ConfigError, NonFiniteLoss) as err:
+            LabelError, ConfigError, NonFiniteLoss, UnreadableInput) as err:
         print(f"train: {tracking.scrub(str(err))}", file=sys.stderr)
         return 1
     except OSError as err:  # a missing input, a read-only or full output folder

@@ -115,11 +115,12 @@ def make_runs(work: Path, n_images: int = 64, epochs: tuple[int, int] = (1, 2)) 
         cfg = TrainConfig(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), img_size=32,
                           batch_size=8, epochs=n_epochs, warmup_epochs=1, num_workers=0,
                           seed=i, gpu_resident="off", mixup_alpha=0.0, ema_decay=0.9)
-        train.run(splits / "train.csv", prepared / "images", out / "train",
-                  val_csv=splits / "val.csv", class_weights=work / "class_weights.json",
-                  config=cfg, experiment=EXPERIMENT)
+        data = train.TrainingData.read(splits / "train.csv", prepared / "images",
+                                       val_csv=splits / "val.csv",
+                                       class_weights=work / "class_weights.json")
+        train.run(data, out / "train", config=cfg, experiment=EXPERIMENT)
         evaluate.run(out / "train", splits / "test.csv", prepared / "images", out / "eval",
-                     EvaluateConfig(bootstrap=50))
+                     config=EvaluateConfig(bootstrap=50))
         result = register.run(out / "train", out / "eval" / "metrics.json", report,
                               experiment=EXPERIMENT)
         if not result.get("version"):

@@ -74,7 +74,8 @@ def preprocess(
 
     metadata = os.path.join(raw.path, "metadata.csv")
     result = step.run(os.path.join(raw.path, "labels.csv"), os.path.join(raw.path, "images"),
-                      prepared.path, PreprocessConfig.from_dict(preprocess_params, "pipeline"),
+                      prepared.path,
+                      config=PreprocessConfig.from_dict(preprocess_params, "pipeline"),
                       metadata=metadata if os.path.isfile(metadata) else None)
     prepared.metadata.update(provenance(raw.metadata))
     prepared.metadata.update({k: v for k, v in result.items()
@@ -98,7 +99,7 @@ def split(
 
     metadata = os.path.join(prepared.path, outputs.KEPT_METADATA)
     report = step.run(os.path.join(prepared.path, outputs.KEPT_LABELS), splits.path,
-                      SplitConfig.from_dict(split_params, "pipeline"),
+                      config=SplitConfig.from_dict(split_params, "pipeline"),
                       metadata=metadata if os.path.isfile(metadata) else None)
     splits.metadata.update(provenance(prepared.metadata))
     splits.metadata.update({"mode": report["mode"], "seed": report["seed"],
@@ -120,7 +121,7 @@ def class_weights(
     from pipeline.publish import provenance
 
     step.run(os.path.join(splits.path, outputs.split_csv("train")), weights.path,
-             ClassWeightsConfig.from_dict(class_weights_params, "pipeline"))
+             config=ClassWeightsConfig.from_dict(class_weights_params, "pipeline"))
     weights.metadata.update(provenance(splits.metadata))
 
 
@@ -147,15 +148,13 @@ def train(
 
     configure_services(mlflow_tracking_uri, s3_endpoint_url)
     config = TrainConfig.from_dict(train_params, "pipeline")
-    summary = step.run(
+    data = step.TrainingData.read(
         os.path.join(splits.path, outputs.split_csv("train")),
         os.path.join(prepared.path, outputs.PREPARED_IMAGES),
-        model.path,
         val_csv=os.path.join(splits.path, outputs.split_csv("val")),
         class_weights=weights.path,
-        config=config,
-        experiment=mlflow_experiment,
     )
+    summary = step.run(data, model.path, config=config, experiment=mlflow_experiment)
     publish_training(model, train_metrics, summary, prepared, splits, config)
 
 
@@ -234,7 +233,7 @@ def evaluate(
     configure_services(mlflow_tracking_uri, s3_endpoint_url)
     result = step.run(model.path, os.path.join(splits.path, outputs.split_csv("test")),
                       os.path.join(prepared.path, outputs.PREPARED_IMAGES), evaluation.path,
-                      EvaluateConfig.from_dict(evaluate_params, "pipeline"))
+                      config=EvaluateConfig.from_dict(evaluate_params, "pipeline"))
     kfp = kfp_outputs(evaluation.path)
     for name, value in kfp["scalars"]:
         metrics.log_metric(name, value)
@@ -274,7 +273,8 @@ def register(
     tags = provenance(model.metadata)
     result = step.run(model.path, os.path.join(evaluation.path, outputs.METRICS),
                       os.path.join(splits.path, outputs.SPLIT_REPORT),
-                      RegisterConfig.from_dict(register_params, "pipeline"), extra_tags=tags,
+                      config=RegisterConfig.from_dict(register_params, "pipeline"),
+                      extra_tags=tags,
                       experiment=mlflow_experiment)
     os.makedirs(os.path.dirname(registration.path), exist_ok=True)
     with open(registration.path, "w") as f:

@@ -64,7 +64,7 @@ def data(tmp_path_factory):
 def _run(data, out, model=None, use_mlflow=False, **settings):
     cfg = EvaluateConfig(**{"bootstrap": 30, "batch_size": 8, **settings})
     return evaluate.run(model or data / "checkpoint_last.pt", data / "test.csv",
-                        data / "images", out, cfg, use_mlflow=use_mlflow)
+                        data / "images", out, config=cfg, use_mlflow=use_mlflow)
 
 
 def test_end_to_end_outputs_are_consistent(data, tmp_path):
@@ -253,7 +253,8 @@ def test_per_source_metrics_when_the_test_set_has_several_sources(data, tmp_path
     test["source"] = np.where(np.arange(len(test)) < 16, "SITE_A", "SITE_B")
     test.to_csv(tmp_path / "test.csv", index=False)
     evaluate.run(data / "checkpoint_last.pt", tmp_path / "test.csv", data / "images",
-                 tmp_path / "e", EvaluateConfig(bootstrap=20, batch_size=8), use_mlflow=False)
+                 tmp_path / "e", config=EvaluateConfig(bootstrap=20, batch_size=8),
+                 use_mlflow=False)
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     per_source = metrics["per_source"]
     assert set(per_source) == {"SITE_A", "SITE_B"}
@@ -277,7 +278,8 @@ def test_per_source_metrics_when_the_test_set_has_several_sources(data, tmp_path
     test["lesion_id"] = np.where(np.arange(len(test)) < 16, "BCN_", "HAM_") + test["lesion_id"]
     test.to_csv(tmp_path / "test.csv", index=False)
     evaluate.run(data / "checkpoint_last.pt", tmp_path / "test.csv", data / "images",
-                 tmp_path / "p", EvaluateConfig(bootstrap=0, batch_size=8), use_mlflow=False)
+                 tmp_path / "p", config=EvaluateConfig(bootstrap=0, batch_size=8),
+                 use_mlflow=False)
     metrics = json.loads((tmp_path / "p" / "metrics.json").read_text())
     assert set(metrics["per_source"]) == set(metrics["cross_site"]["tasks"]["mel_vs_rest"][
         "within"]) == {"BCN", "HAM"}

@@ -44,11 +44,11 @@ def test_the_default_recipe_does_not_collapse_on_real_images(shared_data, tmp_pa
 
     params = load_params(ROOT / "params.yaml")
     class_weights.run(tmp_path / "train.csv", tmp_path / "weights.json",
-                      ClassWeightsConfig.resolve(params))
-    summary = train.run(tmp_path / "train.csv", tmp_path / "prepared" / "images",
-                        tmp_path / "out", test_csv=tmp_path / "splits" / "test.csv",
-                        class_weights=tmp_path / "weights.json", config=shrunk(params),
-                        mlflow=False)
+                      config=ClassWeightsConfig.resolve(params))
+    data = train.TrainingData.read(tmp_path / "train.csv", tmp_path / "prepared" / "images",
+                                   test_csv=tmp_path / "splits" / "test.csv",
+                                   class_weights=tmp_path / "weights.json")
+    summary = train.run(data, tmp_path / "out", config=shrunk(params), use_mlflow=False)
     accuracy = summary["test"]["test_ema_accuracy"]
     balanced = summary["test"]["test_ema_balanced_accuracy"]
     assert accuracy >= 0.35 and balanced >= 0.25, (

@@ -125,7 +125,7 @@ def store(tmp_path_factory):
 def registered(store):
     root, uri = store
     out, run_id = fake_training(root, uri, seed=1, run_name="paper-grouped-e1-s1", log_model=True)
-    result = register.run(out, evaluated(out, uri, 0.5), split_report(), cfg("m-reg"),
+    result = register.run(out, evaluated(out, uri, 0.5), split_report(), config=cfg("m-reg"),
                           tracking_uri=uri)
     return out, run_id, result
 
@@ -164,7 +164,7 @@ def test_register_creates_version_with_tags_card_and_alias(store, registered):
 def test_register_same_run_twice_is_one_version(store, registered):
     _, uri = store
     out, run_id, _ = registered
-    again = register.run(out, metrics_json(out, 0.5), split_report(), cfg("m-reg"),
+    again = register.run(out, metrics_json(out, 0.5), split_report(), config=cfg("m-reg"),
                          tracking_uri=uri)
     assert again["version"] == "1" and again["created"] is False
     client = mlflow.MlflowClient(uri, registry_uri=uri)
@@ -199,7 +199,7 @@ def test_registered_pyfunc_matches_evaluation_preprocessing(store, registered, t
 def test_second_run_moves_challenger(store, registered):
     root, uri = store
     out2, run2 = fake_training(root, uri, seed=2, run_name="paper-grouped-e1-s2")
-    result = register.run(out2, evaluated(out2, uri, 0.6), split_report(), cfg("m-reg"),
+    result = register.run(out2, evaluated(out2, uri, 0.6), split_report(), config=cfg("m-reg"),
                           tracking_uri=uri)
     assert result["version"] == "2" and result["created"] and result["run_id"] == run2
     client = mlflow.MlflowClient(uri, registry_uri=uri)
@@ -210,10 +210,10 @@ def test_gate_skips_registration(store):
     root, uri = store
     out, _ = fake_training(root, uri, seed=3)
     result = register.run(out, evaluated(out, uri, 0.2), split_report(),
-                          cfg("m-gate", gate_threshold=0.3), tracking_uri=uri)
+                          config=cfg("m-gate", gate_threshold=0.3), tracking_uri=uri)
     assert result["version"] is None and "below the gate" in result["skipped"]
     nan = register.run(out, evaluated(out, uri, float("nan")), split_report(),
-                       cfg("m-gate", gate_threshold=0.0), tracking_uri=uri)
+                       config=cfg("m-gate", gate_threshold=0.0), tracking_uri=uri)
     assert nan["version"] is None  # NaN never clears a gate
 
 
@@ -222,9 +222,11 @@ def test_gate_of_a_lower_is_better_metric_keeps_the_low_values(store):
     root, uri = store
     out, _ = fake_training(root, uri, seed=9)
     gate = cfg("m-ece", gate_metric="ece", gate_threshold=0.1)
-    poor = register.run(out, evaluated(out, uri, ece=0.33), split_report(), gate, tracking_uri=uri)
+    poor = register.run(out, evaluated(out, uri, ece=0.33), split_report(), config=gate,
+                        tracking_uri=uri)
     assert poor["version"] is None and "ece=0.33 is above the gate 0.1" in poor["skipped"]
-    good = register.run(out, evaluated(out, uri, ece=0.02), split_report(), gate, tracking_uri=uri)
+    good = register.run(out, evaluated(out, uri, ece=0.02), split_report(), config=gate,
+                        tracking_uri=uri)
     assert good["version"] == "1" and good["created"]
 
 
@@ -254,9 +256,10 @@ def test_metrics_of_other_weights_or_another_split_are_refused(store, tmp_path, 
     out, _ = fake_training(root, uri, seed=7)
     other, _ = fake_training(root, uri, seed=8)
     with pytest.raises(register.LineageError, match="evaluate these weights first"):
-        register.run(out, metrics_json(other), split_report(), cfg("m-lineage"), tracking_uri=uri)
+        register.run(out, metrics_json(other), split_report(), config=cfg("m-lineage"),
+                     tracking_uri=uri)
     with pytest.raises(register.LineageError, match="split hashes differ"):
-        register.run(out, metrics_json(out), split_report("t" * 64), cfg("m-lineage"),
+        register.run(out, metrics_json(out), split_report("t" * 64), config=cfg("m-lineage"),
                      tracking_uri=uri)
     stale = {k: v for k, v in metrics_json(out).items() if k != "weights_digest"}
     (tmp_path / "m.json").write_text(json.dumps(stale))
@@ -277,8 +280,8 @@ def test_unreachable_server_fails_naming_the_uri(store):
         port = s.getsockname()[1]
     uri = f"http://user:hunter2@127.0.0.1:{port}"
     with pytest.raises(registry.RegistryUnavailable) as err:
-        register.run(out, metrics_json(out), split_report(), cfg("m", retries=1, backoff_s=0.01),
-                     tracking_uri=uri)
+        register.run(out, metrics_json(out), split_report(),
+                     config=cfg("m", retries=1, backoff_s=0.01), tracking_uri=uri)
     assert f"127.0.0.1:{port}" in str(err.value) and "hunter2" not in str(err.value)
 
 
@@ -329,15 +332,15 @@ def test_run_id_source(store, registered):
     clear error."""
     root, uri = store
     out, run_id, _ = registered
-    again = register.run(run_id, metrics_json(out, 0.5), split_report(), cfg("m-reg"),
+    again = register.run(run_id, metrics_json(out, 0.5), split_report(), config=cfg("m-reg"),
                          tracking_uri=uri)
     assert again["version"] == "1" and again["created"] is False
-    fresh = register.run(run_id, metrics_json(out, 0.5), split_report(), cfg("m-by-run"),
+    fresh = register.run(run_id, metrics_json(out, 0.5), split_report(), config=cfg("m-by-run"),
                          tracking_uri=uri)
     assert fresh["version"] == "1" and fresh["created"] and fresh["run_id"] == run_id
     other_out, other = fake_training(root, uri, seed=6)
     with pytest.raises(FileNotFoundError, match="no logged `classifier` model"):
-        register.run(other, metrics_json(other_out, 0.5), split_report(), cfg("m-reg"),
+        register.run(other, metrics_json(other_out, 0.5), split_report(), config=cfg("m-reg"),
                      tracking_uri=uri)
 
 
@@ -380,7 +383,7 @@ def test_an_edited_metrics_json_is_refused(store, tmp_path, capsys):
     assert registry.versions(client, "m-edited") == []
     # unedited, the untracked one registers (its evaluation record is a run of its own)
     result = register.run(untracked / "ema_weights.pt", evaluated(untracked, uri, 0.4),
-                          split_report(), cfg("m-edited"), tracking_uri=uri)
+                          split_report(), config=cfg("m-edited"), tracking_uri=uri)
     assert result["version"] == "1"
     assert client.get_model_version("m-edited", "1").tags["test_balanced_accuracy"] == "0.400000"
 
@@ -404,7 +407,7 @@ def test_an_untracked_training_registers_into_the_stores_artifact_folder(tmp_pat
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "prepare_size": PREPARE,
         "split_hash": SPLIT, "ema": model.state_dict(), "epoch": 1, "step": 10})
     result = register.run(out / "ema_weights.pt", evaluated(out, uri, 0.5), split_report(),
-                          cfg("m-untracked"), tracking_uri=uri, experiment="registered")
+                          config=cfg("m-untracked"), tracking_uri=uri, experiment="registered")
     assert result["version"] == "1" and not (workdir / "mlruns").exists()
     location = client.get_experiment_by_name("registered").artifact_location
     assert location.startswith((root / tracking.ARTIFACTS_DIR).as_uri()), location

@@ -58,9 +58,10 @@ def _train_and_evaluate(data: dict, out: Path, seed: int, epochs: int) -> Path:
     cfg = train.TrainConfig(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), img_size=32,
                             batch_size=8, warmup_epochs=1, num_workers=0, epochs=epochs,
                             seed=seed, gpu_resident="off")
-    train.run(data["train"], data["img_dir"], out / "train", val_csv=data["val"], config=cfg)
+    train.run(train.TrainingData.read(data["train"], data["img_dir"], val_csv=data["val"]),
+              out / "train", config=cfg)
     evaluate.run(out / "train", data["test"], data["img_dir"], out / "eval",
-                 EvaluateConfig(bootstrap=50))
+                 config=EvaluateConfig(bootstrap=50))
     return out / "eval" / "metrics.json"
 
 
@@ -113,7 +114,7 @@ def test_train_register_promote_predict_on_real_services(services, tmp_path, mon
 
     # evaluate scores the registered model itself (the pyfunc's weights, as the run scored them)
     evaluate.run(f"models:/{NAME}@champion", data["test"], data["img_dir"], tmp_path / "reg_eval",
-                 EvaluateConfig(bootstrap=50), use_mlflow=False)
+                 config=EvaluateConfig(bootstrap=50), use_mlflow=False)
     by_uri = json.loads((tmp_path / "reg_eval" / "metrics.json").read_text())
     by_file = json.loads(metrics2.read_text())
     assert by_uri["weights_digest"] == by_file["weights_digest"]

@@ -289,7 +289,7 @@ def test_a_pickle_payload_is_refused_by_every_loader(tmp_path, capsys):
     ema = tmp_path / "out" / "ema_weights.pt"
     ema.write_bytes(bad.read_bytes())
     with pytest.raises(checkpoint.CheckpointError):  # register reads it the same way
-        register.run(tmp_path / "out", {}, {}, RegisterConfig(retries=0), use_gate=False,
+        register.run(tmp_path / "out", {}, {}, config=RegisterConfig(retries=0), use_gate=False,
                      tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
 
     # The registered model's loader reads safetensors only: a pickle under its name is refused,

@@ -17,6 +17,7 @@ from components.training import checkpoint
 from components.training.balance import class_balance
 from components.training.out_dir import exclusive, settings_fingerprint
 from components.training.samplers import DistributedWeightedSampler, make_sampler
+from components.training.training_data import TrainingData
 from components.training.transforms import eval_transform, train_transform
 from tiny_data import TINY, make_images, make_splits
 
@@ -58,8 +59,8 @@ def test_train_writes_checkpoints_summary_and_a_loadable_model(data, tmp_path):
 
 
 def test_without_val_csv_no_validation_is_claimed(data, tmp_path):
-    summary = train.run(data["train"], data["img_dir"], tmp_path / "out", mlflow=False,
-                        config=_tiny_config(epochs=1))
+    summary = train.run(TrainingData.read(data["train"], data["img_dir"]), tmp_path / "out",
+                        use_mlflow=False, config=_tiny_config(epochs=1))
     assert summary["best"] is None and summary["paths"]["checkpoint_best"] is None
     assert not any(k.startswith("val") for k in summary["final"])
     assert not (tmp_path / "out" / "checkpoint_best.pt").exists()
@@ -104,7 +105,7 @@ def test_a_second_training_into_the_same_out_dir_refuses(data, tmp_path):
     out = tmp_path / "out"
     with exclusive(out):  # as a running training holds it
         with pytest.raises(train.TrainingRefused, match="in use by another training"):
-            train.run(data["train"], data["img_dir"], out, mlflow=False,
+            train.run(TrainingData.read(data["train"], data["img_dir"]), out, use_mlflow=False,
                       config=_tiny_config(epochs=1))
 
 
@@ -131,8 +132,7 @@ def test_resume_auto_ignores_how_a_run_is_executed_and_sets_another_recipe_aside
     assert checkpoint.load(out / "checkpoint_last.pt")["train_config"]["train"]["peak_lr"] == 0.02
 
     def fingerprint(cfg, world_size=1):
-        return settings_fingerprint(cfg, world_size, data["train"], None, None, data["img_dir"],
-                                    None)
+        return settings_fingerprint(cfg, world_size, "the inputs' digest", None)
     one = _tiny_config()
     assert fingerprint(one) == fingerprint(replace(one, num_workers=3, compile=True,
                                                    gpu_resident="on", gpu_resident_max_share=0.9))

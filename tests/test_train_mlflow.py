@@ -19,7 +19,7 @@ from components.common import tracking
 
 from components import train
 from procs import free_port, serve
-from tiny_data import TINY, make_splits
+from tiny_data import TINY, dvc_project, make_splits
 
 FAST = [*TINY, "--batch_size", "8", "--warmup_epochs", "1", "--num_workers", "0"]
 
@@ -80,6 +80,23 @@ def test_one_run_with_params_metrics_tags_datasets_and_model(data, tmp_path, mlf
         {"image": [base64.b64encode(p.read_bytes()).decode() for p in images]}))
     assert probs.shape == (3, 10) and (probs["error"] == "").all()
     np.testing.assert_allclose(probs.iloc[:, :8].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_the_run_shows_the_projects_data_version(data, tmp_path, mlflow_server, monkeypatch):
+    """The training run names the data it used (issue 27: `skinlesion data diff` compares such
+    revisions): the project's git commit and the DVC hash in its data/raw.dvc, from the
+    project root (DVC_ROOT under dvc), never from the folder the process runs in."""
+    rev = dvc_project(tmp_path / "project", "0123abcd")
+    dvc_project(tmp_path / "elsewhere", "ffff0000")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    out = tmp_path / "out"
+    assert train.main(_args(data, out, "--epochs", "1")) == 0
+    run_id = json.loads((out / "training_summary.json").read_text())["mlflow_run_id"]
+    tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
+    assert (tags["git_commit"], tags["data_rev"], tags["data_hash"]) == (rev, rev, "0123abcd")
+    assert f"data/raw.dvc 0123abcd at git {rev[:12]}" in tags["mlflow.note.content"]
 
 
 def test_run_names_tell_apart_runs_that_differ_in_any_setting():

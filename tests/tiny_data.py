@@ -2,6 +2,7 @@
 darker patch, small enough that a tiny model learns them in a few CPU steps."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +46,15 @@ def make_splits(root: Path, n_per_class: int = 4, size: int = 40) -> dict[str, P
 
 # A model small enough for CPU tests: 4 stages of one block each.
 TINY = ["--dims", "16,32,48,64", "--depths", "1,1,1,1", "--img_size", "32"]
+
+
+def dvc_project(root: Path, md5: str) -> str:
+    """A project folder as `dvc add data/raw` + `git commit` leave it: a git repository whose
+    data/raw.dvc records `md5`; returns the commit."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "raw.dvc").write_text(f"outs:\n- md5: {md5}.dir\n  path: raw\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
+    for args in (["init", "-q"], ["add", "data/raw.dvc"], ["commit", "-qm", "data v1"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True,
+                          text=True).stdout.strip()

@@ -14,6 +14,10 @@ themselves name these files; the steps take folders, the names come from here.
 """
 from __future__ import annotations
 
+# the project's raw dataset, versioned by DVC: `dvc add data/raw` writes data/raw.dvc
+RAW_DATA = "data/raw"
+RAW_DATA_DVC = f"{RAW_DATA}.dvc"
+
 # preprocess
 PREPARED_IMAGES = "images"
 KEPT_LABELS = "labels.csv"

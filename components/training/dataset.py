@@ -59,7 +59,7 @@ class SplitDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        """item: an index, or (index, seed) from inputs.SeededSampler: the transform's random
+        """item: an index, or (index, seed) from batches.SeededSampler: the transform's random
         draws then come from that seed, and the process's own generator is left as it was."""
         index, seed = item if isinstance(item, tuple) else (item, None)
         image = load_rgb(self.paths[index])

@@ -1,6 +1,5 @@
 """The training output folder: one training at a time, nothing overwritten unasked, a
-`--resume auto` that continues the same recipe or sets another one's run aside, and the
-lineage of the inputs (which preprocess and which split made them).
+`--resume auto` that continues the same recipe or sets another one's run aside.
 """
 from __future__ import annotations
 
@@ -77,18 +76,13 @@ def exclusive(out_dir: Path):
         yield
 
 
-def settings_fingerprint(cfg: TrainConfig, world_size: int, train_csv, val_csv, class_weights,
-                         img_dir, overfit_n) -> str:
+def settings_fingerprint(cfg: TrainConfig, world_size: int, input_digest: str,
+                         overfit_n: int | None) -> str:
     """sha256 of what a training's result depends on: the settings but EXECUTION_SETTINGS, the
-    number of processes, and the input files (split CSVs, class weights, the preprocess report
-    naming the images)."""
+    number of processes, and the input files (TrainingData.input_digest)."""
     recipe = {k: v for k, v in cfg.as_dict().items() if k not in EXECUTION_SETTINGS}
-    digest = hashlib.sha256(json.dumps([recipe, world_size, overfit_n], sort_keys=True,
-                                       default=str).encode())
-    report = Path(img_dir).parent / outputs.PREPROCESS_REPORT
-    for path in (train_csv, val_csv, class_weights, report if report.is_file() else None):
-        digest.update(Path(path).read_bytes() if path else b"-")
-    return digest.hexdigest()
+    return hashlib.sha256(json.dumps([recipe, world_size, overfit_n, input_digest],
+                                     sort_keys=True, default=str).encode()).hexdigest()
 
 
 def auto_resume(out_dir: Path, fingerprint: str) -> tuple[dict | None, Path | None]:
@@ -129,19 +123,3 @@ def _supersede(out_dir: Path) -> Path:
     for name in _run_files(out_dir):
         os.replace(out_dir / name, aside / name)
     return aside
-
-
-def lineage(train_csv, img_dir) -> dict:
-    """What made the inputs: the split report beside the train CSV (mode, split_hash) and the
-    preprocess report beside the images (the short side they were resized to)."""
-    split = _read(Path(train_csv).parent / outputs.SPLIT_REPORT)
-    prep = _read(Path(img_dir).parent / outputs.PREPROCESS_REPORT)
-    return {"split_mode": split.get("mode"), "split_hash": split.get("split_hash"),
-            "prepare_size": prep.get("size"),
-            "color_constancy": prep.get("color_constancy", "none"),
-            "minkowski_p": prep.get("minkowski_p", 6.0),
-            "preprocess_corrupt": (prep.get("counts") or {}).get("corrupt")}
-
-
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,5 +1,5 @@
 """What a training's MLflow run records about itself: a name and description that say what
-differs from the default recipe, its tags and inputs, and the serving model at the end.
+differs from the default recipe and which data it trained on, its tags and inputs.
 
 Every call goes through tracking.Run, which logs nothing without a run (--no_mlflow, DDP
 ranks > 0) and never lets a tracking failure stop training.
@@ -11,8 +11,9 @@ import os
 
 import torch
 
-from components.common import tracking
+from components.common import outputs
 from components.common.config import TrainConfig
+from components.training.training_data import DataVersion, TrainingData
 
 # Settings that change how fast a run goes, not what it learns: left out of its name.
 RUNTIME_SETTINGS = {"num_workers", "compile", "gpu_resident", "gpu_resident_max_share"}
@@ -51,14 +52,29 @@ def run_name(cfg: TrainConfig, split_mode: str | None) -> str:
     return " ".join(parts)
 
 
-def description(cfg: TrainConfig, split_mode: str | None) -> str:
-    """The run's note (mlflow.note.content): the recipe in words; evaluate adds the metrics."""
+def description(cfg: TrainConfig, data: TrainingData) -> str:
+    """The run's note (mlflow.note.content): the recipe and the data in words; evaluate adds
+    the metrics."""
+    split_mode = data.lineage.get("split_mode")
     diff = differences(cfg)
     changed = ", ".join(f"{k} {_value(v)}" for k, v in diff.items()) or "none"
     widths = f"widths {_value(cfg.dims)}" if cfg.dims else "the preset's widths"
     return (f"Hybrid ConvNeXtV2 preset `{cfg.preset}` ({widths}), {cfg.img_size} px, "
             f"{cfg.epochs} epochs, {split_mode or 'unknown'} split, seed {cfg.seed}.\n\n"
-            f"Differs from params.yaml's recipe in: {changed}.\n")
+            f"Differs from params.yaml's recipe in: {changed}.\n\n"
+            f"Data: {data_version(data)}.\n")
+
+
+def data_version(data: TrainingData) -> str:
+    """Which data the run trained on, in words: the git revision that holds it when there is
+    one (`skinlesion data diff` takes it)."""
+    v, dvc_file = data.version, outputs.RAW_DATA_DVC
+    if v.dvc_hash is None:
+        return f"not versioned by DVC (no {dvc_file}); hash {data.data_hash}"
+    if v.rev is None:
+        return (f"{dvc_file} {v.dvc_hash}, not committed (git {v.commit[:12]} holds other "
+                f"data)")
+    return f"{dvc_file} {v.dvc_hash} at git {v.rev[:12]}"
 
 
 def device_name(device: torch.device) -> str:
@@ -67,23 +83,29 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
+def data_rev(version: DataVersion) -> str:
+    """The data_rev tag: the git revision holding the data, else "uncommitted" (data/raw.dvc
+    edited since the commit) or "none" (no data/raw.dvc)."""
+    return version.rev or ("none" if version.dvc_hash is None else "uncommitted")
+
+
 def log_start(run_, cfg: TrainConfig, run_config: dict, device: torch.device, world_size: int,
-              lineage: dict, img_dir, frames: dict) -> None:
+              data: TrainingData, frames: dict) -> None:
     """Params, tags, name, description and datasets of a new training run."""
-    csvs = [source for _, source in frames.values()]
-    digest = tracking.data_hash(img_dir, csvs)
+    lineage, version = data.lineage, data.version
     run_.log_params(run_config)
     run_.set_tags({"mlflow.runName": run_name(cfg, lineage.get("split_mode")),
-                   "mlflow.note.content": description(cfg, lineage.get("split_mode")),
+                   "mlflow.note.content": description(cfg, data),
                    "split_mode": lineage.get("split_mode") or "unknown",
                    "split_hash": lineage.get("split_hash") or "unknown",
                    "recipe_differs": ",".join(differences(cfg)) or "none",
                    "color_constancy": lineage.get("color_constancy") or "none",
                    "preprocess_corrupt": str(lineage.get("preprocess_corrupt") or 0),
-                   "git_commit": tracking.git_commit(), "data_hash": digest,
+                   "git_commit": version.commit, "data_hash": data.data_hash,
+                   "data_rev": data_rev(version),
                    "device": device_name(device), "world_size": str(world_size),
                    **dvc_experiment_tags()})
-    run_.log_datasets(frames, digest)
+    run_.log_datasets(frames, data.data_hash)
 
 
 def dvc_experiment_tags() -> dict:

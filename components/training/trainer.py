@@ -88,7 +88,8 @@ class Trainer:
     """Builds the training objects from `cfg` (a common.config.TrainConfig) and runs epochs.
 
     Args:
-        train_input / val_input: components.training.inputs objects (val_input None: no validation).
+        train_input / val_input: components.training.batches objects (val_input None: no
+            validation).
         criterion: the loss of (logits, hard or mixup targets); losses.SoftTargetCrossEntropy.
         run: the tracking.Run to log to.
     """
