@@ -64,7 +64,7 @@ VARIANTS = {
     # epochs (features from the natural distribution), the inverse-frequency sampler after
     "deferred_sampler": (True, False, "balanced", 0.0, 2 / 3),
 }
-SMOKE = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), img_size=32, epochs=1, batch_size=8,
+SMOKE = dict(preset="tiny", img_size=32, epochs=1, batch_size=8,
              warmup_epochs=0, num_workers=0, gpu_resident="off")
 SMOKE_PER_CLASS = {"train": 4, "val": 2, "test": 2}
 SECTION = ("<!-- ham10000-study:start -->", "<!-- ham10000-study:end -->")

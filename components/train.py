@@ -279,7 +279,7 @@ def build_parser() -> cli_args.ArgumentParser:
         hp.add_argument(f"--{name}", type=kind)
     hp.add_argument("--pretrained", type=_pretrained, nargs="?", const=True,
                     help="ImageNet ConvNeXtV2-base weights: from the hub, or a file path")
-    hp.add_argument("--dims", type=_ints, help="stage widths, e.g. 16,32,48,64")
+    hp.add_argument("--dims", type=_ints, help="stage widths, e.g. 32,64,96,128")
     hp.add_argument("--depths", type=_ints, help="stage depths, e.g. 1,1,1,1")
     hp.add_argument("--num_workers", type=lambda v: v if v == "auto" else int(v),
                     help="DataLoader workers, or auto (the CPUs less one, at most 4)")

@@ -161,7 +161,7 @@ def test_resume_auto_ignores_how_a_run_is_executed_and_sets_another_recipe_aside
 
 
 def _tiny_config(**overrides) -> train.TrainConfig:
-    return train.TrainConfig(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), img_size=32,
+    return train.TrainConfig(preset="tiny", img_size=32,
                              batch_size=8, warmup_epochs=1, num_workers=0, **overrides)
 
 

@@ -46,7 +46,7 @@ def test_one_run_with_params_metrics_tags_datasets_and_model(data, tmp_path, mlf
     assert run.info.status == "FINISHED"
 
     params = run.data.params
-    assert params["train.peak_lr"] == "0.01" and params["train.dims"] == "(16, 32, 48, 64)"
+    assert params["train.peak_lr"] == "0.01" and params["train.preset"] == "tiny"
     assert params["train_csv"] == str(data["train"])
     tags = run.data.tags
     assert {"git_commit", "data_hash", "device"} <= set(tags)
