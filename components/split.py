@@ -9,7 +9,7 @@ Modes:
 - `paper`: image-level stratified 70/15/15 as Ozdemir & Pacal did. Images of one lesion can
   land in train and test; the report's `test_lesion_leakage` says how often (about 58% of
   test images on ISIC 2019).
-- `source`: cross-site: the sources in `split.test_sources` (`--test_source BCN`, repeatable)
+- `source`: cross-site: the sources in `split.test_sources` (`--test_sources BCN,MSK4`)
   are the whole test split; val is a lesion-grouped `val_frac` of the other sources, the rest
   trains. An image's source is its metadata's `source` column, else its lesion id's prefix
   (ISIC 2019: BCN, HAM, MSK4), else "unknown" (labels.sources).
@@ -41,7 +41,6 @@ from components.common.labels import CLASSES, LabelError, read_labels, sources
 log = logging.getLogger(__name__)
 
 SPLITS = outputs.SPLITS
-MODES = ("grouped", "paper", "source")
 
 
 def _fold_plan(val_frac: float, test_frac: float) -> tuple[int, int, int]:
@@ -225,18 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metadata", help="metadata CSV with image and lesion_id columns")
     parser.add_argument("--out", required=True, help="output folder")
     cli_args.add_params_flags(parser)
-    parser.add_argument("--mode", choices=MODES)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--val_frac", type=float)
-    parser.add_argument("--test_frac", type=float)
-    parser.add_argument("--test_source", action="append", dest="test_sources",
-                        help="mode source: a source held out as the test split (repeatable)")
+    cli_args.add_config_flags(parser, SplitConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = SplitConfig.resolve(cli_args.params_paths(args), mode=args.mode, seed=args.seed,
-                                  val_frac=args.val_frac, test_frac=args.test_frac,
-                                  test_sources=args.test_sources)
+        cfg = SplitConfig.resolve(cli_args.params_paths(args),
+                                  **cli_args.config_flags(args, SplitConfig))
         report = run(args.labels, args.out, cfg, metadata=args.metadata)
     except (ConfigError, LabelError, ValueError) as err:
         print(f"split: {err}", file=sys.stderr)

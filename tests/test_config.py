@@ -65,9 +65,13 @@ def test_unknown_keys_and_sections_name_their_source(tmp_path):
 
 
 # -- YAML 1.1's booleans in choice keys (issue 24, item 8) -----------------------------------
+def _choice_keys() -> dict[str, tuple[str, ...]]:
+    return {f"{cls.SECTION}.{name}": options for cls in SECTIONS.values()
+            for name, options in cls.choices().items()}
+
+
 def test_every_choice_key_is_declared_and_only_gpu_resident_takes_on_off():
-    choices = {f"{cls.SECTION}.{f.name}": f.metadata["choices"] for cls in SECTIONS.values()
-               for f in dataclasses.fields(cls) if "choices" in f.metadata}
+    choices = _choice_keys()
     assert set(choices) >= {"preprocess.color_constancy", "split.mode", "class_weights.method",
                             "train.gpu_resident", "train.lr_scaling"}
     assert [k for k, c in choices.items() if {"on", "off"} & set(c)] == ["train.gpu_resident"]
@@ -80,8 +84,8 @@ def test_every_choice_survives_dvcs_rewrite_of_params_yaml():
 
     from model import PRESETS
 
-    written = [(cls, f.name, value) for cls in SECTIONS.values() for f in dataclasses.fields(cls)
-               for value in f.metadata.get("choices", ())]
+    written = [(cls, key, value) for cls in SECTIONS.values()
+               for key, options in cls.choices().items() for value in options]
     written += [(TrainConfig, "preset", name) for name in PRESETS]
     for cls, key, value in written:
         needs = {"test_sources": ["BCN"]} if value == "source" else {}  # split.mode source
@@ -111,6 +115,48 @@ def test_a_boolean_in_another_choice_key_says_to_quote_it():
     with pytest.raises(ConfigError, match=r"split\.mode = True: must be one of grouped, paper, "
                                           r"source \(unquoted on/off/yes/no"):
         SECTIONS["split"].from_dict({"mode": True})
+
+
+# -- the dataclasses are the one description of a setting (issue 26, item 3) ---------------
+def test_each_choice_list_is_written_once():
+    """A choice list (gpu_resident's auto/on/off, split's modes, ...) is the `Literal` of its
+    config field and nowhere else: flags, checks and docs read it from there."""
+    import re
+
+    code = [p for d in ("components", "pipeline", "benchmarks", "docs", "image")
+            for p in (ROOT / d).rglob("*.py")]
+    for key, options in _choice_keys().items():
+        written = re.compile(r"""['"]\s*,\s*['"]""".join(map(re.escape, options)))
+        where = [str(p.relative_to(ROOT)) for p in code if written.search(p.read_text())]
+        assert where == ["components/common/config.py"], f"{key}: {options} written in {where}"
+
+
+STEPS = ("preprocess", "split", "class_weights", "train", "evaluate", "register")
+# Flags a step declares itself, with help of its own: train's TrainJob group (which is
+# leaving components/ for pipeline/, issue 26 item 2).
+OWN_HELP = {"train.nodes", "train.gpus_per_node"}
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_every_setting_is_a_flag_of_its_step_with_the_fields_help(step, monkeypatch, capsys):
+    """Each step's flags for its section are made from the dataclass: every key a flag, its
+    help the field's help, its choices the field's Literal."""
+    import importlib
+    import re
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: the help is not wrapped
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"components.{step}").main(["--help"])
+    entries = re.split(r"\n(?=\s+-)", capsys.readouterr().out)  # one per option, help and all
+    cls = SECTIONS[step]
+    for field in dataclasses.fields(cls):
+        help_ = field.metadata["help"]
+        line = next((" ".join(x.split()) for x in entries
+                     if re.match(rf"\s+--{field.name}(?![\w-])", x)), None)
+        assert line is not None, f"{step}: no --{field.name}"
+        assert help_ in line or f"{step}.{field.name}" in OWN_HELP, f"{step} --{field.name}: {line.strip()!r} lacks {help_!r}"
+        if field.name in cls.choices():
+            assert "{" + ",".join(cls.choices()[field.name]) + "}" in line
 
 
 # -- one loader, hostile params files (issue 24, item 12) ------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from components import train
+from components.common import cli_args
 from components.common.config import ConfigError, TrainConfig
 from components.common.labels import CLASSES
 from components.training import checkpoint
@@ -170,11 +171,41 @@ def test_settings_come_from_params_yaml_then_flags_in_either_spelling():
         ["--train_csv", "t", "--img-dir", "i", "--epochs", "3", "--no-weighted_sampler",
          "--dims", "8,16,24,32", "--pretrained", "w.safetensors", "--logit-adjust-tau", "1"])
     cfg = train.TrainConfig.resolve(ROOT / "params.yaml",
-                                    **{k: getattr(args, k) for k in train.HP_FLAGS})
+                                    **cli_args.config_flags(args, train.TrainConfig))
     assert (cfg.epochs, cfg.weighted_sampler, cfg.dims, cfg.pretrained) == (
         3, False, (8, 16, 24, 32), "w.safetensors")
     assert args.img_dir == "i" and cfg.logit_adjust_tau == 1.0
     assert cfg.peak_lr == 0.01  # from params.yaml
+
+
+# The paper repository's train.py flags (README, "Training"): each name, meaning and default
+# is part of the user surface and stays as it is; None: the value comes from the params files.
+PAPER_FLAGS = {"train_csv": None, "val_csv": None, "test_csv": None, "img_dir": None,
+               "epochs": None, "batch_size": None, "peak_lr": None, "warmup_epochs": None,
+               "mixup_alpha": None, "ema_decay": None, "out_dir": "outputs/train",
+               "resume": None, "overfit_mode": False, "overfit_n": 32, "grad_clip": None,
+               "num_workers": None}
+
+
+def test_the_paper_repositorys_flags_stay_as_they_are():
+    parser = train.build_parser()
+    options = {a.dest: a for a in parser._actions}
+    for name, default in PAPER_FLAGS.items():
+        assert f"--{name}" in parser._option_string_actions, name
+        assert options[name].default == default, name
+    args = parser.parse_args(["--train_csv", "t", "--img_dir", "i", "--epochs", "7",
+                              "--peak_lr", "0.02", "--num_workers", "auto", "--overfit_mode"])
+    assert (args.epochs, args.peak_lr, args.num_workers, args.overfit_mode) == \
+        (7, 0.02, "auto", True)
+    assert parser.parse_args(["--train_csv", "t", "--img_dir", "i",
+                              "--num_workers", "2"]).num_workers == 2
+
+
+def test_params_has_no_config_alias(capsys):
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--train_csv", "t", "--img_dir", "i",
+                                         "--config", "params.yaml"])
+    assert "--config" in capsys.readouterr().err
 
 
 def test_bad_settings_stop_before_any_work(data, tmp_path, capsys):

@@ -12,20 +12,26 @@ and `params_paths(args)` is the list of files to hand to config.load_params.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Any
 
 from components.common.config import PARAMS_FILE, ConfigError, parse_yaml
+from components.common.settings import Settings, choices_of
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Lists each option under its first (snake_case) spelling only."""
+    """Lists each option under its first (snake_case) spelling only (--x, --no-x for a
+    boolean)."""
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         if not action.option_strings or len(action.option_strings) == 1:
             return super()._format_action_invocation(action)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return ", ".join(action.option_strings[:2])
         first = argparse.Action(action.option_strings[:1], action.dest, nargs=action.nargs,
-                                metavar=action.metavar)
+                                choices=action.choices, metavar=action.metavar)
         return super()._format_action_invocation(first)
 
 
@@ -70,12 +76,49 @@ class ArgumentParser(_Aliasing, argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def add_params_flags(parser: argparse.ArgumentParser, *aliases: str) -> None:
+def add_params_flags(parser: argparse.ArgumentParser) -> None:
     """--params FILE and --params_file FILE... (see the module docstring)."""
-    parser.add_argument("--params", *aliases, metavar="FILE",
+    parser.add_argument("--params", metavar="FILE",
                         help=f"params file (default: ./{PARAMS_FILE} when there is one)")
     parser.add_argument("--params_file", action="append", metavar="FILE",
                         help="partial params file merged over it (repeatable)")
+
+
+def add_config_flags(parser, cls: type[Settings]) -> None:
+    """A flag for every key of the section `cls` that `parser` does not have yet, made from
+    its field: `--key` with the field's help and type; a Literal's names as choices; a bool
+    as --key/--no-key; a tuple as comma-separated values (16,32,48,64); a union (bool | str,
+    int | str) read as YAML (true, 3, auto). Unset, each is None: the params files' value
+    stands (StepConfig.resolve)."""
+    for field in dataclasses.fields(cls):
+        option = f"--{field.name}"
+        if option in parser._option_string_actions:  # a step's own flag for it
+            continue
+        kind = cls.key_types()[field.name]
+        kwargs: dict[str, Any] = {"help": field.metadata["help"].replace("%", "%%"),
+                                  "default": None}
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        tuple_ = next((t for t in (kind, *args) if typing.get_origin(t) is tuple), None)
+        if choices := choices_of(kind):
+            kwargs["choices"] = choices
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif tuple_ is not None:
+            item = typing.get_args(tuple_)[0]
+            kwargs["type"] = lambda text, item=item: tuple(item(v) for v in text.split(","))
+            kwargs["metavar"] = "A,B,..."
+        elif len(args) > 1:  # int | str, bool | str: as a params file would read it
+            kwargs["type"] = lambda text, key=field.name: parse_yaml(text, f"--{key}")
+            if bool in args:
+                kwargs.update(nargs="?", const=True)
+        else:
+            kwargs["type"] = kind
+        parser.add_argument(option, **kwargs)
+
+
+def config_flags(args: argparse.Namespace, cls: type[Settings]) -> dict[str, Any]:
+    """{key: the flag's value} for the section's keys (None where the flag was not given)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
 
 
 def params_paths(args: argparse.Namespace) -> list[str]:
