@@ -2,14 +2,14 @@
 
     skinlesion pipeline compile [-o pipeline.yaml] [--image IMAGE] [--params_file ...]
     skinlesion pipeline submit --host URL [--experiment NAME] [--run_name NAME]
-                               [--params_file params.demo.yaml] [--param k=v ...]
+                               [--params_file params.demo.yaml] [-S k=v ...]
     skinlesion pipeline run-local [--data data/raw] [--pipeline_root local_outputs]
-                                  [--params_file params.demo.yaml] [--param k=v ...]
+                                  [--params_file params.demo.yaml] [-S k=v ...]
 
 Arguments start from the committed params.yaml (git HEAD: an uncommitted or applied
 experiment's copy is not used unless `--params params.yaml` asks for it, and the command says
 so); each `--params_file` (a partial params file with params.yaml's layout, such as
-params.demo.yaml) is merged over it in order, then each `--param` is applied. A `--param` key
+params.demo.yaml) is merged over it in order, then each `-S` is applied. An `-S` key
 is either a params.yaml key with dots (`train.epochs=2`, `split.seed=1`) or one of the
 pipeline's own parameters (`mlflow_tracking_uri=http://mlflow:5000`, `data_rev=v1.2`); values
 are read as YAML (`2` is an int, `0.005` a float, `true` a bool, `{a: 1}` a dict).
@@ -33,7 +33,7 @@ from components.common import cli_args
 from components.common.config import PARAMS_FILE, ConfigError
 
 
-def resolve_params(params_files: list[str] | None = None, param: list[str] | None = None,
+def resolve_params(params_files: list[str] | None = None, overrides: list[str] | None = None,
                    params_path: str | None = None) -> tuple[dict, dict[str, Any]]:
     """(params, direct pipeline arguments): the base params + params files + `k=v` overrides,
     every section checked (a ConfigError names the file and key)."""
@@ -43,28 +43,28 @@ def resolve_params(params_files: list[str] | None = None, param: list[str] | Non
     params = base_params(params_path, say=lambda m: print(m, file=sys.stderr))
     params = deep_merge(params, load_params(params_files or []))
     direct: dict[str, Any] = {}
-    for item in param or []:
+    for item in overrides or []:
         key, value = cli_args.parse_assignment(item)
         if "." in key:  # a params.yaml key; the pipeline's own parameters have no dot
             cli_args.set_dotted(params, key, value)
         else:
             direct[key] = value
     sources = [params_path or f"committed {PARAMS_FILE}", *(params_files or ())]
-    check_params(params, ", ".join(map(str, sources)) + (" and --param" if param else ""))
+    check_params(params, ", ".join(map(str, sources)) + (" and -S" if overrides else ""))
     if direct:  # the parameters of the pipeline these params build (shared_pvc: distributed)
         names = set(build_pipeline(params).component_spec.inputs or {})
         if unknown := sorted(set(direct) - names):
-            raise SystemExit(f"--param {unknown[0]}: not a pipeline parameter "
+            raise SystemExit(f"-S {unknown[0]}: not a pipeline parameter "
                              f"({', '.join(sorted(names))}) nor a dotted params.yaml key")
     return params, direct
 
 
-def build_arguments(params_files: list[str] | None = None, param: list[str] | None = None,
+def build_arguments(params_files: list[str] | None = None, overrides: list[str] | None = None,
                     params_path: str | None = None) -> tuple[dict, dict[str, Any]]:
     """(params, the pipeline's arguments): params.yaml + params files + `k=v` overrides."""
     from pipeline.pipeline import pipeline_arguments
 
-    params, direct = resolve_params(params_files, param, params_path)
+    params, direct = resolve_params(params_files, overrides, params_path)
     return params, {**pipeline_arguments(params), **direct}
 
 
@@ -82,7 +82,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from pipeline.pipeline import PIPELINE_NAME, compile_pipeline
 
-    params, arguments = build_arguments(args.params_file, args.param, args.params)
+    params, arguments = build_arguments(args.params_file, args.set, args.params)
     client = kfp.Client(host=args.host, namespace=args.namespace,
                         existing_token=os.environ.get("KFP_TOKEN") or None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +105,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     from pipeline.data import check_dataset_folder
     from pipeline.pipeline import build_pipeline
 
-    params, arguments = build_arguments(args.params_file, args.param, args.params)
+    params, arguments = build_arguments(args.params_file, args.set, args.params)
     arguments["local_data"] = str(Path(args.data or arguments["data_path"]).resolve())
     check_dataset_folder(arguments["local_data"])
     local.init(runner=local.SubprocessRunner(use_venv=False),
@@ -121,9 +121,8 @@ def _add_params_options(p: argparse.ArgumentParser, overrides: bool = True) -> N
     p.add_argument("--params_file", action="append", default=[], metavar="FILE",
                    help="partial params file merged over it (repeatable), e.g. params.demo.yaml")
     if overrides:
-        p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                       help="override: params.yaml key with dots (train.epochs=2) or a pipeline "
-                            "parameter")
+        cli_args.add_set_flag(p, "override a params.yaml key (train.epochs=2) or set a "
+                                 "pipeline parameter (data_rev=v1.2)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,6 +159,41 @@ def test_every_setting_is_a_flag_of_its_step_with_the_fields_help(step, monkeypa
             assert "{" + ",".join(cls.choices()[field.name]) + "}" in line
 
 
+def _benchmark_main(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+OVERRIDING = {  # every command that takes overrides, with the arguments it requires
+    "exp run": ("components.commands.experiments", ["run"]),
+    "pipeline submit": ("pipeline.cli", ["submit", "--host", "http://kfp"]),
+    "pipeline run-local": ("pipeline.cli", ["run-local"]),
+    "ham10000": ("ham10000", ["--out", "o"]),
+    "cross_site": ("cross_site", ["--labels", "l", "--images", "i", "--metadata", "m",
+                                  "--out", "o"]),
+}
+
+
+@pytest.mark.parametrize("command", OVERRIDING)
+def test_every_command_takes_overrides_as_dash_S_and_nothing_else(command, capsys):
+    """One grammar: `-S/--set SECTION.KEY=VALUE`, repeatable; the old `--param` is refused,
+    not taken for an abbreviation of --params or --params_file."""
+    import importlib
+
+    module, argv = OVERRIDING[command]
+    main = (importlib.import_module(module).main if "." in module else _benchmark_main(module))
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    assert "-S SECTION.KEY=VALUE" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*argv, "--param", "train.epochs=2"])
+    assert "unrecognized arguments: --param" in capsys.readouterr().err
+
+
 # -- one loader, hostile params files (issue 24, item 12) ------------------------------------
 LAUGHS = "train:\n  dims: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
     f"  x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))

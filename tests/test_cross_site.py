@@ -31,7 +31,7 @@ def test_leave_one_source_out_holds_out_each_site_once(tmp_path):
     argv = ["--labels", str(raw / "labels.csv"), "--images", str(raw / "images"), "--metadata",
             str(raw / "metadata.csv"), "--out", str(tmp_path / "loso"), "--params",
             str(ROOT / "params.yaml"), "--params_file", str(tmp_path / "tiny.yaml"),
-            "--color_constancy", "shades_of_gray", "--no_mlflow"]
+            "-S", "preprocess.color_constancy=shades_of_gray", "--no_mlflow"]
     assert cross_site.main(argv) == 0
     results = json.loads((tmp_path / "loso" / "results.json").read_text())
     assert [r["source"] for r in results] == ["SITEA", "SITEB"]

@@ -331,16 +331,16 @@ def test_ham10000_study_smoke_resumes_and_writes_its_table(shared_data, tmp_path
 
     # one more recipe change: its own run folder, row and command
     argv[argv.index("paper,logit_adjusted")] = "paper"
-    assert ham.main([*argv, "--param", "train.mixup_alpha=0"]) == 0
+    assert ham.main([*argv, "-S", "train.mixup_alpha=0"]) == 0
     changed = json.loads((tmp_path / "study/runs/paper-mixup_alpha0-e1-s0/result.json").read_text())
     assert changed["changes"] == {"mixup_alpha": 0}
-    assert changed["command"].endswith("--seeds 0 --param train.mixup_alpha=0 --no_mlflow")
+    assert changed["command"].endswith("--seeds 0 -S train.mixup_alpha=0 --no_mlflow")
     text = results_md.read_text()
     assert text.count("| paper + mixup_alpha=0 | 0 |") == 1 and text.count("| paper | 0 |") == 1
     for bad in ("train.no_such_key=1", "evaluate.tta=true", "train.mixup_alpha",
                 "train.weighted_sampler=false", "train.seed=3"):
         with pytest.raises(SystemExit):
-            ham.main([*argv, "--param", bad])
+            ham.main([*argv, "-S", bad])
 
 
 @pytest.mark.parametrize("bad,named", [
@@ -351,7 +351,7 @@ def test_ham10000_study_smoke_resumes_and_writes_its_table(shared_data, tmp_path
 def test_ham10000_study_refuses_a_bad_param_value_in_one_line(tmp_path, capsys, bad, named):
     ham = _benchmark("ham10000")
     with pytest.raises(SystemExit) as stop:
-        ham.main(["--out", str(tmp_path), "--report_only", "--param", bad])
+        ham.main(["--out", str(tmp_path), "--report_only", "-S", bad])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and named in err and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].count(named) == 1

@@ -73,6 +73,9 @@ class ArgumentParser(_Aliasing, argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
+        # No abbreviations: a retired flag (`--param`) must be refused, not taken for
+        # another that it happens to begin (`--params_file`).
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
 
@@ -135,13 +138,21 @@ def os_error(err: OSError) -> str:
     return f"{err.filename}: {err.strerror}"
 
 
+def add_set_flag(parser: argparse.ArgumentParser, help: str) -> None:  # noqa: A002
+    """`-S/--set SECTION.KEY=VALUE` (repeatable, into args.set): every command's overrides of
+    params keys, one grammar (dvc exp run's -S); parse_assignment reads each."""
+    parser.add_argument("-S", "--set", action="append", default=[], dest="set",
+                        metavar="SECTION.KEY=VALUE", help=f"{help} (repeatable; the value is "
+                        f"read as YAML: 2, 0.005, true, [1, 2])")
+
+
 def parse_assignment(item: str) -> tuple[str, Any]:
     """`KEY=VALUE` -> (KEY, VALUE read as YAML: `2` an int, `0.005` a float, `true` a bool),
     by the params files' loader (no aliases); a ConfigError for a value it cannot read."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
-        raise SystemExit(f"--param {item!r}: expected KEY=VALUE")
-    return key, parse_yaml(raw, f"--param {key}") if raw != "" else ""
+        raise SystemExit(f"-S {item!r}: expected SECTION.KEY=VALUE")
+    return key, parse_yaml(raw, f"-S {key}") if raw != "" else ""
 
 
 def set_dotted(params: dict, dotted: str, value: Any, add: bool = False) -> None:
