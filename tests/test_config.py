@@ -22,6 +22,28 @@ def test_params_yaml_and_code_defaults_agree():
         assert cls.from_dict(section) == cls(), f"{name}: params.yaml values differ from the code"
 
 
+def test_params_yaml_holds_values_and_each_key_is_explained_once():
+    """params.yaml holds values and short notes on why a default was chosen; what a key means
+    is its field's help (the flags' help), not repeated there, and measured numbers live in
+    benchmarks/RESULTS.md, where the notes point."""
+    import re
+
+    helps = {f"{cls.SECTION}.{f.name}": f.metadata["help"] for cls in SECTIONS.values()
+             for f in dataclasses.fields(cls)}
+    section = None
+    for number, line in enumerate((ROOT / "params.yaml").read_text().splitlines(), 1):
+        code, _, comment = line.partition("#")
+        if re.match(r"^\w", code):
+            section = code.split(":")[0]
+        key = re.match(r"^  (\w+):", code)
+        if key and comment:
+            help_ = helps[f"{section}.{key.group(1)}"]
+            words = set(re.findall(r"[a-z]{4,}", help_.lower()))
+            shared = words & set(re.findall(r"[a-z]{4,}", comment.lower()))
+            assert len(shared) < max(2, len(words) / 2), f"params.yaml:{number} repeats the help"
+        assert not re.search(r"\b0\.\d{3}\b", comment), f"params.yaml:{number}: a measured number"
+
+
 def test_partial_files_merge_over_the_base():
     merged = load_params([ROOT / "params.yaml", ROOT / "params.demo.yaml"])
     cfg = TrainConfig.resolve(merged, epochs=2)
