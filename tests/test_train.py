@@ -201,6 +201,18 @@ def test_the_paper_repositorys_flags_stay_as_they_are():
                               "--num_workers", "2"]).num_workers == 2
 
 
+@pytest.mark.parametrize("flag,value,says", [
+    ("--dims", "8,x,24,32", "invalid comma-separated int value: '8,x,24,32'"),
+    ("--num_workers", "[1", "invalid YAML value: '[1'"),
+    ("--gpu_resident", "maybe", "invalid choice: 'maybe'"),
+])
+def test_a_flag_value_of_the_wrong_type_is_one_line_naming_the_flag(capsys, flag, value, says):
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--train_csv", "t", "--img_dir", "i", flag, value])
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and says in err and "Traceback" not in err, err
+
+
 def test_params_has_no_config_alias(capsys):
     with pytest.raises(SystemExit):
         train.build_parser().parse_args(["--train_csv", "t", "--img_dir", "i",

@@ -7,7 +7,10 @@ Every step takes its settings from params files the same way:
     --params params.yaml                 the full params file (default: ./params.yaml if any)
     --params_file params.demo.yaml ...   partial files merged over it, in order
 
-and `params_paths(args)` is the list of files to hand to config.load_params.
+and `params_paths(args)` is the list of files to hand to config.load_params. A step's flags
+for its section's keys are made from its config dataclass (`add_config_flags`), and every
+command that overrides params keys takes them one way: `-S/--set SECTION.KEY=VALUE`
+(`add_set_flag`).
 """
 from __future__ import annotations
 
@@ -107,16 +110,29 @@ def add_config_flags(parser, cls: type[Settings]) -> None:
         elif kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif tuple_ is not None:
-            item = typing.get_args(tuple_)[0]
-            kwargs["type"] = lambda text, item=item: tuple(item(v) for v in text.split(","))
-            kwargs["metavar"] = "A,B,..."
+            kwargs.update(type=_comma_list(typing.get_args(tuple_)[0]), metavar="A,B,...")
         elif len(args) > 1:  # int | str, bool | str: as a params file would read it
-            kwargs["type"] = lambda text, key=field.name: parse_yaml(text, f"--{key}")
+            kwargs["type"] = _yaml_value
             if bool in args:
                 kwargs.update(nargs="?", const=True)
         else:
             kwargs["type"] = kind
         parser.add_argument(option, **kwargs)
+
+
+# argparse names a flag's type function in its error: `invalid comma-separated value: 'a,b'`
+def _comma_list(item: type):
+    def read(text: str) -> tuple:
+        return tuple(item(v) for v in text.split(","))
+    read.__name__ = f"comma-separated {item.__name__}"
+    return read
+
+
+def _yaml_value(text: str) -> Any:
+    return parse_yaml(text, "the value")
+
+
+_yaml_value.__name__ = "YAML"
 
 
 def config_flags(args: argparse.Namespace, cls: type[Settings]) -> dict[str, Any]:
