@@ -12,7 +12,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"preprocess": {"size": 40},
-        "train": {"img_size": 32, "dims": [8, 16, 24, 32], "depths": [1, 1, 1, 1], "epochs": 2,
+        "train": {"preset": "tiny", "img_size": 32, "epochs": 2,
                   "batch_size": 16, "warmup_epochs": 0, "num_workers": 0, "ema_decay": 0.9,
                   "gpu_resident": "on"},
         "evaluate": {"bootstrap": 20}}
