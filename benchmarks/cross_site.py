@@ -2,7 +2,8 @@
 
     python benchmarks/cross_site.py --labels data/raw/labels.csv --images data/raw/images \\
         --metadata data/raw/metadata.csv --out outputs/loso [--sources BCN,HAM,MSK4] \\
-        [--params params.yaml] [--params_file params.demo.yaml] [--color_constancy shades_of_gray]
+        [--params params.yaml] [--params_file params.demo.yaml] \
+        [-S preprocess.color_constancy=shades_of_gray]
 
 The pipeline's own steps, once per held-out source: preprocess (once, shared), split with
 `mode: source` and `test_sources: [S]` (val is a lesion-grouped share of the other sources),
@@ -26,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 from components import class_weights, evaluate, preprocess, split, train  # noqa: E402
 from components.common import cli_args, outputs  # noqa: E402
 from components.common.atomic import write_json, write_text  # noqa: E402
-from components.common.config import (COLOR_CONSTANCY, ClassWeightsConfig,  # noqa: E402
+from components.common.config import (ClassWeightsConfig, ConfigError,  # noqa: E402
                                       EvaluateConfig, PreprocessConfig, SplitConfig,
-                                      TrainConfig, load_params)
+                                      TrainConfig, check_params, load_params)
 from components.common.labels import read_labels, sources  # noqa: E402
 from components.evaluation.metrics import HEADLINE_SHOWN as SHOWN  # noqa: E402
 
@@ -78,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metadata", required=True, help="with lesion_id (and optionally source)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sources", help="comma-separated sources to hold out (default: every one)")
-    p.add_argument("--color_constancy", choices=COLOR_CONSTANCY)
     p.add_argument("--no_mlflow", dest="mlflow", action="store_false")
     cli_args.add_params_flags(p)
+    cli_args.add_set_flag(p, "one key of the params files")
     args = p.parse_args(argv)
-    params = load_params(cli_args.params_paths(args))
-    if args.color_constancy:
-        params.setdefault("preprocess", {})["color_constancy"] = args.color_constancy
+    try:  # a bad value stops the study before any work
+        params = load_params(cli_args.params_paths(args))
+        for item in args.set:
+            cli_args.set_dotted(params, *cli_args.parse_assignment(item), add=True)
+        check_params(params, ", ".join(cli_args.params_paths(args)) + " and -S")
+    except ConfigError as err:
+        p.error(str(err))
     prepared = args.out / "prepared"
     preprocess.run(args.labels, args.images, prepared, config=PreprocessConfig.resolve(params),
                    metadata=args.metadata)

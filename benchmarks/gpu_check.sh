@@ -312,7 +312,7 @@ if [ -z "$MLFLOW_OK" ]; then
     echo "${STEPS[-1]}" >> "$F4"
 else
     if [ -n "$REHEARSAL" ]; then
-        PL=(--device cpu --tiny --img-size 32 --batch-size 4 --n-batch 8 --repeats 3)
+        PL=(--device cpu --preset tiny --img-size 32 --batch-size 4 --n-batch 8 --repeats 3)
     else
         PL=(--device cuda --preset paper --img-size 224 --batch-size 32 --n-batch 64 --repeats 20)
     fi

@@ -8,13 +8,13 @@
 
 One lesion-grouped 70/15/15 split (seed 0) and the images prepared once at the training size
 (the preprocess step), then one training per (variant, seed) in VARIANTS: the same recipe (the
-config's `train` section, plus any --param) with only the class balancing changed. Each run's
+config's `train` section, plus any -S) with only the class balancing changed. Each run's
 final EMA model is scored by the evaluate step on the validation split (the choice is made
 there: balanced accuracy) and on the test split (reported, never used to choose), with
 lesion-level bootstrap intervals.
 
 Resumable: a finished run (its result.json) is skipped, a killed one resumes from its last
-checkpoint. `--param train.KEY=VALUE` changes one more setting of the recipe for every run of
+checkpoint. `-S train.KEY=VALUE` changes one more setting of the recipe for every run of
 the invocation (`train.mixup_alpha=0`); the runs' folders and table rows name it.
 `--results FILE` rewrites the study's section of FILE (a Markdown table of every finished run
 under --out, each with the command that reproduces it; `--report_only` trains
@@ -64,7 +64,7 @@ VARIANTS = {
     # epochs (features from the natural distribution), the inverse-frequency sampler after
     "deferred_sampler": (True, False, "balanced", 0.0, 2 / 3),
 }
-SMOKE = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), img_size=32, epochs=1, batch_size=8,
+SMOKE = dict(preset="tiny", img_size=32, epochs=1, batch_size=8,
              warmup_epochs=0, num_workers=0, gpu_resident="off")
 SMOKE_PER_CLASS = {"train": 4, "val": 2, "test": 2}
 SECTION = ("<!-- ham10000-study:start -->", "<!-- ham10000-study:end -->")
@@ -163,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", "--config", default=str(ROOT / "params.yaml"),
                    help="its train section is the recipe the variants change")
     p.add_argument("--epochs", type=int, help="override the config's epochs")
-    p.add_argument("--param", action="append", default=[], metavar="train.KEY=VALUE",
-                   help="one more recipe change for every run (repeatable)")
+    cli_args.add_set_flag(p, "one more change of the train section for every run")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--beta", type=float, default=0.999, help="for effective_number weights")
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              else sys.argv[1:])
     if unknown := set(args.variants.split(",")) - set(VARIANTS):
         p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
-    args.changes = recipe_changes(p, args.param)
+    args.changes = recipe_changes(p, args.set)
     try:  # a bad value or params file stops the study before any work
         base_recipe(args)
     except ConfigError as err:
@@ -200,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def recipe_changes(parser, items: list[str]) -> dict:
-    """--param train.KEY=VALUE items -> {KEY: VALUE}, checked against TrainConfig's keys. The
+    """-S train.KEY=VALUE items -> {KEY: VALUE}, checked against TrainConfig's keys. The
     variants' own keys, the seed and the epochs have their own flags (--variants, --seeds,
-    --epochs): a --param would be overridden by them, or named twice."""
+    --epochs): an -S would be overridden by them, or named twice."""
     own = {*variant_overrides("paper", 1), "seed", "epochs"}
     changes = {}
     for item in items:
@@ -212,17 +211,17 @@ def recipe_changes(parser, items: list[str]) -> dict:
             parser.error(str(err))
         section, _, leaf = key.rpartition(".")
         if section != "train" or leaf not in TrainConfig().as_dict():
-            parser.error(f"--param {item!r}: expected train.KEY=VALUE with a key of params.yaml's "
+            parser.error(f"-S {item!r}: expected train.KEY=VALUE with a key of params.yaml's "
                          "train section")
         if leaf in own:
-            parser.error(f"--param {item!r}: {leaf} is set by --variants, --seeds or --epochs")
+            parser.error(f"-S {item!r}: {leaf} is set by --variants, --seeds or --epochs")
         changes[leaf] = value
     return changes
 
 
 def base_recipe(args) -> TrainConfig:
     """The recipe the variants change: the params file's train section, --smoke's and the
-    flags' settings, the --param changes."""
+    flags' settings, the -S changes."""
     flags = {"epochs": args.epochs, "compile": args.compile or None}
     return TrainConfig.resolve(args.params, **{**(SMOKE if args.smoke else {}),
                                                **{k: v for k, v in flags.items() if v},
@@ -235,7 +234,7 @@ def row_command(args, name: str, seed: int) -> str:
     argv += ["--smoke"] if args.smoke else []
     argv += ["--variants", name, "--seeds", str(seed)]
     argv += ["--epochs", str(args.epochs)] if args.epochs else []
-    argv += [a for item in args.param for a in ("--param", item)]
+    argv += [a for item in args.set for a in ("-S", item)]
     argv += ["--color_constancy", args.color_constancy] if args.color_constancy != "none" else []
     argv += ["--compile"] if args.compile else []
     argv += [] if args.mlflow else ["--no_mlflow"]

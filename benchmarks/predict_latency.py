@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from components.registry import pyfunc, serving  # noqa: E402
 from components.common.labels import CLASSES  # noqa: E402
 from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from model import HybridConvNeXtV2  # noqa: E402
+from model import PRESETS, HybridConvNeXtV2  # noqa: E402
 
 START, END = "<!-- predict_latency:start -->", "<!-- predict_latency:end -->"
 
@@ -84,16 +84,15 @@ def _row(what: str, jpeg: str, single: list[float], batch: list[float], n: int) 
 
 
 def bench(preset: str, img_size: int, device: str, batch_size: int, n_batch: int,
-          repeats: int, tiny: bool = False) -> dict:
+          repeats: int) -> dict:
     os.environ["SKINLESION_DEVICE"] = device
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    overrides = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1)) if tiny else {}
-    net = HybridConvNeXtV2(num_classes=len(CLASSES), preset=preset, **overrides).eval()
+    net = HybridConvNeXtV2(num_classes=len(CLASSES), preset=preset).eval()
     meta = {"model_config": net.config, "classes": list(CLASSES), "img_size": img_size,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    results = {"preset": preset + (" tiny dims/depths" if tiny else ""), "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+    results = {"preset": preset, "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
                "img_size": img_size, "device": device, "batch_size": batch_size, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -169,8 +168,8 @@ def write_section(path: Path, section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="paper")
-    parser.add_argument("--tiny", action="store_true", help="the 4-block test model (smoke test)")
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS),
+                        help="tiny: the 4-block test model (a smoke test)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
     r = bench(args.preset, args.img_size, args.device, args.batch_size, args.n_batch,
-              args.repeats, args.tiny)
+              args.repeats)
     r["load"] = (load_before, os.getloadavg()[0])
     command = "python benchmarks/predict_latency.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = markdown(r, command.strip())

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     rt = init_runtime()
     tiny = args.cpu_tiny or rt.device.type == "cpu"
     base = TrainConfig(num_workers=2 if tiny else args.num_workers, drop_path_rate=0.1,
-                       **(dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), img_size=32)
+                       **(dict(preset="tiny", img_size=32)
                           if tiny else {}))
     n_images = args.n_images or (384 if tiny else 2560)
     modes = (args.modes or ("eager" if rt.device.type == "cpu" else "eager,compiled")).split(",")

@@ -16,7 +16,7 @@ import numpy as np
 from components.common import atomic, cli_args
 from components.common.config import ClassWeightsConfig, ConfigError
 from components.common.labels import CLASSES, LabelError, read_labels
-from components.training.balance import METHODS, weights_for_counts
+from components.training.balance import weights_for_counts
 
 
 def run(train: str | os.PathLike, out: str | os.PathLike, *,
@@ -53,12 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", required=True, help="train split CSV")
     parser.add_argument("--out", required=True, help="output JSON path")
     cli_args.add_params_flags(parser)
-    parser.add_argument("--method", choices=METHODS)
-    parser.add_argument("--beta", type=float, help="for effective_number")
+    cli_args.add_config_flags(parser, ClassWeightsConfig)
     args = parser.parse_args(argv)
     try:
-        cfg = ClassWeightsConfig.resolve(cli_args.params_paths(args), method=args.method,
-                                         beta=args.beta)
+        cfg = ClassWeightsConfig.resolve(cli_args.params_paths(args),
+                                         **cli_args.config_flags(args, ClassWeightsConfig))
         result = run(args.train, args.out, config=cfg)
     except (ConfigError, LabelError) as err:
         print(f"class_weights: {err}", file=sys.stderr)

@@ -28,7 +28,6 @@ and headline.json):
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -302,11 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img_dir", required=True)
     parser.add_argument("--out", required=True)
     cli_args.add_params_flags(parser)
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="average the predictions of the four flips of each image")
-    parser.add_argument("--batch_size", type=int)
-    parser.add_argument("--bootstrap", type=int, help="bootstrap resamples (0 disables)")
-    parser.add_argument("--seed", type=int)
+    cli_args.add_config_flags(parser, EvaluateConfig)
     parser.add_argument("--img_size", type=int, help="override the model's input size")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
@@ -315,9 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = EvaluateConfig.resolve(cli_args.params_paths(args), tta=args.tta,
-                                     batch_size=args.batch_size, bootstrap=args.bootstrap,
-                                     seed=args.seed)
+        cfg = EvaluateConfig.resolve(cli_args.params_paths(args),
+                                     **cli_args.config_flags(args, EvaluateConfig))
         summary = run(args.model, args.test_csv, args.img_dir, args.out, config=cfg,
                       img_size=args.img_size, device=args.device, num_workers=args.num_workers,
                       use_mlflow=args.use_mlflow)

@@ -38,7 +38,7 @@ from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from components.common import atomic, cli_args, outputs
-from components.common.config import COLOR_CONSTANCY, ConfigError, PreprocessConfig
+from components.common.config import ConfigError, PreprocessConfig
 from components.common.images import DEFAULT_MAX_PIXELS, CorruptImageError, prepare_image
 from components.common.labels import LabelError, image_index, read_labels, reconcile
 
@@ -236,11 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metadata", help="metadata CSV (image, lesion_id, ...) to keep in step")
     parser.add_argument("--out", required=True, help="output folder")
     cli_args.add_params_flags(parser)
-    parser.add_argument("--size", type=int, help="short side after resizing (preprocess.size)")
-    parser.add_argument("--skip_corrupt", action="store_true", default=None,
-                        help="exclude unreadable images and list them in the report")
-    parser.add_argument("--color_constancy", choices=COLOR_CONSTANCY,
-                        help="preprocess.color_constancy")
+    cli_args.add_config_flags(parser, PreprocessConfig)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no_draft", dest="draft", action="store_false",
                         help="decode JPEGs at full size (slower)")
@@ -249,9 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = PreprocessConfig.resolve(cli_args.params_paths(args), size=args.size,
-                                       skip_corrupt=args.skip_corrupt,
-                                       color_constancy=args.color_constancy)
+        cfg = PreprocessConfig.resolve(cli_args.params_paths(args),
+                                       **cli_args.config_flags(args, PreprocessConfig))
         result = run(args.labels, args.images, args.out, config=cfg, metadata=args.metadata,
                      workers=args.workers, draft=args.draft, max_pixels=args.max_pixels)
     except (ConfigError, LabelError, CorruptImageError) as err:

@@ -346,16 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", required=True, help="evaluate's metrics.json")
     parser.add_argument("--split_report", required=True, help="split_report.json")
     cli_args.add_params_flags(parser)
-    parser.add_argument("--model_name", help="default: params register.model_name")
     parser.add_argument("--alias", default=registry.CHALLENGER)
     parser.add_argument("--tracking_uri")
     parser.add_argument("--out", help="write the result JSON here too (a DVC output)")
     parser.add_argument("--no_gate", dest="gate", action="store_false",
                         help="register even when the gate metric is below register.gate_threshold")
+    cli_args.add_config_flags(parser, RegisterConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = RegisterConfig.resolve(cli_args.params_paths(args), model_name=args.model_name)
+        cfg = RegisterConfig.resolve(cli_args.params_paths(args),
+                                     **cli_args.config_flags(args, RegisterConfig))
         result = run(args.train_dir or args.run_id, args.metrics, args.split_report, config=cfg,
                      tracking_uri=args.tracking_uri, alias=args.alias, use_gate=args.gate)
     except (registry.RegistryUnavailable, registry.BadName, FileNotFoundError, LookupError,

@@ -15,11 +15,11 @@ Modes:
 - `paper`: image-level stratified 70/15/15 as Ozdemir & Pacal did. Images of one lesion can
   land in train and test; the report's `test_lesion_leakage` says how often (about 58% of
   test images on ISIC 2019).
-- `source`: cross-site: the sources in `split.test_sources` (`--test_source BCN`, repeatable)
-  are the whole test split; val is a hashed, lesion-grouped `val_frac` of the other sources,
-  the rest trains. An image's source is its metadata's `source` column, else its lesion id's
-  prefix (ISIC 2019: BCN, HAM, MSK4), else "unknown" (labels.sources). A lesion with images
-  from two sources is left out of every split and listed in the report.
+- `source`: cross-site: the sources in `split.test_sources` (`--test_sources BCN,MSK4`)
+  are the whole test split; val is a hashed, lesion-grouped `val_frac` of the other sources, the rest
+  trains. An image's source is its metadata's `source` column, else its lesion id's prefix
+  (ISIC 2019: BCN, HAM, MSK4), else "unknown" (labels.sources). A lesion with images from
+  two sources is left out of every split and listed in the report.
 
 Outputs: OUT/train.csv, OUT/val.csv, OUT/test.csv (image,label[,lesion_id][,source], integer
 labels in CLASSES order, sorted by image) and OUT/split_report.json (counts per class, and per
@@ -54,7 +54,6 @@ from components.common.labels import CLASSES, LabelError, read_labels, sources
 log = logging.getLogger(__name__)
 
 SPLITS = outputs.SPLITS
-MODES = ("grouped", "folds", "paper", "source")
 # A class share this far (in points) from the overall one is worth a warning (DESIGN.md).
 MAX_SHARE_DEVIATION_PP = 2.0
 LEFT_OUT = -1  # source_split: an image in no split
@@ -346,23 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metadata", help="metadata CSV with image and lesion_id columns")
     parser.add_argument("--out", required=True, help="output folder")
     cli_args.add_params_flags(parser)
-    parser.add_argument("--mode", choices=MODES)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--val_frac", type=float)
-    parser.add_argument("--test_frac", type=float)
-    parser.add_argument("--test_source", action="append", dest="test_sources",
-                        help="mode source: a source held out as the test split (repeatable)")
+    cli_args.add_config_flags(parser, SplitConfig)
     parser.add_argument("--previous", metavar="DIR",
                         help="an earlier split's output folder: report what changed since")
-    parser.add_argument("--accept_relabel", action="store_true", default=None,
-                        help="accept kept images whose label changed since --previous")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = SplitConfig.resolve(cli_args.params_paths(args), mode=args.mode, seed=args.seed,
-                                  val_frac=args.val_frac, test_frac=args.test_frac,
-                                  test_sources=args.test_sources,
-                                  accept_relabel=args.accept_relabel)
+        cfg = SplitConfig.resolve(cli_args.params_paths(args),
+                                  **cli_args.config_flags(args, SplitConfig))
         report = run(args.labels, args.out, config=cfg, metadata=args.metadata,
                      previous=args.previous)
     except (ConfigError, LabelError, ValueError) as err:

@@ -220,14 +220,6 @@ def _finish(trainer: Trainer, state, run_, out_dir: Path, data: TrainingData, co
 
 
 # -- command line -----------------------------------------------------------------------------
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
-
-
-def _pretrained(text: str) -> bool | str:
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def build_parser() -> cli_args.ArgumentParser:
     p = cli_args.ArgumentParser(prog="python -m components.train", description=__doc__)
     io = p.add_argument_group("data and outputs")
@@ -244,7 +236,7 @@ def build_parser() -> cli_args.ArgumentParser:
                     "over (the DVC stage uses this)")
     io.add_argument("--resume_fallback", action="store_true",
                     help="if the --resume file is unreadable, continue from checkpoint_prev.pt")
-    cli_args.add_params_flags(io, "--config")
+    cli_args.add_params_flags(io)
     io.add_argument("--no_mlflow", dest="mlflow", action="store_false",
                     help="log nothing and import no mlflow")
     io.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT,
@@ -260,31 +252,10 @@ def build_parser() -> cli_args.ArgumentParser:
     dev.add_argument("--stop_after_epoch", type=int,
                      help="stop after this many epochs (as a preemption would); --resume goes on")
 
-    hp = p.add_argument_group("hyper-parameters (override --params; defaults: params.yaml's)")
-    flag = argparse.BooleanOptionalAction
-    for name, kind in (("epochs", int), ("batch_size", int), ("peak_lr", float),
-                       ("warmup_epochs", int), ("warmup_lr", float), ("min_lr", float),
-                       ("momentum", float), ("weight_decay", float), ("mixup_alpha", float),
-                       ("ema_decay", float), ("grad_clip", float), ("drop_path_rate", float),
-                       ("seed", int), ("img_size", int), ("preset", str),
-                       ("logit_adjust_tau", float), ("gpu_resident_max_share", float),
-                       ("defer_sampler_epochs", int)):
-        hp.add_argument(f"--{name}", type=kind)
-    hp.add_argument("--pretrained", type=_pretrained, nargs="?", const=True,
-                    help="ImageNet ConvNeXtV2-base weights: from the hub, or a file path")
-    hp.add_argument("--dims", type=_ints, help="stage widths, e.g. 16,32,48,64")
-    hp.add_argument("--depths", type=_ints, help="stage depths, e.g. 1,1,1,1")
-    hp.add_argument("--num_workers", type=lambda v: v if v == "auto" else int(v),
-                    help="DataLoader workers, or auto (the CPUs less one, at most 4)")
-    hp.add_argument("--gpu_resident", choices=("auto", "on", "off"))
-    hp.add_argument("--lr_scaling", choices=("linear", "none"),
-                    help="with several processes: the learning rate x world size, or not")
-    for name in ("compile", "ema_warmup", "class_weighted_loss", "weighted_sampler", "augment"):
-        hp.add_argument(f"--{name}", action=flag, default=None)
+    cli_args.add_config_flags(
+        p.add_argument_group("settings (override --params; defaults: params.yaml's train)"),
+        TrainConfig)
     return p
-
-
-HP_FLAGS = tuple(TrainConfig.__dataclass_fields__)
 
 
 def settings(args: argparse.Namespace) -> tuple[list, dict, TrainConfig]:
@@ -292,7 +263,7 @@ def settings(args: argparse.Namespace) -> tuple[list, dict, TrainConfig]:
     params_files = cli_args.params_paths(args)
     params = load_params(params_files)  # read first: an edit meanwhile is seen at the end
     cfg = TrainConfig.resolve(params, source=", ".join(map(str, params_files)) or None,
-                              **{k: getattr(args, k) for k in HP_FLAGS})
+                              **cli_args.config_flags(args, TrainConfig))
     return params_files, params, cfg
 
 

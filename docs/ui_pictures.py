@@ -112,7 +112,7 @@ def make_runs(work: Path, n_images: int = 64, epochs: tuple[int, int] = (1, 2)) 
     run_ids, versions = [], []
     for i, n_epochs in enumerate(epochs):
         out = work / f"run{i + 1}"
-        cfg = TrainConfig(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), img_size=32,
+        cfg = TrainConfig(preset="tiny", img_size=32,
                           batch_size=8, epochs=n_epochs, warmup_epochs=1, num_workers=0,
                           seed=i, gpu_resident="off", mixup_alpha=0.0, ema_decay=0.9)
         data = train.TrainingData.read(splits / "train.csv", prepared / "images",

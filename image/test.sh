@@ -127,8 +127,8 @@ pipeline() {
     # from /app with the image's own params.yaml, as on a cluster; outputs and MLflow on /work
     in_image --app -- skinlesion pipeline run-local --data /work/data/raw --pipeline-root /work/kfp \
         --params-file /in/params.demo.yaml \
-        --param mlflow_tracking_uri=sqlite:////work/mlflow.db \
-        --param register.gate_threshold=0.0  # register whatever gate params.yaml sets
+        -S mlflow_tracking_uri=sqlite:////work/mlflow.db \
+        -S register.gate_threshold=0.0  # register whatever gate params.yaml sets
     in_image -- python3 /image/check_pipeline.py --root /work/kfp --raw /work/data/raw \
         --mlflow sqlite:////work/mlflow.db
 }

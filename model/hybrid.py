@@ -30,6 +30,9 @@ PRESETS: dict[str, dict] = {
     # stage 4, full-width attention, ConvNeXt's 2x2 patchify downsampling, a linear head.
     "seed-readme": dict(dims=(96, 192, 384, 768), depths=(3, 3, 9, 12), attn_ratio=1.0,
                         mlp_ratio=4.0, head="linear", downsample_kernel=2),
+    # The paper's layout at widths 16-64, one block per stage (0.1M): the model of the CPU
+    # tests, the benchmarks' smoke runs and docs/ui_pictures.py.
+    "tiny": {**_PAPER, "dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1)},
 }
 
 PART_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "head")

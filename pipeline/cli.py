@@ -3,15 +3,15 @@ distributed training on Kubeflow Trainer, from the command line.
 
     skinlesion pipeline compile [-o pipeline.yaml] [--image IMAGE] [--params_file ...]
     skinlesion pipeline submit --host URL [--experiment NAME] [--run_name NAME]
-                               [--params_file params.demo.yaml] [--param k=v ...]
+                               [--params_file params.demo.yaml] [-S k=v ...]
     skinlesion pipeline run-local [--data data/raw] [--pipeline_root local_outputs]
-                                  [--params_file params.demo.yaml] [--param k=v ...]
+                                  [--params_file params.demo.yaml] [-S k=v ...]
     skinlesion pipeline train-job --image IMAGE --pvc PVC [--namespace NS] <train flags>
 
 Arguments start from the committed params.yaml (git HEAD: an uncommitted or applied
 experiment's copy is not used unless `--params params.yaml` asks for it, and the command says
 so); each `--params_file` (a partial params file with params.yaml's layout, such as
-params.demo.yaml) is merged over it in order, then each `--param` is applied. A `--param` key
+params.demo.yaml) is merged over it in order, then each `-S` is applied. An `-S` key
 is either a params.yaml key with dots (`train.epochs=2`, `split.seed=1`) or one of the
 pipeline's own parameters (`mlflow_tracking_uri=http://mlflow:5000`, `data_rev=v1.2`); values
 are read as YAML (`2` is an int, `0.005` a float, `true` a bool, `{a: 1}` a dict).
@@ -40,7 +40,7 @@ from components.common.config import PARAMS_FILE, ConfigError
 from pipeline.trainjob import MOUNT
 
 
-def resolve_params(params_files: list[str] | None = None, param: list[str] | None = None,
+def resolve_params(params_files: list[str] | None = None, overrides: list[str] | None = None,
                    params_path: str | None = None) -> tuple[dict, dict[str, Any]]:
     """(params, direct pipeline arguments): the base params + params files + `k=v` overrides,
     every section checked (a ConfigError names the file and key)."""
@@ -50,29 +50,29 @@ def resolve_params(params_files: list[str] | None = None, param: list[str] | Non
     params = base_params(params_path, say=lambda m: print(m, file=sys.stderr))
     params = deep_merge(params, load_params(params_files or []))
     direct: dict[str, Any] = {}
-    for item in param or []:
+    for item in overrides or []:
         key, value = cli_args.parse_assignment(item)
         if "." in key:  # a params.yaml key; the pipeline's own parameters have no dot
             cli_args.set_dotted(params, key, value)
         else:
             direct[key] = value
     sources = [params_path or f"committed {PARAMS_FILE}", *(params_files or ())]
-    check_params(params, ", ".join(map(str, sources)) + (" and --param" if param else ""))
+    check_params(params, ", ".join(map(str, sources)) + (" and -S" if overrides else ""))
     return params, direct
 
 
-def build(params_files: list[str] | None = None, param: list[str] | None = None,
+def build(params_files: list[str] | None = None, overrides: list[str] | None = None,
           params_path: str | None = None, image: str | None = None) -> tuple[dict, Any, dict]:
     """(params, the pipeline built from them, its arguments): params.yaml + params files +
     `k=v` overrides. The one build of a command: a `k=v` without a dot must name a parameter
     of this pipeline (shared_pvc only when it trains distributed)."""
     from pipeline.pipeline import build_pipeline, pipeline_arguments
 
-    params, direct = resolve_params(params_files, param, params_path)
+    params, direct = resolve_params(params_files, overrides, params_path)
     pipeline = build_pipeline(params, image)
     names = set(pipeline.component_spec.inputs or {})
     if unknown := sorted(set(direct) - names):
-        raise SystemExit(f"--param {unknown[0]}: not a pipeline parameter "
+        raise SystemExit(f"-S {unknown[0]}: not a pipeline parameter "
                          f"({', '.join(sorted(names))}) nor a dotted params.yaml key")
     return params, pipeline, {**pipeline_arguments(params), **direct}
 
@@ -91,7 +91,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from pipeline.pipeline import PIPELINE_NAME, compile_pipeline
 
-    params, pipeline, arguments = build(args.params_file, args.param, args.params, args.image)
+    params, pipeline, arguments = build(args.params_file, args.set, args.params, args.image)
     client = kfp.Client(host=args.host, namespace=args.namespace,
                         existing_token=os.environ.get("KFP_TOKEN") or None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +114,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
 
     from pipeline.data import check_dataset_folder
 
-    _, pipeline, arguments = build(args.params_file, args.param, args.params)
+    _, pipeline, arguments = build(args.params_file, args.set, args.params)
     arguments["local_data"] = str(Path(args.data or arguments["data_path"]).resolve())
     check_dataset_folder(arguments["local_data"])
     local.init(runner=local.SubprocessRunner(use_venv=False),
@@ -144,9 +144,8 @@ def _add_params_options(p: argparse.ArgumentParser, overrides: bool = True) -> N
     p.add_argument("--params_file", action="append", default=[], metavar="FILE",
                    help="partial params file merged over it (repeatable), e.g. params.demo.yaml")
     if overrides:
-        p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                       help="override: params.yaml key with dots (train.epochs=2) or a pipeline "
-                            "parameter")
+        cli_args.add_set_flag(p, "override a params.yaml key (train.epochs=2) or set a "
+                                 "pipeline parameter (data_rev=v1.2)")
 
 
 def main(argv: list[str] | None = None) -> int:

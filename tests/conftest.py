@@ -23,7 +23,6 @@ from model import HybridConvNeXtV2
 from mlflow_server import start_mlflow_server
 from s3server import moto_s3_server
 
-TINY_MODEL = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1))
 TINY_IMG = 32
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +62,7 @@ def model_dir(tmp_path_factory) -> Path:
     (input 32 px, prepared at 40)."""
     root = tmp_path_factory.mktemp("pyfunc")
     torch.manual_seed(0)
-    net = HybridConvNeXtV2(num_classes=len(CLASSES), preset="paper", **TINY_MODEL).eval()
+    net = HybridConvNeXtV2(num_classes=len(CLASSES), preset="tiny").eval()
     meta = {"model_config": net.config, "classes": list(CLASSES), "img_size": TINY_IMG,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     artifacts = serving.write_artifacts(net.state_dict(), {**meta, "prepare_size": 40}, root / "staging")

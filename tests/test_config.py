@@ -22,6 +22,28 @@ def test_params_yaml_and_code_defaults_agree():
         assert cls.from_dict(section) == cls(), f"{name}: params.yaml values differ from the code"
 
 
+def test_params_yaml_holds_values_and_each_key_is_explained_once():
+    """params.yaml holds values and short notes on why a default was chosen; what a key means
+    is its field's help (the flags' help), not repeated there, and measured numbers live in
+    benchmarks/RESULTS.md, where the notes point."""
+    import re
+
+    helps = {f"{cls.SECTION}.{f.name}": f.metadata["help"] for cls in SECTIONS.values()
+             for f in dataclasses.fields(cls)}
+    section = None
+    for number, line in enumerate((ROOT / "params.yaml").read_text().splitlines(), 1):
+        code, _, comment = line.partition("#")
+        if re.match(r"^\w", code):
+            section = code.split(":")[0]
+        key = re.match(r"^  (\w+):", code)
+        if key and comment:
+            help_ = helps[f"{section}.{key.group(1)}"]
+            words = set(re.findall(r"[a-z]{4,}", help_.lower()))
+            shared = words & set(re.findall(r"[a-z]{4,}", comment.lower()))
+            assert len(shared) < max(2, len(words) / 2), f"params.yaml:{number} repeats the help"
+        assert not re.search(r"\b0\.\d{3}\b", comment), f"params.yaml:{number}: a measured number"
+
+
 def test_partial_files_merge_over_the_base():
     merged = load_params([ROOT / "params.yaml", ROOT / "params.demo.yaml"])
     cfg = TrainConfig.resolve(merged, epochs=2)
@@ -65,9 +87,13 @@ def test_unknown_keys_and_sections_name_their_source(tmp_path):
 
 
 # -- YAML 1.1's booleans in choice keys (issue 24, item 8) -----------------------------------
+def _choice_keys() -> dict[str, tuple[str, ...]]:
+    return {f"{cls.SECTION}.{name}": options for cls in SECTIONS.values()
+            for name, options in cls.choices().items()}
+
+
 def test_every_choice_key_is_declared_and_only_gpu_resident_takes_on_off():
-    choices = {f"{cls.SECTION}.{f.name}": f.metadata["choices"] for cls in SECTIONS.values()
-               for f in dataclasses.fields(cls) if "choices" in f.metadata}
+    choices = _choice_keys()
     assert set(choices) >= {"preprocess.color_constancy", "split.mode", "class_weights.method",
                             "train.gpu_resident", "train.lr_scaling"}
     assert [k for k, c in choices.items() if {"on", "off"} & set(c)] == ["train.gpu_resident"]
@@ -80,8 +106,8 @@ def test_every_choice_survives_dvcs_rewrite_of_params_yaml():
 
     from model import PRESETS
 
-    written = [(cls, f.name, value) for cls in SECTIONS.values() for f in dataclasses.fields(cls)
-               for value in f.metadata.get("choices", ())]
+    written = [(cls, key, value) for cls in SECTIONS.values()
+               for key, options in cls.choices().items() for value in options]
     written += [(TrainConfig, "preset", name) for name in PRESETS]
     for cls, key, value in written:
         needs = {"test_sources": ["BCN"]} if value == "source" else {}  # split.mode source
@@ -111,6 +137,83 @@ def test_a_boolean_in_another_choice_key_says_to_quote_it():
     with pytest.raises(ConfigError, match=r"split\.mode = True: must be one of grouped, folds, "
                                           r"paper, source \(unquoted on/off/yes/no"):
         SECTIONS["split"].from_dict({"mode": True})
+
+
+# -- the dataclasses are the one description of a setting (issue 26, item 3) ---------------
+def test_each_choice_list_is_written_once():
+    """A choice list (gpu_resident's auto/on/off, split's modes, ...) is the `Literal` of its
+    config field and nowhere else: flags, checks and docs read it from there."""
+    import re
+
+    code = [p for d in ("components", "pipeline", "benchmarks", "docs", "image")
+            for p in (ROOT / d).rglob("*.py")]
+    for key, options in _choice_keys().items():
+        written = re.compile(r"""['"]\s*,\s*['"]""".join(map(re.escape, options)))
+        where = [str(p.relative_to(ROOT)) for p in code if written.search(p.read_text())]
+        assert where == ["components/common/config.py"], f"{key}: {options} written in {where}"
+
+
+STEPS = ("preprocess", "split", "class_weights", "train", "evaluate", "register")
+# Flags a step declares itself, with help of its own: train's TrainJob group (which is
+# leaving components/ for pipeline/, issue 26 item 2).
+OWN_HELP = {"train.nodes", "train.gpus_per_node"}
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_every_setting_is_a_flag_of_its_step_with_the_fields_help(step, monkeypatch, capsys):
+    """Each step's flags for its section are made from the dataclass: every key a flag, its
+    help the field's help, its choices the field's Literal."""
+    import importlib
+    import re
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: the help is not wrapped
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"components.{step}").main(["--help"])
+    entries = re.split(r"\n(?=\s+-)", capsys.readouterr().out)  # one per option, help and all
+    cls = SECTIONS[step]
+    for field in dataclasses.fields(cls):
+        help_ = field.metadata["help"]
+        line = next((" ".join(x.split()) for x in entries
+                     if re.match(rf"\s+--{field.name}(?![\w-])", x)), None)
+        assert line is not None, f"{step}: no --{field.name}"
+        assert help_ in line or f"{step}.{field.name}" in OWN_HELP, f"{step} --{field.name}: {line.strip()!r} lacks {help_!r}"
+        if field.name in cls.choices():
+            assert "{" + ",".join(cls.choices()[field.name]) + "}" in line
+
+
+def _benchmark_main(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+OVERRIDING = {  # every command that takes overrides, with the arguments it requires
+    "exp run": ("components.commands.experiments", ["run"]),
+    "pipeline submit": ("pipeline.cli", ["submit", "--host", "http://kfp"]),
+    "pipeline run-local": ("pipeline.cli", ["run-local"]),
+    "ham10000": ("ham10000", ["--out", "o"]),
+    "cross_site": ("cross_site", ["--labels", "l", "--images", "i", "--metadata", "m",
+                                  "--out", "o"]),
+}
+
+
+@pytest.mark.parametrize("command", OVERRIDING)
+def test_every_command_takes_overrides_as_dash_S_and_nothing_else(command, capsys):
+    """One grammar: `-S/--set SECTION.KEY=VALUE`, repeatable; the old `--param` is refused,
+    not taken for an abbreviation of --params or --params_file."""
+    import importlib
+
+    module, argv = OVERRIDING[command]
+    main = (importlib.import_module(module).main if "." in module else _benchmark_main(module))
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    assert "-S SECTION.KEY=VALUE" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*argv, "--param", "train.epochs=2"])
+    assert "unrecognized arguments: --param" in capsys.readouterr().err
 
 
 # -- one loader, hostile params files (issue 24, item 12) ------------------------------------

@@ -12,7 +12,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"preprocess": {"size": 40},
-        "train": {"img_size": 32, "dims": [8, 16, 24, 32], "depths": [1, 1, 1, 1], "epochs": 2,
+        "train": {"preset": "tiny", "img_size": 32, "epochs": 2,
                   "batch_size": 16, "warmup_epochs": 0, "num_workers": 0, "ema_decay": 0.9,
                   "gpu_resident": "on"},
         "evaluate": {"bootstrap": 20}}
@@ -31,7 +31,7 @@ def test_leave_one_source_out_holds_out_each_site_once(tmp_path):
     argv = ["--labels", str(raw / "labels.csv"), "--images", str(raw / "images"), "--metadata",
             str(raw / "metadata.csv"), "--out", str(tmp_path / "loso"), "--params",
             str(ROOT / "params.yaml"), "--params_file", str(tmp_path / "tiny.yaml"),
-            "--color_constancy", "shades_of_gray", "--no_mlflow"]
+            "-S", "preprocess.color_constancy=shades_of_gray", "--no_mlflow"]
     assert cross_site.main(argv) == 0
     results = json.loads((tmp_path / "loso" / "results.json").read_text())
     assert [r["source"] for r in results] == ["SITEA", "SITEB"]

@@ -19,7 +19,6 @@ from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import HybridConvNeXtV2
 from pipeline.publish import kfp_outputs
 
-TINY = dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1))
 IMG_SIZE = 32
 N_IMAGES = 24
 OUTPUT_FILES = ("predictions.csv", "per_class.csv", "roc.csv", "reliability.csv",
@@ -29,7 +28,7 @@ OUTPUT_FILES = ("predictions.csv", "per_class.csv", "roc.csv", "reliability.csv"
 
 def _tiny_model(seed: int) -> HybridConvNeXtV2:
     torch.manual_seed(seed)
-    return HybridConvNeXtV2(num_classes=len(CLASSES), **TINY).eval()
+    return HybridConvNeXtV2(num_classes=len(CLASSES), preset="tiny").eval()
 
 
 def save_checkpoint(path, weights=("model", "ema"), mlflow_run_id=None):

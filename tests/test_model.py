@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from model import HybridConvNeXtV2, PretrainedWeightsError, SeparableSelfAttention
 
-TINY = dict(dims=(16, 32, 48, 64), depths=(1, 1, 2, 1))
+TINY = dict(preset="tiny", depths=(1, 1, 2, 1))  # two attention blocks in stage 3
 
 
 @pytest.mark.parametrize("preset, expected", [
@@ -24,9 +24,23 @@ def test_parameter_count_matches_reference(preset, expected):
     assert sum(counts[p] for p in parts) == counts["total"] == counts["trainable"]
 
 
+def test_tiny_preset_is_the_papers_layout_narrowed():
+    """`tiny`: the paper's layout (attention ratio, MLP head, 3x3 downsampling) at widths
+    16-64 and one block per stage, the model every CPU test, benchmark smoke run and picture
+    uses; TrainConfig accepts it like any preset."""
+    from components.common.config import TrainConfig
+
+    config = HybridConvNeXtV2(preset="tiny").config
+    assert config["dims"] == (16, 32, 48, 64) and config["depths"] == (1, 1, 1, 1)
+    paper = HybridConvNeXtV2(preset="paper").config
+    assert {k: v for k, v in config.items() if k not in ("dims", "depths", "preset")} == \
+        {k: v for k, v in paper.items() if k not in ("dims", "depths", "preset")}
+    assert TrainConfig(preset="tiny", img_size=32).preset == "tiny"
+
+
 def test_overrides_and_bad_options():
     model = HybridConvNeXtV2(num_classes=3, **TINY, attn_ratio=0.25)
-    assert model.config["dims"] == TINY["dims"] and model.config["attn_ratio"] == 0.25
+    assert model.config["depths"] == TINY["depths"] and model.config["attn_ratio"] == 0.25
     rebuilt = HybridConvNeXtV2(**model.config)
     assert rebuilt.count_parameters() == model.count_parameters()
     with pytest.raises(ValueError, match="unknown preset"):

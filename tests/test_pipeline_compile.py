@@ -279,8 +279,8 @@ def test_hostile_params_stop_every_pipeline_command_in_one_line(tmp_path, capsys
 def test_a_param_override_is_read_by_the_params_loader(tmp_path, capsys):
     assert skinlesion(["pipeline", "run-local", "--pipeline_root", str(tmp_path / "root"),
                        "--params", str(ROOT / "params.yaml"),
-                       "--param", "train.dims=[&a [1, 1], *a, *a, *a]"]) == 1
+                       "-S", "train.dims=[&a [1, 1], *a, *a, *a]"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--param train.dims" in err and "aliases" in err
+    assert err.count("\n") == 1 and "-S train.dims" in err and "aliases" in err
     _, _, args = build([], ["train.gpu_resident=on"], str(ROOT / "params.yaml"))
     assert SECTIONS["train"].from_dict(args["train_params"]).gpu_resident == "on"

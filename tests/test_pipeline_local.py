@@ -148,7 +148,7 @@ def pipeline_run(raw, tmp_path_factory) -> tuple[Path, Path, str]:
         mp.chdir(tmp)  # MLflow's ./mlruns artifacts land here
         assert skinlesion(["pipeline", "run-local", "--data", str(raw), "--pipeline_root",
                            str(root), "--params_file", str(override),
-                           "--param", f"mlflow_tracking_uri={uri}"]) == 0
+                           "-S", f"mlflow_tracking_uri={uri}"]) == 0
     (run_dir,) = [p for p in root.iterdir() if p.name.startswith("skin-lesion-")]
     return run_dir, tmp, uri
 

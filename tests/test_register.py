@@ -27,7 +27,6 @@ from components.training import checkpoint
 from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from model import HybridConvNeXtV2
 
-TINY = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1))
 IMG = 32
 PREPARE = 40
 SPLIT = "s" * 64
@@ -49,7 +48,7 @@ def fake_training(root: Path, uri: str, seed: int = 0, run_name: str | None = No
     training_summary.json, and a run with train.* params and git/data tags (and, as a real
     training does, the serving model when log_model)."""
     torch.manual_seed(seed)
-    model = HybridConvNeXtV2(num_classes=len(CLASSES), preset="paper", **TINY)
+    model = HybridConvNeXtV2(num_classes=len(CLASSES), preset="tiny")
     out = root / f"train-{seed}-{run_name or 'x'}"
     meta = {"model_config": model.config, "classes": list(CLASSES), "img_size": IMG,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "prepare_size": PREPARE,
@@ -401,7 +400,7 @@ def test_an_untracked_training_registers_into_the_stores_artifact_folder(tmp_pat
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     out = tmp_path / "untracked"
     torch.manual_seed(0)
-    model = HybridConvNeXtV2(num_classes=len(CLASSES), preset="paper", **TINY)
+    model = HybridConvNeXtV2(num_classes=len(CLASSES), preset="tiny")
     checkpoint.save(out / "ema_weights.pt", {
         "model_config": model.config, "classes": list(CLASSES), "img_size": IMG,
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "prepare_size": PREPARE,

@@ -55,7 +55,7 @@ def _split_report(data: dict) -> dict:
 
 
 def _train_and_evaluate(data: dict, out: Path, seed: int, epochs: int) -> Path:
-    cfg = train.TrainConfig(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), img_size=32,
+    cfg = train.TrainConfig(preset="tiny", img_size=32,
                             batch_size=8, warmup_epochs=1, num_workers=0, epochs=epochs,
                             seed=seed, gpu_resident="off")
     train.run(train.TrainingData.read(data["train"], data["img_dir"], val_csv=data["val"]),

@@ -152,7 +152,7 @@ def test_shared_isic_source_split_by_lesion_prefix(isic, tmp_path, capsys):
     """The official metadata has no source column: the lesion id's prefix is the source."""
     labels, metadata = isic
     assert split.main(["--labels", str(labels), "--metadata", str(metadata), "--out",
-                       str(tmp_path), "--mode", "source", "--test_source", "BCN"]) == 0
+                       str(tmp_path), "--mode", "source", "--test_sources", "BCN"]) == 0
     report = json.loads((tmp_path / "split_report.json").read_text())
     assert report["sources"]["test"] == {"BCN": 12413}
     rest = {**report["sources"]["train"]}

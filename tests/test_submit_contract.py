@@ -104,10 +104,10 @@ def _submit(url: str, *extra: str) -> int:
 def test_submit_contract_creates_the_experiment_and_a_run_of_the_compiled_pipeline(capsys):
     with FakeKFP() as kfp_api:
         assert _submit(kfp_api.url, "--experiment", "skin-lesion-ci", "--run-name", "ci-run",
-                       "--param", "train.epochs=3", "--param", "register.gate_threshold=0.55",
-                       "--param", "mlflow_tracking_uri=http://mlflow.mlflow:5000",
-                       "--param", "data_repo=https://git.example.com/skinlesion.git",
-                       "--param", "data_rev=v1.0") == 0
+                       "-S", "train.epochs=3", "-S", "register.gate_threshold=0.55",
+                       "-S", "mlflow_tracking_uri=http://mlflow.mlflow:5000",
+                       "-S", "data_repo=https://git.example.com/skinlesion.git",
+                       "-S", "data_rev=v1.0") == 0
 
     lookups = kfp_api.calls("GET", "/apis/v2beta1/experiments")
     assert len(lookups) == 1
@@ -168,12 +168,12 @@ def test_submit_contract_reuses_an_existing_experiment_and_sends_the_token(monke
 def test_submit_contract_reports_an_unknown_parameter_before_any_request():
     with FakeKFP() as kfp_api:
         with pytest.raises(SystemExit, match="not a pipeline parameter"):
-            _submit(kfp_api.url, "--param", "epochs=3")
+            _submit(kfp_api.url, "-S", "epochs=3")
     assert kfp_api.requests == []
 
 
 def test_submit_builds_the_pipeline_once_spied(monkeypatch):
-    """A pipeline is built on demand only: never at import, once per command (the --param
+    """A pipeline is built on demand only: never at import, once per command (the -S
     names are checked against the pipeline that is then compiled and sent). A spy around the
     real build_pipeline counts the builds."""
     import pipeline.pipeline as kfp_pipeline
@@ -183,7 +183,7 @@ def test_submit_builds_the_pipeline_once_spied(monkeypatch):
     monkeypatch.setattr(kfp_pipeline, "build_pipeline",
                         lambda *a, **kw: builds.append(a) or real(*a, **kw))
     with FakeKFP() as kfp_api:
-        assert _submit(kfp_api.url, "--param", "mlflow_tracking_uri=http://mlflow:5000") == 0
+        assert _submit(kfp_api.url, "-S", "mlflow_tracking_uri=http://mlflow:5000") == 0
     assert len(builds) == 1
     [run] = kfp_api.calls("POST", "/apis/v2beta1/runs")
     assert run["body"]["runtime_config"]["parameters"]["mlflow_tracking_uri"] == "http://mlflow:5000"

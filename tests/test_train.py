@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from components import train
+from components.common import cli_args
 from components.common.config import ConfigError, TrainConfig
 from components.common.labels import CLASSES
 from components.training import checkpoint
@@ -141,7 +142,7 @@ def test_resume_auto_ignores_how_a_run_is_executed_and_sets_another_recipe_aside
 
 
 def _tiny_config(**overrides) -> train.TrainConfig:
-    return train.TrainConfig(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), img_size=32,
+    return train.TrainConfig(preset="tiny", img_size=32,
                              batch_size=8, warmup_epochs=1, num_workers=0, **overrides)
 
 
@@ -150,11 +151,53 @@ def test_settings_come_from_params_yaml_then_flags_in_either_spelling():
         ["--train_csv", "t", "--img-dir", "i", "--epochs", "3", "--no-weighted_sampler",
          "--dims", "8,16,24,32", "--pretrained", "w.safetensors", "--logit-adjust-tau", "1"])
     cfg = train.TrainConfig.resolve(ROOT / "params.yaml",
-                                    **{k: getattr(args, k) for k in train.HP_FLAGS})
+                                    **cli_args.config_flags(args, train.TrainConfig))
     assert (cfg.epochs, cfg.weighted_sampler, cfg.dims, cfg.pretrained) == (
         3, False, (8, 16, 24, 32), "w.safetensors")
     assert args.img_dir == "i" and cfg.logit_adjust_tau == 1.0
     assert cfg.peak_lr == 0.01  # from params.yaml
+
+
+# The paper repository's train.py flags (README, "Training"): each name, meaning and default
+# is part of the user surface and stays as it is; None: the value comes from the params files.
+PAPER_FLAGS = {"train_csv": None, "val_csv": None, "test_csv": None, "img_dir": None,
+               "epochs": None, "batch_size": None, "peak_lr": None, "warmup_epochs": None,
+               "mixup_alpha": None, "ema_decay": None, "out_dir": "outputs/train",
+               "resume": None, "overfit_mode": False, "overfit_n": 32, "grad_clip": None,
+               "num_workers": None}
+
+
+def test_the_paper_repositorys_flags_stay_as_they_are():
+    parser = train.build_parser()
+    options = {a.dest: a for a in parser._actions}
+    for name, default in PAPER_FLAGS.items():
+        assert f"--{name}" in parser._option_string_actions, name
+        assert options[name].default == default, name
+    args = parser.parse_args(["--train_csv", "t", "--img_dir", "i", "--epochs", "7",
+                              "--peak_lr", "0.02", "--num_workers", "auto", "--overfit_mode"])
+    assert (args.epochs, args.peak_lr, args.num_workers, args.overfit_mode) == \
+        (7, 0.02, "auto", True)
+    assert parser.parse_args(["--train_csv", "t", "--img_dir", "i",
+                              "--num_workers", "2"]).num_workers == 2
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("--dims", "8,x,24,32", "invalid comma-separated int value: '8,x,24,32'"),
+    ("--num_workers", "[1", "invalid YAML value: '[1'"),
+    ("--gpu_resident", "maybe", "invalid choice: 'maybe'"),
+])
+def test_a_flag_value_of_the_wrong_type_is_one_line_naming_the_flag(capsys, flag, value, says):
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--train_csv", "t", "--img_dir", "i", flag, value])
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and says in err and "Traceback" not in err, err
+
+
+def test_params_has_no_config_alias(capsys):
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--train_csv", "t", "--img_dir", "i",
+                                         "--config", "params.yaml"])
+    assert "--config" in capsys.readouterr().err
 
 
 def test_bad_settings_stop_before_any_work(data, tmp_path, capsys):
@@ -280,16 +323,16 @@ def test_ham10000_study_smoke_resumes_and_writes_its_table(shared_data, tmp_path
 
     # one more recipe change: its own run folder, row and command
     argv[argv.index("paper,logit_adjusted")] = "paper"
-    assert ham.main([*argv, "--param", "train.mixup_alpha=0"]) == 0
+    assert ham.main([*argv, "-S", "train.mixup_alpha=0"]) == 0
     changed = json.loads((tmp_path / "study/runs/paper-mixup_alpha0-e1-s0/result.json").read_text())
     assert changed["changes"] == {"mixup_alpha": 0}
-    assert changed["command"].endswith("--seeds 0 --param train.mixup_alpha=0 --no_mlflow")
+    assert changed["command"].endswith("--seeds 0 -S train.mixup_alpha=0 --no_mlflow")
     text = results_md.read_text()
     assert text.count("| paper + mixup_alpha=0 | 0 |") == 1 and text.count("| paper | 0 |") == 1
     for bad in ("train.no_such_key=1", "evaluate.tta=true", "train.mixup_alpha",
                 "train.weighted_sampler=false", "train.seed=3"):
         with pytest.raises(SystemExit):
-            ham.main([*argv, "--param", bad])
+            ham.main([*argv, "-S", bad])
 
 
 @pytest.mark.parametrize("bad,named", [
@@ -300,7 +343,7 @@ def test_ham10000_study_smoke_resumes_and_writes_its_table(shared_data, tmp_path
 def test_ham10000_study_refuses_a_bad_param_value_in_one_line(tmp_path, capsys, bad, named):
     ham = _benchmark("ham10000")
     with pytest.raises(SystemExit) as stop:
-        ham.main(["--out", str(tmp_path), "--report_only", "--param", bad])
+        ham.main(["--out", str(tmp_path), "--report_only", "-S", bad])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and named in err and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].count(named) == 1

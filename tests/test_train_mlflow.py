@@ -46,16 +46,17 @@ def test_one_run_with_params_metrics_tags_datasets_and_model(data, tmp_path, mlf
     assert run.info.status == "FINISHED"
 
     params = run.data.params
-    assert params["train.peak_lr"] == "0.01" and params["train.dims"] == "(16, 32, 48, 64)"
+    assert params["train.peak_lr"] == "0.01" and params["train.preset"] == "tiny"
     assert params["train_csv"] == str(data["train"])
     tags = run.data.tags
     assert {"git_commit", "data_hash", "device"} <= set(tags)
     # the name says what differs from params.yaml's recipe (tiny_data writes no split report)
     assert run.info.run_name == tags["mlflow.runName"]
-    assert run.info.run_name.startswith("paper unsplit ")
-    for part in ("ep=2", "img=32", "dims=16-32-48-64", "bs=8"):
+    assert run.info.run_name.startswith("tiny unsplit ")
+    for part in ("ep=2", "img=32", "bs=8"):
         assert part in run.info.run_name.split(), part
-    assert "dims 16-32-48-64" in tags["mlflow.note.content"]
+    assert "preset `tiny`" in tags["mlflow.note.content"]
+    assert "epochs 2" in tags["mlflow.note.content"]
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not GenAI
     for name in ("train_loss", "lr", "epoch_seconds", "train_img_per_s", "val_accuracy",

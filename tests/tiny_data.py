@@ -45,7 +45,7 @@ def make_splits(root: Path, n_per_class: int = 4, size: int = 40) -> dict[str, P
 
 
 # A model small enough for CPU tests: 4 stages of one block each.
-TINY = ["--dims", "16,32,48,64", "--depths", "1,1,1,1", "--img_size", "32"]
+TINY = ["--preset", "tiny", "--img_size", "32"]
 
 
 def dvc_project(root: Path, md5: str) -> str:

@@ -320,8 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", "-n", help="experiment name (default: DVC's)")
     p.add_argument("--params_file", action="append", default=[], metavar="FILE",
                    help="partial params file to apply (repeatable), e.g. params.demo.yaml")
-    p.add_argument("-S", "--set_param", action="append", default=[], metavar="KEY=VALUE",
-                   help="one params.yaml key (as dvc exp run -S)")
+    cli_args.add_set_flag(p, "one params.yaml key, as dvc exp run -S takes it")
     p = sub.add_parser("show", help="the experiments: params that differ, headline metrics "
                                     "with 95%% intervals, registered version")
     p.add_argument("--all", action="store_true", help="experiments of every commit, not HEAD's")
@@ -338,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "run":
-            name = run(root, args.name, args.params_file, args.set_param)
+            name = run(root, args.name, args.params_file, args.set)
             print(f"\n{summary(results(root, name))}\nexperiment {name}: `skinlesion exp show` "
                   f"compares it; params.yaml is unchanged", flush=True)
             return 0

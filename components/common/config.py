@@ -10,6 +10,8 @@ behaves as `dvc repro` does.
 
     cfg = TrainConfig.resolve(load_params(["params.yaml", "params.demo.yaml"]), epochs=3)
 
+Each field is the one description of its key (components.common.settings): type, default,
+choices (`Literal`), help; the steps' flags are made from the fields (cli_args.add_config_flags).
 Values are checked when a config is made: a bad one is a ConfigError naming the key, the
 value and where it came from, before any work starts. Every params file is read by
 `load_params` (components.common.params_yaml's safe loader: no aliases, bounded size and depth),
@@ -21,19 +23,28 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Literal, Sequence
 
 # ConfigError, committed_text and deep_merge are this module's API as well
 from components.common.params_yaml import (ConfigError, committed_text, deep_merge, parse_yaml,
                                            read_text, shown)
+from components.common.settings import Settings, check_keys, check_mapping, require
+from components.common.settings import setting
 
 PARAMS_FILE = "params.yaml"
-CLASS_WEIGHT_METHODS = ("balanced", "sqrt", "effective_number")  # training/balance.py
-COLOR_CONSTANCY = ("none", "shades_of_gray")                      # common/images.py
+
+# The keys that take one of a few names: each list is written here once.
+ColorConstancy = Literal["none", "shades_of_gray"]           # common/images.py
+SplitMode = Literal["grouped", "folds", "paper", "source"]            # split.py
+ClassWeightMethod = Literal["balanced", "sqrt", "effective_number"]  # training/balance.py
+GpuResident = Literal["auto", "on", "off"]                   # training/batches.py
+LrScaling = Literal["linear", "none"]
+COLOR_CONSTANCY = typing.get_args(ColorConstancy)
+CLASS_WEIGHT_METHODS = typing.get_args(ClassWeightMethod)
+GPU_RESIDENT = typing.get_args(GpuResident)
 
 
 # -- params files ---------------------------------------------------------------------------
@@ -69,108 +80,8 @@ def load_params(paths: str | os.PathLike | Sequence[str | os.PathLike] | None = 
 
 
 # -- one step's section ---------------------------------------------------------------------
-def _coerce(kind, value, where: str):
-    """`value` as the field type `kind`: what YAML, argparse and KFP's Struct hand over."""
-    if value is None:
-        if kind is type(None) or type(None) in typing.get_args(kind):
-            return None
-        raise ConfigError(f"{where}: a value is required")
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(option, value, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {shown(value)} is not a {kind}")
-    if typing.get_origin(kind) is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {shown(value)}")
-        return tuple(_coerce(args[0], v, where) for v in value)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is int:
-        if isinstance(value, float) and value.is_integer():  # KFP's Struct: 100 -> 100.0
-            return int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif kind is float:
-        # PyYAML reads 1e-5 (no dot) as a string; argparse and KFP give numbers.
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{where}: {shown(value)} is not a {getattr(kind, '__name__', kind)}")
-
-
-def choice(default: str, *others: str):
-    """A str field that takes one of a few names (`default` first); StepConfig checks it."""
-    return dataclasses.field(default=default, metadata={"choices": (default, *others)})
-
-
-def _choose(choices: tuple[str, ...], value, where: str) -> str:
-    """`value` as one of `choices`. YAML 1.1 (PyYAML) reads unquoted on/off/yes/no/true/false
-    as booleans, and DVC writes `on` unquoted when it rewrites params.yaml (`dvc exp run -S`):
-    for a key whose choices are on/off, a boolean means those."""
-    if isinstance(value, bool) and {"on", "off"} <= set(choices):
-        return "on" if value else "off"
-    if value not in choices:
-        hint = (" (unquoted on/off/yes/no/true/false are booleans in YAML: quote the name)"
-                if isinstance(value, bool) else "")
-        raise ConfigError(f"{where} = {shown(value)}: must be one of {', '.join(choices)}{hint}")
-    return value
-
-
-def _cut(key: Any) -> str:
-    text = str(key)
-    return text if len(text) <= 40 else text[:40] + "..."
-
-
-def _check_keys(values: dict, known: Sequence[str], prefix: str, source: str) -> None:
-    """Refuse a key nothing reads: a typo (`kubeflow.resorces`) must not be ignored silently."""
-    if unknown := sorted(map(str, set(values) - set(known))):
-        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise ConfigError(f"{source}: unknown key {prefix}{_cut(unknown[0])}{more}; "
-                          f"known: {', '.join(known)}")
-
-
-def _mapping(value, key: str, source: str) -> None:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: {key} = {shown(value)} is not a mapping of settings")
-
-
-class StepConfig:
-    """Base of the step configs: reading a section, coercing and checking its values."""
-    SECTION: ClassVar[str]
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            where, value = f"{self.SECTION}.{f.name}", getattr(self, f.name)
-            if "choices" in f.metadata:
-                value = _choose(f.metadata["choices"], value, where)
-            setattr(self, f.name, _coerce(hints[f.name], value, where))
-        self.check()
-
-    def check(self) -> None:
-        """Raise ConfigError for a value the step cannot use (subclasses add their rules)."""
-
-    @classmethod
-    def from_dict(cls, values: dict, source: str = "arguments"):
-        """The config from a section's values (None: the default); unknown keys are errors."""
-        values = {} if values is None else values
-        _mapping(values, cls.SECTION, source)
-        values = {k: v for k, v in values.items() if v is not None}
-        _check_keys(values, [f.name for f in dataclasses.fields(cls)], f"{cls.SECTION}.", source)
-        try:
-            return cls(**values)
-        except ConfigError as err:
-            raise ConfigError(f"{err} (from {source})") from None
+class StepConfig(Settings):
+    """A section of params.yaml (settings.Settings), read from params files."""
 
     @classmethod
     def resolve(cls, params: dict | str | os.PathLike | Sequence | None = None, *,
@@ -185,66 +96,69 @@ class StepConfig:
                 else str(params or PARAMS_FILE)
             params = load_params(params)
         section = params.get(cls.SECTION) or {}
-        _mapping(section, cls.SECTION, source)
+        check_mapping(section, cls.SECTION, source)
         merged = {**section, **{k: v for k, v in overrides.items() if v is not None}}
         return cls.from_dict(merged, source)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _require(ok: bool, cfg: StepConfig, key: str, rule: str) -> None:
-    if not ok:
-        raise ConfigError(f"{cfg.SECTION}.{key} = {shown(getattr(cfg, key))}: {rule}")
 
 
 # -- the sections of params.yaml ------------------------------------------------------------
 @dataclass
 class DataConfig(StepConfig):
     SECTION = "data"
-    raw: str = "data/raw"          # images/, labels.csv, metadata.csv (tracked by data/raw.dvc)
+    raw: str = setting("data/raw", "the raw data folder: images/, labels.csv, metadata.csv "
+                                   "(tracked by data/raw.dvc)")
 
 
 @dataclass
 class PreprocessConfig(StepConfig):
     SECTION = "preprocess"
-    size: int = 256                # short side after resizing once; train crops 224 from it
-    skip_corrupt: bool = False     # list bad files in the report and leave them out
-    color_constancy: str = choice(*COLOR_CONSTANCY)  # Finlayson & Trezzi 2004
-    minkowski_p: float = 6.0       # shades_of_gray's norm
+    size: int = setting(256, "short side after resizing once (train crops img_size from it)")
+    skip_corrupt: bool = setting(False, "list unreadable images in the report and leave them "
+                                        "out, instead of stopping")
+    color_constancy: ColorConstancy = setting(
+        "none", "colour constancy (Finlayson & Trezzi 2004), applied alike when serving")
+    minkowski_p: float = setting(6.0, "the Minkowski norm of shades_of_gray")
 
     def check(self) -> None:
-        _require(self.size >= 32, self, "size", "must be at least 32")
-        _require(self.minkowski_p >= 1, self, "minkowski_p", "must be at least 1")
+        require(self.size >= 32, self, "size", "must be at least 32")
+        require(self.minkowski_p >= 1, self, "minkowski_p", "must be at least 1")
 
 
 @dataclass
 class SplitConfig(StepConfig):
     SECTION = "split"
-    mode: str = choice("grouped", "folds", "paper", "source")  # components/split.py
-    seed: int = 0
-    val_frac: float = 0.15
-    test_frac: float = 0.15
-    test_sources: tuple[str, ...] = ()   # mode source: the sources held out as test
-    accept_relabel: bool = False         # accept kept images relabelled since --previous
+    mode: SplitMode = setting("grouped", "grouped: by lesion_id, a hash of (seed, lesion) so a "
+                                         "lesion keeps its split as the data grows; folds: the "
+                                         "earlier StratifiedGroupKFold split; paper: "
+                                         "image-level, as the paper; source: test_sources "
+                                         "held out whole")
+    seed: int = setting(0, "the split's random seed")
+    val_frac: float = setting(0.15, "share of the images for validation")
+    test_frac: float = setting(0.15, "share of the images for test")
+    test_sources: tuple[str, ...] = setting((), "mode source: the sources held out whole as "
+                                                "test, e.g. BCN")
+    accept_relabel: bool = setting(False, "accept kept images whose label changed since the "
+                                          "previous split (--previous)")
 
     def check(self) -> None:
-        _require(self.mode != "source" or bool(self.test_sources), self, "test_sources",
+        require(self.mode != "source" or bool(self.test_sources), self, "test_sources",
                  "mode source needs at least one test source (e.g. [BCN])")
         for key in ("val_frac", "test_frac"):
-            _require(0 < getattr(self, key) < 1, self, key, "must be between 0 and 1")
-        _require(self.val_frac + self.test_frac < 1, self, "test_frac",
+            require(0 < getattr(self, key) < 1, self, key, "must be between 0 and 1")
+        require(self.val_frac + self.test_frac < 1, self, "test_frac",
                  f"val_frac + test_frac must be below 1 (val_frac is {self.val_frac})")
 
 
 @dataclass
 class ClassWeightsConfig(StepConfig):
     SECTION = "class_weights"
-    method: str = choice(*CLASS_WEIGHT_METHODS)  # components.class_weights
-    beta: float = 0.999            # effective_number's beta (Cui et al. 2019)
+    method: ClassWeightMethod = setting(
+        "balanced", "balanced: inverse frequency; sqrt: its square root; effective_number: "
+                    "Cui et al. 2019")
+    beta: float = setting(0.999, "effective_number's beta")
 
     def check(self) -> None:
-        _require(0 <= self.beta < 1, self, "beta", "must be in [0, 1)")
+        require(0 <= self.beta < 1, self, "beta", "must be in [0, 1)")
 
 
 @dataclass
@@ -252,37 +166,49 @@ class TrainConfig(StepConfig):
     """The training recipe. Defaults: the paper's (Ozdemir & Pacal 2025), except the class
     balancing, which the HAM10000 recipe study chose (params.yaml says why)."""
     SECTION = "train"
-    preset: str = "paper"
-    pretrained: bool | str = False   # True: ImageNet ConvNeXtV2-base from the hub; or a path
-    dims: tuple[int, ...] | None = None     # override the preset's widths (narrow models)
-    depths: tuple[int, ...] | None = None
-    img_size: int = 224
-    epochs: int = 100
-    batch_size: int = 32             # per process
-    peak_lr: float = 0.01
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-5
-    min_lr: float = 1e-6
-    momentum: float = 0.9
-    weight_decay: float = 2e-5
-    mixup_alpha: float = 0.4         # 0 disables mixup
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True          # timm's decay warm-up: short runs still get a useful EMA
-    class_weighted_loss: bool = False  # loss weights from the class_weights step
-    weighted_sampler: bool = True     # sample each image with its class's weight
-    defer_sampler_epochs: int = 0     # plain shuffles for the first N epochs (DRS, Cao 2019)
-    logit_adjust_tau: float = 0.0     # logit-adjusted loss (Menon et al. 2021); 0 disables
-    augment: bool = True
-    grad_clip: float = 0.0           # 0 disables clipping
-    drop_path_rate: float = 0.1
-    num_workers: int | str = "auto"  # DataLoader workers; auto: loader_workers()
-    seed: int = 0
-    compile: bool = False
-    gpu_resident: str = choice("auto", "on", "off")
-    gpu_resident_max_share: float = 0.5
-    nodes: int = 1                   # > 1, or gpus_per_node > 1: a Kubeflow Trainer TrainJob
-    gpus_per_node: int = 1
-    lr_scaling: str = choice("linear", "none")  # linear: lr x world size (effective batch)
+    preset: str = setting("paper", "the model: one of model/hybrid.py's PRESETS")
+    pretrained: bool | str = setting(False, "ImageNet ConvNeXtV2-base weights for the stem and "
+                                            "stages 1-2: true (the hub) or a file path")
+    dims: tuple[int, ...] | None = setting(None, "stage widths instead of the preset's, "
+                                                 "e.g. 32,64,96,128")
+    depths: tuple[int, ...] | None = setting(None, "blocks per stage instead of the preset's, "
+                                                   "e.g. 1,1,2,1")
+    img_size: int = setting(224, "input size in pixels (the crop)")
+    epochs: int = setting(100, "training epochs")
+    batch_size: int = setting(32, "images per step and process (DDP: per GPU)")
+    peak_lr: float = setting(0.01, "SGD learning rate after warm-up, per process")
+    warmup_epochs: int = setting(5, "linear warm-up epochs, then cosine decay")
+    warmup_lr: float = setting(1e-5, "learning rate the warm-up starts from")
+    min_lr: float = setting(1e-6, "learning rate the cosine decay ends at")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(2e-5, "SGD weight decay")
+    mixup_alpha: float = setting(0.4, "timm Mixup's alpha (0 disables mixup)")
+    ema_decay: float = setting(0.9999, "decay of the weights' EMA (the model shipped)")
+    ema_warmup: bool = setting(True, "timm's EMA decay warm-up: short runs still get a useful "
+                                     "EMA")
+    class_weighted_loss: bool = setting(False, "weight the loss with the class_weights step's "
+                                               "weights")
+    weighted_sampler: bool = setting(True, "sample each image with its class's weight")
+    defer_sampler_epochs: int = setting(0, "plain shuffles for the first N epochs, the "
+                                           "weighted sampler after (DRS, Cao et al. 2019)")
+    logit_adjust_tau: float = setting(0.0, "logit-adjusted loss's tau (Menon et al. 2021; 0 "
+                                           "disables)")
+    augment: bool = setting(True, "the paper's crops, flips, colour jitter and rotation")
+    grad_clip: float = setting(0.0, "gradient norm clipping (0 disables)")
+    drop_path_rate: float = setting(0.1, "stochastic depth, rising over the blocks")
+    num_workers: int | str = setting("auto", "DataLoader workers, or auto: the CPUs this "
+                                             "process may use less one, at most 4")
+    seed: int = setting(0, "random seed of weights, sampling and augmentation")
+    compile: bool = setting(False, "torch.compile the model")
+    gpu_resident: GpuResident = setting("auto", "keep the decoded images on the GPU (auto: "
+                                                "when they fit)")
+    gpu_resident_max_share: float = setting(0.5, "auto: the most of the GPU's free memory the "
+                                                 "images may take")
+    nodes: int = setting(1, "nodes; nodes x gpus_per_node > 1 trains with DDP on Kubeflow "
+                            "Trainer (a TrainJob)")
+    gpus_per_node: int = setting(1, "GPUs (DDP processes) per node")
+    lr_scaling: LrScaling = setting("linear", "with several processes: linear scales peak_lr "
+                                              "by the world size (the effective batch)")
 
     @property
     def world_size(self) -> int:
@@ -301,40 +227,40 @@ class TrainConfig(StepConfig):
     def check(self) -> None:
         from model import PRESETS
 
-        _require(self.preset in PRESETS, self, "preset", f"must be one of {sorted(PRESETS)}")
+        require(self.preset in PRESETS, self, "preset", f"must be one of {sorted(PRESETS)}")
         for key in ("dims", "depths"):
             value = getattr(self, key)
-            _require(value is None or (len(value) == 4 and min(value) >= 1), self, key,
+            require(value is None or (len(value) == 4 and min(value) >= 1), self, key,
                      "must be 4 positive integers (one per stage) or null")
         # The 4x4/4 stem must tile the image; a 2x2 downsampling (seed-readme) halves it
         # exactly three more times.
         multiple = 32 if PRESETS[self.preset].get("downsample_kernel") == 2 else 4
-        _require(self.img_size >= 32 and self.img_size % multiple == 0, self, "img_size",
+        require(self.img_size >= 32 and self.img_size % multiple == 0, self, "img_size",
                  f"must be at least 32 and a multiple of {multiple} for preset {self.preset}")
         for key in ("epochs", "batch_size"):
-            _require(getattr(self, key) >= 1, self, key, "must be at least 1")
+            require(getattr(self, key) >= 1, self, key, "must be at least 1")
         for key in ("peak_lr", "warmup_lr", "min_lr"):
             value = getattr(self, key)
-            _require(math.isfinite(value) and value >= 0, self, key,
+            require(math.isfinite(value) and value >= 0, self, key,
                      "must be a finite number >= 0")
-        _require(self.peak_lr > 0, self, "peak_lr", "must be above 0")
+        require(self.peak_lr > 0, self, "peak_lr", "must be above 0")
         for key in ("warmup_epochs", "defer_sampler_epochs"):
-            _require(getattr(self, key) >= 0, self, key, "must be >= 0")
-        _require(self.num_workers == "auto" or isinstance(self.num_workers, int)
+            require(getattr(self, key) >= 0, self, key, "must be >= 0")
+        require(self.num_workers == "auto" or isinstance(self.num_workers, int)
                  and self.num_workers >= 0, self, "num_workers", "must be auto or >= 0")
-        _require(self.defer_sampler_epochs < self.epochs or not self.weighted_sampler, self,
+        require(self.defer_sampler_epochs < self.epochs or not self.weighted_sampler, self,
                  "defer_sampler_epochs", f"must be below epochs ({self.epochs}): the weighted "
                  f"sampler would never start")
         for key in ("momentum", "ema_decay", "drop_path_rate"):
-            _require(0 <= getattr(self, key) < 1, self, key, "must be in [0, 1)")
+            require(0 <= getattr(self, key) < 1, self, key, "must be in [0, 1)")
         for key in ("weight_decay", "mixup_alpha", "grad_clip", "logit_adjust_tau"):
             value = getattr(self, key)
-            _require(math.isfinite(value) and value >= 0, self, key,
+            require(math.isfinite(value) and value >= 0, self, key,
                      "must be a finite number >= 0")
-        _require(0 < self.gpu_resident_max_share <= 1, self, "gpu_resident_max_share",
+        require(0 < self.gpu_resident_max_share <= 1, self, "gpu_resident_max_share",
                  "must be in (0, 1]")
         for key in ("nodes", "gpus_per_node"):
-            _require(getattr(self, key) >= 1, self, key, "must be at least 1")
+            require(getattr(self, key) >= 1, self, key, "must be at least 1")
 
     def for_overfit(self) -> "TrainConfig":
         """Memorise a few images: no augmentation, mixup, drop path, sampler or weight decay."""
@@ -345,16 +271,17 @@ class TrainConfig(StepConfig):
 @dataclass
 class EvaluateConfig(StepConfig):
     SECTION = "evaluate"
-    batch_size: int = 64
-    tta: bool = False              # average the predictions of the four flips of each image
-    bootstrap: int = 1000          # resamples for the 95% intervals (0 disables)
-    seed: int = 0
-    melanoma_specificity: float = 0.9   # MEL-vs-rest operating point reported in metrics.json
+    batch_size: int = setting(64, "images per forward pass")
+    tta: bool = setting(False, "average the predictions of the four flips of each image")
+    bootstrap: int = setting(1000, "bootstrap resamples for the 95% intervals (0 disables)")
+    seed: int = setting(0, "the bootstrap's random seed")
+    melanoma_specificity: float = setting(0.9, "report MEL-vs-rest sensitivity (and its "
+                                               "threshold) at this specificity")
 
     def check(self) -> None:
-        _require(self.batch_size >= 1, self, "batch_size", "must be at least 1")
-        _require(self.bootstrap >= 0, self, "bootstrap", "must be >= 0")
-        _require(0 < self.melanoma_specificity < 1, self, "melanoma_specificity",
+        require(self.batch_size >= 1, self, "batch_size", "must be at least 1")
+        require(self.bootstrap >= 0, self, "bootstrap", "must be >= 0")
+        require(0 < self.melanoma_specificity < 1, self, "melanoma_specificity",
                  "must be between 0 and 1")
 
 
@@ -375,23 +302,24 @@ def lower_is_better(metric: str) -> bool:
 @dataclass
 class RegisterConfig(StepConfig):
     SECTION = "register"
-    model_name: str = "skin-lesion-hybrid"
-    gate_metric: str = "balanced_accuracy"
-    gate_threshold: float = 0.0    # register only when the test metric clears this
-    min_delta: float = 0.0         # promote: challenger must beat the champion by more
-    retries: int = 4               # connection retries of register/promote
-    backoff_s: float = 2.0         # first wait; doubles each retry (2, 4, 8, 16 s)
+    model_name: str = setting("skin-lesion-hybrid", "registered model name")
+    gate_metric: str = setting("balanced_accuracy", "the test metric the gate compares")
+    gate_threshold: float = setting(0.0, "register only when gate_metric clears this")
+    min_delta: float = setting(0.0, "promote: the challenger must beat the champion's "
+                                    "gate_metric by more than this")
+    retries: int = setting(4, "connection retries of register and promote")
+    backoff_s: float = setting(2.0, "the first retry's wait; doubles each retry")
 
     def check(self) -> None:
-        _require(bool(self.model_name.strip()), self, "model_name", "must not be empty")
-        _require(self.gate_metric in GATE_METRICS, self, "gate_metric",
+        require(bool(self.model_name.strip()), self, "model_name", "must not be empty")
+        require(self.gate_metric in GATE_METRICS, self, "gate_metric",
                  f"must be one of {sorted(GATE_METRICS)}")
-        _require(math.isfinite(self.gate_threshold), self, "gate_threshold",
+        require(math.isfinite(self.gate_threshold), self, "gate_threshold",
                  "must be a finite number")
-        _require(math.isfinite(self.min_delta) and self.min_delta >= 0, self, "min_delta",
+        require(math.isfinite(self.min_delta) and self.min_delta >= 0, self, "min_delta",
                  "must be a finite number >= 0")
-        _require(self.retries >= 0, self, "retries", "must be >= 0")
-        _require(self.backoff_s >= 0, self, "backoff_s", "must be >= 0")
+        require(self.retries >= 0, self, "retries", "must be >= 0")
+        require(self.backoff_s >= 0, self, "backoff_s", "must be >= 0")
 
 
 SECTIONS: dict[str, type[StepConfig]] = {
@@ -405,27 +333,27 @@ KUBEFLOW_RESOURCES = ("cpu", "memory", "gpu")
 def check_layout(params: dict, source: str) -> None:
     """Refuse a section or key that nothing reads and a section that is not a mapping, in
     every section, kubeflow's resources included."""
-    _check_keys(params, [*SECTIONS, "kubeflow"], "", source)
+    check_keys(params, [*SECTIONS, "kubeflow"], "", source)
     for name, section in params.items():
         if section is None:  # an empty section: the defaults
             continue
-        _mapping(section, name, source)
+        check_mapping(section, name, source)
         if name == "kubeflow":
             _check_kubeflow(section, source)
         else:
-            _check_keys(section, [f.name for f in dataclasses.fields(SECTIONS[name])],
+            check_keys(section, [f.name for f in dataclasses.fields(SECTIONS[name])],
                         f"{name}.", source)
 
 
 def _check_kubeflow(section: dict, source: str) -> None:
-    _check_keys(section, ("resources",), "kubeflow.", source)
+    check_keys(section, ("resources",), "kubeflow.", source)
     resources = section.get("resources") or {}
-    _mapping(resources, "kubeflow.resources", source)
-    _check_keys(resources, ("default", *KUBEFLOW_TASKS), "kubeflow.resources.", source)
+    check_mapping(resources, "kubeflow.resources", source)
+    check_keys(resources, ("default", *KUBEFLOW_TASKS), "kubeflow.resources.", source)
     for task, res in resources.items():
         where = f"kubeflow.resources.{task}"
-        _mapping(res or {}, where, source)
-        _check_keys(res or {}, KUBEFLOW_RESOURCES, f"{where}.", source)
+        check_mapping(res or {}, where, source)
+        check_keys(res or {}, KUBEFLOW_RESOURCES, f"{where}.", source)
         for key, value in (res or {}).items():
             if isinstance(value, bool) or not (
                     isinstance(value, int) and value >= 0 if key == "gpu"
@@ -448,7 +376,7 @@ def task_resources(params: dict) -> dict[str, dict]:
     pods (requests = limits: the Guaranteed QoS class, and a task that outgrows them fails
     visibly) and, for `train`, each node of a distributed TrainJob."""
     kubeflow = params.get("kubeflow") or {}
-    _mapping(kubeflow, "kubeflow", "params")
+    check_mapping(kubeflow, "kubeflow", "params")
     _check_kubeflow(kubeflow, "params")
     resources = kubeflow.get("resources") or {}
     default = resources.get("default") or {"cpu": "1", "memory": "2Gi"}

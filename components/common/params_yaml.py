@@ -90,7 +90,7 @@ def _too_big(source: str) -> ConfigError:
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """A params file's text (or a `--param` value) as Python values, through _ParamsLoader;
+    """A params file's text (or an `-S` value) as Python values, through _ParamsLoader;
     one line naming `source` and the line for anything it cannot read."""
     if len(text) > MAX_PARAMS_BYTES:  # PyYAML reads about 70 KiB a second
         raise _too_big(source)

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from components.common.config import GPU_RESIDENT
 from components.training.dataset import SplitDataset
 from components.training.gpu_augment import GpuAugment, ResidentImages, fits_on_device
 from components.training.samplers import epoch_seed
@@ -27,8 +28,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def choose_resident(mode: str, n_images: int, img_size: int, device: torch.device,
                     max_share: float) -> bool:
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"gpu_resident must be auto, on or off, got {mode!r}")
+    if mode not in GPU_RESIDENT:
+        raise ValueError(f"gpu_resident must be one of {', '.join(GPU_RESIDENT)}, got {mode!r}")
     if mode == "auto":
         return fits_on_device(n_images, img_size, device, max_share)
     return mode == "on"
