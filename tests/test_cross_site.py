@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -27,11 +28,18 @@ def test_leave_one_source_out_holds_out_each_site_once(tmp_path):
     spec.loader.exec_module(cross_site)
     raw = tmp_path / "raw"
     synth.run(raw, n=160, seed=0, sources=2)
+    # the sites in a column of another name, as HAM10000's `dataset`, and lesion ids that do
+    # not name them: only --source_column can tell the sites
+    meta = pd.read_csv(raw / "metadata.csv")
+    meta["site"] = meta["lesion_id"].str.split("_").str[0]
+    meta["lesion_id"] = "L" + meta["lesion_id"].str.replace("_", "")
+    meta.to_csv(raw / "metadata.csv", index=False)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     argv = ["--labels", str(raw / "labels.csv"), "--images", str(raw / "images"), "--metadata",
             str(raw / "metadata.csv"), "--out", str(tmp_path / "loso"), "--params",
             str(ROOT / "params.yaml"), "--params_file", str(tmp_path / "tiny.yaml"),
-            "-S", "preprocess.color_constancy=shades_of_gray", "--no_mlflow"]
+            "-S", "preprocess.color_constancy=shades_of_gray", "--no_mlflow",
+            "--source_column", "site"]
     assert cross_site.main(argv) == 0
     results = json.loads((tmp_path / "loso" / "results.json").read_text())
     assert [r["source"] for r in results] == ["SITEA", "SITEB"]
@@ -43,3 +51,5 @@ def test_leave_one_source_out_holds_out_each_site_once(tmp_path):
     report = json.loads((tmp_path / "loso" / "prepared" / "preprocess_report.json").read_text())
     assert report["color_constancy"] == "shades_of_gray"
     assert "| SITEA | " in (tmp_path / "loso" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="no column 'dataset'"):
+        cross_site.main([*argv[:-1], "dataset"])
