@@ -357,8 +357,10 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
         ok = np.array([not e for e in errors], dtype=bool)
         got = decisions.answer(np.where(ok[:, None], logits, 0.0), self.classes, self.fitted,
                                self.no_fit_reason)
-        out = pd.DataFrame(got["probs"], columns=self.classes).astype(object)
-        out.loc[~ok, self.classes] = None  # None, not NaN: the server's JSON then holds null
+        out = pd.DataFrame(got["probs"], columns=self.classes)
+        if not ok.all():  # None, not NaN: the scoring server's JSON then holds null
+            out = out.astype(object)
+            out.loc[~ok, self.classes] = None
         columns = {"predicted": [self.classes[int(np.argmax(p))] for p in got["probs"]],
                    **got["flags"], "ood_score": got["ood_score"],
                    "in_distribution": got["in_distribution"], "reason": got["reason"]}
