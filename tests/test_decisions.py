@@ -21,6 +21,7 @@ import pytest
 from scipy.special import log_softmax, softmax
 
 from components import evaluate, train
+from components.commands import calibrate
 from components.common import decisions as fitted_file
 from components.common.config import EvaluateConfig
 from components.common.labels import CLASSES
@@ -201,3 +202,21 @@ def test_a_served_photo_is_out_of_distribution_with_null_flags_as_valid_json(
     assert sum(lesion_row[c] for c in CLASSES) == pytest.approx(1.0, rel=1e-5)
     assert broken["error"] and broken["in_distribution"] is None
     assert broken["melanoma_suspected"] is None
+
+
+def test_calibrate_fits_an_existing_training_folder_as_train_did(trained, tmp_path, capsys):
+    data, out = trained
+    args = ["--train_dir", str(out), "--val_csv", str(data["val"]), "--img_dir",
+            str(data["img_dir"])]
+    assert calibrate.main(args) == 1  # train wrote one: kept
+    assert "calibration.json exists; pass --overwrite" in capsys.readouterr().err
+    assert calibrate.main([*args, "--out", str(tmp_path / "c.json")]) == 0
+    by_train = json.loads((out / "calibration.json").read_text())
+    by_command = json.loads((tmp_path / "c.json").read_text())
+    assert by_command["weights_digest"] == by_train["weights_digest"]
+    assert by_command["temperature"] == pytest.approx(by_train["temperature"], rel=1e-3)
+    for name, d in by_train["decisions"].items():
+        assert by_command["decisions"][name]["threshold"] == pytest.approx(d["threshold"],
+                                                                           abs=1e-4)
+    assert calibrate.main(["--train_dir", str(tmp_path), *args[2:]]) == 1
+    assert "holds neither ema_weights.pt nor checkpoint_last.pt" in capsys.readouterr().err
