@@ -25,7 +25,7 @@ and headline.json):
                           (each decision's test sensitivity / specificity at the threshold
                           chosen on validation, lesion-level 95% intervals), `calibration`
                           (temperature; NLL, Brier, ECE before / after), `ood` (AUROC of the
-                          energy score, test split against evaluation/ood_images.py); without
+                          OOD score, test split against evaluation/ood_images.py); without
                           it these are null and `decisions_reason` says why. The
                           melanoma_operating_point above is chosen on test (`chosen_on`).
     per_class.csv         class,precision,recall,f1,auc,support
@@ -149,11 +149,13 @@ def validated(frame: pd.DataFrame, probs: np.ndarray, fitted: dict | None, meta:
         return {"decisions": None, "calibration": None, "ood": None,
                 "decisions_reason": meta["fit_reason"]}
     calibrated = calibration.rescale_probs(probs, fitted["temperature"])
-    test_logits, _ = calibration.collect_logits(model, loader, device)
+    test_features = calibration.collect_outputs(model, loader, device)[1]
+    photos = ood_tensors(meta)
+    photo_features = calibration.collect_outputs(model, [(photos, torch.zeros(len(photos)))],
+                                                 device)[1]
     return {"decisions": at_thresholds(frame["label"].to_numpy(), calibrated, list(CLASSES),
                                        fitted, groups, n=cfg.bootstrap, seed=cfg.seed),
-            "ood": ood_auroc(test_logits, model_logits(model, ood_tensors(meta), device), fitted),
-            "decisions_reason": ""}
+            "ood": ood_auroc(test_features, photo_features, fitted), "decisions_reason": ""}
 
 
 def ood_tensors(meta: dict) -> torch.Tensor:
@@ -165,10 +167,6 @@ def ood_tensors(meta: dict) -> torch.Tensor:
                                 color=meta.get("color_constancy") or "none",
                                 minkowski_p=float(meta.get("minkowski_p") or 6.0))[0])
         for image in ood_images.images().values()])
-
-
-def model_logits(model: nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
-    return calibration.collect_logits(model, [(images, torch.zeros(len(images)))], device)[0]
 
 
 def headline_metrics(metrics: dict) -> dict:
@@ -400,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                       img_size=args.img_size, device=args.device, num_workers=args.num_workers,
                       use_mlflow=args.use_mlflow)
     except (ConfigError, ModelRefused, checkpoint.CheckpointError,
-            tracking.TrackingUnreachable) as err:
+            tracking.TrackingUnreachable, decisions.CalibrationFileError) as err:
         print(f"evaluate: {tracking.scrub(str(err))}", file=sys.stderr)
         return 1
     except OSError as err:  # a missing input, a read-only or full output folder

@@ -201,7 +201,7 @@ def _finish(trainer: Trainer, state, run_, out_dir: Path, test_csv, img_dir, com
     if completed:
         paths["ema_weights"] = str(trainer.save_ema_weights())
         if trainer.val_input is not None:  # thresholds and temperature for these weights
-            paths["calibration"] = str(fit_calibration(trainer, out_dir))
+            paths["calibration"] = str(fit_calibration(trainer, out_dir, img_dir, common))
         if test_csv:
             test_input = make_input(SplitDataset.from_csv(test_csv, img_dir), augment=False,
                                     **common)
@@ -345,11 +345,14 @@ def check_params_unchanged(paths: list, started_with: dict) -> None:
                           f"(its checkpoints are kept); run it again to train with the new ones")
 
 
-def fit_calibration(trainer: Trainer, out_dir: Path) -> Path:
-    """calibration.json of the final EMA weights, fitted on the validation input."""
+def fit_calibration(trainer: Trainer, out_dir: Path, img_dir, common: dict) -> Path:
+    """calibration.json of the final EMA weights: thresholds fitted on the validation input,
+    OOD statistics on the training split without augmentation."""
     model = trainer.ema.module
     path = out_dir / outputs.CALIBRATION
-    fit_model(model, trainer.val_input.epoch(), list(CLASSES),
+    train_input = make_input(SplitDataset.from_csv(trainer.run_config["train_csv"], img_dir),
+                             augment=False, **common)
+    fit_model(model, trainer.val_input.epoch(), train_input.epoch(), list(CLASSES),
               checkpoint.weights_digest(model.state_dict()), path, source="validation split")
     return path
 

@@ -183,8 +183,8 @@ def test_a_served_photo_is_out_of_distribution_with_null_flags_as_valid_json(
            "--port", str(port)]
     # a thumbnail: the tiny model's per-image pixel limit is 128 x 36^2
     photo = ood_images.png_bytes(ood_images.images()["photo_astronaut"].resize((160, 160)))
-    lesion = next(data["img_dir"].glob("test_*.jpg")).read_bytes()
-    rows = [[base64.b64encode(b).decode()] for b in (photo, lesion, b"not an image")]
+    lesions = [p.read_bytes() for p in sorted(data["img_dir"].glob("test_*.jpg"))[::4]]
+    rows = [[base64.b64encode(b).decode()] for b in (photo, b"not an image", *lesions)]
     body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
     with serve(cmd, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", timeout=300,
                env={**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
@@ -192,22 +192,24 @@ def test_a_served_photo_is_out_of_distribution_with_null_flags_as_valid_json(
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as reply:
             text = reply.read().decode()
-    photo_row, lesion_row, broken = _strict_json(text)["predictions"]
+    photo_row, broken, *lesion_rows = _strict_json(text)["predictions"]
     assert photo_row["in_distribution"] is False and photo_row["error"] == ""
     assert photo_row["melanoma_suspected"] is None and photo_row["malignant_suspected"] is None
     assert "not like the training images" in photo_row["reason"] and photo_row["ood_score"] is not None
-    assert photo_row["model_version"] == lesion_row["model_version"] == digest
-    assert lesion_row["in_distribution"] is True and lesion_row["reason"] == ""
-    assert isinstance(lesion_row["melanoma_suspected"], bool)
-    assert sum(lesion_row[c] for c in CLASSES) == pytest.approx(1.0, rel=1e-5)
+    assert {row["model_version"] for row in (photo_row, *lesion_rows)} == {digest}
+    inside = [row for row in lesion_rows if row["in_distribution"]]
+    assert len(inside) >= len(lesion_rows) / 2  # 95% of validation images pass
+    for row in inside:
+        assert row["reason"] == "" and isinstance(row["melanoma_suspected"], bool)
+        assert sum(row[c] for c in CLASSES) == pytest.approx(1.0, rel=1e-5)
     assert broken["error"] and broken["in_distribution"] is None
     assert broken["melanoma_suspected"] is None
 
 
 def test_calibrate_fits_an_existing_training_folder_as_train_did(trained, tmp_path, capsys):
     data, out = trained
-    args = ["--train_dir", str(out), "--val_csv", str(data["val"]), "--img_dir",
-            str(data["img_dir"])]
+    args = ["--train_dir", str(out), "--train_csv", str(data["train"]), "--val_csv",
+            str(data["val"]), "--img_dir", str(data["img_dir"])]
     assert calibrate.main(args) == 1  # train wrote one: kept
     assert "calibration.json exists; pass --overwrite" in capsys.readouterr().err
     assert calibrate.main([*args, "--out", str(tmp_path / "c.json")]) == 0

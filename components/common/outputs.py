@@ -8,7 +8,7 @@ themselves name these files; the steps take folders, the names come from here.
     split       OUT/{train,val,test}.csv, OUT/split_report.json
     class_weights  one JSON file (its path is the output)
     train       OUT/checkpoint_{last,best,prev}.pt, OUT/ema_weights.pt, OUT/training_summary.json,
-                OUT/calibration.json
+                OUT/calibration.json, OUT/ood_stats.safetensors
     evaluate    OUT/metrics.json, OUT/headline.json, predictions.csv, per_class.csv, roc.csv, reliability.csv,
                 figures; OUT/raw/ the same for the raw (non-EMA) weights
     register    one JSON file: the version and alias, or why it was not registered

@@ -13,6 +13,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
+from components.common.decisions import stage_features
 from components.evaluation.metrics import expected_calibration_error
 
 # T searched in [1/20, 20] on a log scale: wide enough for any trained network seen here.
@@ -59,19 +60,22 @@ def scores(y_true, probs: np.ndarray) -> dict:
 
 
 @torch.inference_mode()
-def collect_logits(model: torch.nn.Module, batches, device: torch.device | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(logits as float64, labels) of `model` in eval mode over (images, labels) batches, in
-    fp32: calibration is fitted on what serving computes."""
+def collect_outputs(model: torch.nn.Module, batches, device: torch.device | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits as float64, features as float32 (decisions.stage_features), labels) of `model`
+    in eval mode over (images, labels) batches, in fp32: fitted on what serving computes."""
     was_training = model.training
     model.eval()
-    out, labels = [], []
+    logits, features, labels = [], [], []
     try:
         for images, y in batches:
             if device is not None:
                 images = images.to(device)
-            out.append(model(images).float().cpu().numpy().astype(np.float64))
+            out, pooled = stage_features(model, images)
+            logits.append(out.float().cpu().numpy().astype(np.float64))
+            features.append(pooled.cpu().numpy())
             labels.append(np.asarray(y.cpu() if torch.is_tensor(y) else y))
     finally:
         model.train(was_training)
-    return np.concatenate(out), np.concatenate(labels).astype(np.int64)
+    return (np.concatenate(logits), np.concatenate(features),
+            np.concatenate(labels).astype(np.int64))

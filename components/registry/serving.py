@@ -12,6 +12,7 @@ code": MLflow stores the file itself, never a pickle of the object) next to its 
                                            "source", "weights_digest"}
     calibration      calibration.json     temperature, decision and OOD thresholds fitted on
                      (when fitted)        validation (components/common/decisions.py)
+    ood_stats        ood_stats.safetensors  its OOD statistics (training split), no pickle
 
 and the `model/` and `components/` packages as code paths, so the model directory loads in a
 process that has only torch, torchvision, timm, Pillow, pandas, safetensors and mlflow.
@@ -26,7 +27,8 @@ column per class (the probabilities, temperature-scaled when calibration.json is
 in training order), ``predicted`` (the top class name), ``melanoma_suspected`` and
 ``malignant_suspected`` (True/False at the thresholds chosen on validation; null when the
 image is not in distribution, or the model has no calibration file), ``ood_score`` (the energy
-score, higher is less like the training images), ``in_distribution``, ``reason`` (why the
+score: Mahalanobis distance of the image's features to the nearest class of the training
+split, higher is less like the training images), ``in_distribution``, ``reason`` (why the
 flags are null, else ""), ``model_version`` (the weights' sha256 digest: the registered
 version's `weights_hash` tag) and ``error`` ("" when the row was predicted; otherwise why not,
 with everything else but model_version null and ``predicted`` ""). A bad image never fails the
@@ -65,6 +67,7 @@ import binascii
 import ctypes
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +123,10 @@ def write_artifacts(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: st
     (out_dir / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=2) + "\n")
     artifacts = {"weights": str(weights), "preprocessing": str(out_dir / PREPROCESSING_FILE)}
     if calibration is not None and Path(calibration).is_file():
-        fitted, _ = decisions.read(calibration)  # refuses a file this code did not write
-        (out_dir / CALIBRATION_FILE).write_text(json.dumps(fitted, indent=2) + "\n")
-        artifacts["calibration"] = str(out_dir / CALIBRATION_FILE)
+        decisions.read(calibration)  # refuses files this code did not write
+        for key, name in (("calibration", CALIBRATION_FILE), ("ood_stats", decisions.STATS_FILE)):
+            shutil.copyfile(Path(calibration).parent / name, out_dir / name)
+            artifacts[key] = str(out_dir / name)
     return artifacts
 
 
@@ -224,6 +228,7 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
         net = HybridConvNeXtV2(**{**self.info["model_config"], "pretrained": False})
         net.load_state_dict(load_file(str(weights), device="cpu"))  # strict: every key
         self.net = net.to(self.device).eval()
+        self.n_features = sum(net.config["dims"])  # decisions.stage_features' width
         # Same ops as components.training.transforms.eval_transform, with the stored mean/std.
         self.transform = v2.Compose([
             v2.Resize(int(self.info["resize_size"]), antialias=True),
@@ -332,6 +337,7 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
     def _predict_rows(self, values: list, batch_size: int) -> pd.DataFrame:
         request = CURRENT_REQUEST.get()  # None outside `skinlesion serve`
         logits = np.full((len(values), len(self.classes)), np.nan, dtype=np.float64)
+        features = np.zeros((len(values), self.n_features), dtype=np.float64)
         errors = [""] * len(values)
         opened = self._open_within_budget(values, errors)
         rows = list(opened)
@@ -346,16 +352,19 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
                 except ImageInputError as err:
                     errors[i] = str(err)
             if tensors:
-                logits[done] = self.logits_tensor(torch.stack(tensors))
+                logits[done], features[done] = self.outputs_tensor(torch.stack(tensors))
         for i in np.flatnonzero(~np.isfinite(logits).all(axis=1)):
             if not errors[i]:  # a broken model answers nothing rather than class 0
                 errors[i] = "500 the model's output is not a number"
-        return self._answer(logits, errors)
+        return self._answer(logits, features, errors)
 
-    def _answer(self, logits: np.ndarray, errors: list[str]) -> pd.DataFrame:
-        """The answer's rows (module docstring) from each row's logits; a failed row is null."""
+    def _answer(self, logits: np.ndarray, features: np.ndarray, errors: list[str]
+                ) -> pd.DataFrame:
+        """The answer's rows (module docstring) from each row's logits and features; a failed
+        row is null."""
         ok = np.array([not e for e in errors], dtype=bool)
-        got = decisions.answer(np.where(ok[:, None], logits, 0.0), self.classes, self.fitted,
+        got = decisions.answer(np.where(ok[:, None], logits, 0.0),
+                               np.where(ok[:, None], features, 0.0), self.classes, self.fitted,
                                self.no_fit_reason)
         out = pd.DataFrame(got["probs"], columns=self.classes)
         if not ok.all():  # None, not NaN: the scoring server's JSON then holds null
@@ -391,10 +400,11 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
             opened[i] = (im, info)
         return opened
 
-    @torch.inference_mode()
-    def logits_tensor(self, batch: torch.Tensor) -> np.ndarray:
-        """Logits of a preprocessed batch (N, 3, H, W) as float64 (N, classes)."""
-        return self.net(batch.to(self.device)).float().cpu().numpy().astype(np.float64)
+    def outputs_tensor(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (N, classes), features (N, n_features)) of a preprocessed batch
+        (N, 3, H, W), as float64."""
+        logits, features = decisions.stage_features(self.net, batch.to(self.device))
+        return tuple(t.float().cpu().numpy().astype(np.float64) for t in (logits, features))
 
 
 def _malloc_trim():
