@@ -7,9 +7,10 @@ AUROC (test split against components/evaluation/ood_images.py's photographs, noi
 frames) and the share of each that passes:
 - energy -logsumexp(logits) (Liu et al., NeurIPS 2020): what calibration.json uses;
 - 1 - max softmax probability (Hendrycks & Gimpel, ICLR 2017), the usual baseline;
-- Mahalanobis distance of the pooled, normalised features to the nearest class mean under one
-  shared covariance (Lee et al., NeurIPS 2018), fitted on the training split with
-  scikit-learn's Ledoit-Wolf estimator (shrinkage: a 128-d covariance from 7,000 images).
+- Mahalanobis distance of pooled features to the nearest class mean under one shared
+  covariance (Lee et al., NeurIPS 2018), statistics from the training split with
+  scikit-learn's Ledoit-Wolf estimator: every stage's features (what calibration.json ships),
+  the last stage's, and the head's normalised input.
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -20,45 +21,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.special import softmax
-from sklearn.covariance import LedoitWolf
+from scipy.special import logsumexp, softmax
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 from components import evaluate
-from components.common.decisions import energy
+from components.common.decisions import mahalanobis
+from components.evaluation.calibration import collect_outputs
+from components.evaluation.decisions import ood_statistics
 from components.training.dataset import SplitDataset, read_split
 from components.training.transforms import eval_transform
 
 
-@torch.inference_mode()
-def features_and_logits(model, images: torch.Tensor | DataLoader):
-    batches = images if isinstance(images, DataLoader) else [(images, None)]
-    feats, logits, labels = [], [], []
-    for x, y in batches:
-        h, pooled = model.stem(x), []
-        for stage in model.stages:  # every stage's mean feature (Lee et al. use several layers)
-            h = stage(h)
-            pooled.append(h.mean(dim=(2, 3)))
-        feats.append(torch.cat([model.head.norm(pooled[-1]), *pooled], 1).numpy().astype(np.float64))
-        logits.append(model(x).numpy().astype(np.float64))
-        if y is not None:
-            labels.append(y.numpy())
-    return np.concatenate(feats), np.concatenate(logits), (np.concatenate(labels) if labels
-                                                           else None)
-
-
-def mahalanobis(train, cols: slice):
-    """The score function of one feature slice, fitted on the training split."""
-    feats, _, y = train
-    feats = feats[:, cols]
-    means = np.stack([feats[y == c].mean(0) for c in np.unique(y)])
-    precision = LedoitWolf().fit(feats - means[np.searchsorted(np.unique(y), y)]).precision_
-
-    def score(f, logits):
-        d = f[:, cols][:, None, :] - means[None]
-        return np.einsum("ncd,de,nce->nc", d, precision, d).min(axis=1)
-    return score
+def mahalanobis_of(train, view):
+    """The Mahalanobis score of one view of the features, statistics from the training split."""
+    _, features, y = train
+    stats = ood_statistics(view(features), y)
+    return lambda features, logits: mahalanobis(view(features), stats)
 
 
 def main() -> None:
@@ -72,21 +51,25 @@ def main() -> None:
     data = {}
     for split in ("train", "val", "test"):
         frame = read_split(Path(args.splits) / f"{split}.csv")
-        loader = DataLoader(SplitDataset(frame, args.img_dir, eval_transform(meta["img_size"])),
-                            batch_size=256)
-        data[split] = features_and_logits(model, loader)
-    data["ood"] = features_and_logits(model, evaluate.ood_tensors(meta))
+        data[split] = collect_outputs(model, DataLoader(
+            SplitDataset(frame, args.img_dir, eval_transform(meta["img_size"])), batch_size=256))
+    photos = evaluate.ood_tensors(meta)
+    data["ood"] = collect_outputs(model, [(photos, torch.zeros(len(photos)))])
 
-    width = model.head.norm.normalized_shape[0]
-    columns = {"mahalanobis": slice(0, width),                 # the head's normalised input
-               "mahalanobis_unnormalised": slice(width + sum(model.config["dims"][:-1]), None),
-               "mahalanobis_all_stages": slice(width, None)}
-    scores = {"energy": lambda f, lg: energy(lg),
+    last = slice(sum(model.config["dims"][:-1]), None)  # the last stage's pooled output
+
+    def head_input(features):  # what the head's linear layers see
+        with torch.no_grad():
+            return model.head.norm(torch.from_numpy(features[:, last]).float()).numpy()
+
+    scores = {"energy": lambda f, lg: -logsumexp(lg, axis=1),
               "max_softmax": lambda f, lg: 1 - softmax(lg, axis=1).max(axis=1),
-              **{name: mahalanobis(data["train"], cols) for name, cols in columns.items()}}
+              "mahalanobis_all_stages": mahalanobis_of(data["train"], lambda f: f),
+              "mahalanobis_last_stage": mahalanobis_of(data["train"], lambda f: f[:, last]),
+              "mahalanobis_head_input": mahalanobis_of(data["train"], head_input)}
     out = {}
     for name, score in scores.items():
-        val, test, ood = (score(data[s][0], data[s][1]) for s in ("val", "test", "ood"))
+        val, test, ood = (score(data[s][1], data[s][0]) for s in ("val", "test", "ood"))
         threshold = float(np.quantile(val, 0.95))
         out[name] = {"auroc": round(float(roc_auc_score(np.r_[np.zeros(len(test)), np.ones(len(ood))],
                                                         np.r_[test, ood])), 4),

@@ -222,3 +222,19 @@ def test_calibrate_fits_an_existing_training_folder_as_train_did(trained, tmp_pa
                                                                            abs=1e-4)
     assert calibrate.main(["--train_dir", str(tmp_path), *args[2:]]) == 1
     assert "holds neither ema_weights.pt nor checkpoint_last.pt" in capsys.readouterr().err
+
+
+def test_tampered_ood_statistics_stop_evaluate_in_one_line(trained, tmp_path, capsys):
+    data, out = trained
+    copy = tmp_path / "train"
+    copy.mkdir()
+    for name in ("ema_weights.pt", "calibration.json", "ood_stats.safetensors"):
+        (copy / name).write_bytes((out / name).read_bytes())
+    stats = copy / "ood_stats.safetensors"
+    stats.write_bytes(stats.read_bytes()[:-8] + bytes(8))  # a zeroed precision entry
+    assert evaluate.main(["--model", str(copy), "--test_csv", str(data["test"]), "--img_dir",
+                          str(data["img_dir"]), "--out", str(tmp_path / "eval"),
+                          "--no_mlflow", "--bootstrap", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ood_stats.safetensors: missing, or not the statistics" in err
+    assert not (tmp_path / "eval" / "metrics.json").exists()
