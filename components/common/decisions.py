@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
+from components.common import atomic, outputs
+
 FORMAT = "skinlesion-calibration/1"
 # The configured decisions: melanoma versus the rest at 90% specificity (few false alarms on
 # benign lesions), malignant (MEL, BCC, SCC) versus benign at 90% sensitivity (few missed
@@ -47,7 +49,7 @@ DECISIONS = {
 OOD_IN_SHARE = 0.95
 NO_FILE = "no calibration fitted for this model: probabilities uncalibrated, no decision flags"
 OOD_REASON = "not like the training images (OOD score over the threshold): no decision flags"
-STATS_FILE = "ood_stats.safetensors"
+STATS_FILE = outputs.OOD_STATS
 
 
 class CalibrationFileError(ValueError):
@@ -85,8 +87,6 @@ def sha256(path: Path) -> str:
 def write_stats(path: str | os.PathLike, means: np.ndarray, precision: np.ndarray) -> str:
     """Write the OOD statistics (safetensors: no pickle); returns the file's sha256."""
     from safetensors.numpy import save_file
-
-    from components.common import atomic
 
     with atomic.atomic_path(path) as tmp:
         save_file({"means": np.ascontiguousarray(means, dtype=np.float64),

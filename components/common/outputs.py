@@ -42,6 +42,7 @@ EMA_WEIGHTS = "ema_weights.pt"
 TRAINING_SUMMARY = "training_summary.json"
 # temperature, decision thresholds and OOD threshold fitted on validation (evaluation/decisions.py)
 CALIBRATION = "calibration.json"
+OOD_STATS = "ood_stats.safetensors"  # its out-of-distribution statistics (training split)
 
 # evaluate
 METRICS = "metrics.json"
