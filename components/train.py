@@ -350,8 +350,9 @@ def fit_calibration(trainer: Trainer, out_dir: Path, img_dir, common: dict) -> P
     OOD statistics on the training split without augmentation."""
     model = trainer.ema.module
     path = out_dir / outputs.CALIBRATION
+    # from disk: a second device-resident copy of the training images could exhaust the GPU
     train_input = make_input(SplitDataset.from_csv(trainer.run_config["train_csv"], img_dir),
-                             augment=False, **common)
+                             augment=False, **{**common, "resident": False})
     fit_model(model, trainer.val_input.epoch(), train_input.epoch(), list(CLASSES),
               checkpoint.weights_digest(model.state_dict()), path, source="validation split")
     return path
