@@ -152,8 +152,9 @@ def model_card(model_name: str, run_id: str | None, run_name: str, tags: dict, m
         f"then to {preprocessing.get('resize_size')} and centre-cropped to {preprocessing.get('img_size')}, "
         f"normalised with mean {preprocessing.get('mean')} and std {preprocessing.get('std')}. "
         "pyfunc input: DataFrame column `image` of bytes or base64 (file paths only where "
-        "`skinlesion predict` allows them, locally); output: one probability column per class, "
-        "`predicted`, `error`.",
+        "`skinlesion predict` allows them, locally); output: one (calibrated) probability column "
+        "per class, `predicted`, `melanoma_suspected`, `malignant_suspected`, `ood_score`, "
+        "`in_distribution`, `reason`, `model_version`, `error`.",
         "",
         "## Intended use",
         "Research and teaching: comparing training recipes and MLOps practice on dermoscopy "
