@@ -106,10 +106,10 @@ def bench(preset: str, img_size: int, device: str, batch_size: int, n_batch: int
         x1 = torch.randn(1, 3, img_size, img_size)
         xb = torch.randn(batch_size, 3, img_size, img_size)
         for _ in range(3):
-            inner.predict_tensor(x1)
-        fwd1 = _time(lambda: inner.predict_tensor(x1), repeats, device)
-        inner.predict_tensor(xb)
-        fwdb = _time(lambda: inner.predict_tensor(xb), max(3, repeats // 4), device)
+            inner.outputs_tensor(x1)
+        fwd1 = _time(lambda: inner.outputs_tensor(x1), repeats, device)
+        inner.outputs_tensor(xb)
+        fwdb = _time(lambda: inner.outputs_tensor(xb), max(3, repeats // 4), device)
         results["rows"].append(_row("forward only", "-", fwd1, fwdb, batch_size))
         for size in ((600, 450), (1024, 1024)):
             paths = _jpegs(tmp, n_batch, size)

@@ -19,7 +19,15 @@ and headline.json):
                           metrics with intervals of each), cross_site (then too: melanoma
                           ROC-AUC pooled and within each source, the gap and the site-shortcut
                           flag; evaluation/sites.py),
-                          and what was scored: weights_digest, split_hash (register checks both)
+                          and what was scored: weights_digest, split_hash (register checks both);
+                          with the model's calibration.json (fitted on validation: train writes
+                          it, `skinlesion calibrate` fits one for an older run): `decisions`
+                          (each decision's test sensitivity / specificity at the threshold
+                          chosen on validation, lesion-level 95% intervals), `calibration`
+                          (temperature; NLL, Brier, ECE before / after), `ood` (AUROC of the
+                          OOD score, test split against evaluation/ood_images.py); without
+                          it these are null and `decisions_reason` says why. The
+                          melanoma_operating_point above is chosen on test (`chosen_on`).
     per_class.csv         class,precision,recall,f1,auc,support
     predictions.csv       image,true,predicted,prob_MEL,...,prob_SCC
     roc.csv               fpr and one TPR column per class on a common grid (DVC plot)
@@ -42,10 +50,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from components.common import atomic, cli_args, outputs, tracking
+from components.common import atomic, cli_args, decisions, outputs, tracking
 from components.common.config import ConfigError, EvaluateConfig
+from components.common.images import prepare_image, resize_size
 from components.common.labels import CLASSES, sources
-from components.evaluation import mlflow_log, sites
+from components.evaluation import calibration, mlflow_log, ood_images, sites
+from components.evaluation.decisions import at_thresholds, ood_auroc
 from components.evaluation.metrics import (HEADLINE, HEADLINE_SHOWN, bootstrap_intervals,
                                            classification_metrics, operating_point,
                                            reliability_bins, roc_points)
@@ -94,11 +104,15 @@ def run(model: str | os.PathLike, test_csv: str | os.PathLike, img_dir: str | os
     probs = predict(models, loader, device, cfg.tta)
 
     groups = frame["lesion_id"].to_numpy(dtype=object) if "lesion_id" in frame else None
+    fitted = meta["fitted"]  # fitted for the headline weights only
     reports = {}
     for i, (name, p) in enumerate(probs.items()):
         reports[name] = report(frame, p, out if i == 0 else out / outputs.RAW_SUBDIR,
-                               groups=groups, cfg=cfg)
+                               groups=groups, cfg=cfg,
+                               temperature=fitted["temperature"] if fitted and i == 0 else None)
     headline, *others = reports
+    reports[headline] |= validated(frame, probs[headline], fitted, meta, models[headline],
+                                   loader, device, groups, cfg)
     # an image's source as split gives it: its `source` column, else its lesion id's prefix
     source = sources(frame) if {"source", "lesion_id"} & set(frame.columns) else None
     if source is not None and source.nunique() > 1:
@@ -125,6 +139,35 @@ def run(model: str | os.PathLike, test_csv: str | os.PathLike, img_dir: str | os
     return summary
 
 
+def validated(frame: pd.DataFrame, probs: np.ndarray, fitted: dict | None, meta: dict,
+              model: nn.Module, loader: DataLoader, device: torch.device, groups,
+              cfg: EvaluateConfig) -> dict:
+    """The calibration file applied unchanged to test: each decision at its validated
+    threshold, and the OOD score's AUROC against non-dermoscopy images."""
+    if fitted is None:
+        return {"decisions": None, "calibration": None, "ood": None,
+                "decisions_reason": meta["fit_reason"]}
+    calibrated = calibration.rescale_probs(probs, fitted["temperature"])
+    test_features = calibration.collect_outputs(model, loader, device)[1]
+    photos = ood_tensors(meta)
+    photo_features = calibration.collect_outputs(model, [(photos, torch.zeros(len(photos)))],
+                                                 device)[1]
+    return {"decisions": at_thresholds(frame["label"].to_numpy(), calibrated, list(CLASSES),
+                                       fitted, groups, n=cfg.bootstrap, seed=cfg.seed),
+            "ood": ood_auroc(test_features, photo_features, fitted), "decisions_reason": ""}
+
+
+def ood_tensors(meta: dict) -> torch.Tensor:
+    """evaluation/ood_images.py's images prepared as the served model prepares a request."""
+    prepare = int(meta.get("prepare_size") or resize_size(meta["img_size"]))
+    transform = eval_transform(meta["img_size"])
+    return torch.stack([
+        transform(prepare_image(ood_images.png_bytes(image), prepare,
+                                color=meta.get("color_constancy") or "none",
+                                minkowski_p=float(meta.get("minkowski_p") or 6.0))[0])
+        for image in ood_images.images().values()])
+
+
 def headline_metrics(metrics: dict) -> dict:
     """The few numbers `dvc exp show` lists: headline test metrics with their 95% intervals
     and the melanoma operating point (metrics.json has everything else)."""
@@ -138,6 +181,13 @@ def headline_metrics(metrics: dict) -> dict:
     if point := metrics.get("melanoma_operating_point"):
         out["melanoma_sensitivity"] = round(point["sensitivity"], 4)
         out["melanoma_specificity"] = round(point["specificity"], 4)
+    for name, d in (metrics.get("decisions") or {}).items():  # at the validation threshold
+        out |= {f"{name}_{k}": _round(d[k]) for k in ("threshold", "sensitivity", "specificity")}
+    if cal := metrics.get("calibration"):
+        out |= {"ece_calibrated": _round(cal["after"]["ece"]),
+                "nll_calibrated": _round(cal["after"]["nll"])}
+    if ood := metrics.get("ood"):
+        out["ood_auroc"] = _round(ood["auroc"])
     out["n_images"] = metrics.get("n_images")
     return out
 
@@ -164,6 +214,9 @@ def load_models(source: str, img_size: int | None = None) -> tuple[dict[str, nn.
         raise ValueError(f"{path}: model classes {meta['classes']} differ from {CLASSES}")
     meta["img_size"] = img_size or meta["img_size"]
     meta["weights_digest"] = checkpoint.weights_digest(state[present[0]])
+    # the file travels beside the weights; read() refuses it for other weights
+    meta["fitted"], meta["fit_reason"] = decisions.read(path.parent / outputs.CALIBRATION,
+                                                        meta["weights_digest"])
     meta["mlflow_run_id"] = state.get("mlflow_run_id") or _summary_run_id(path.parent)
     return models, meta
 
@@ -198,10 +251,13 @@ def _load_registered(uri: str, img_size: int | None) -> tuple[dict[str, nn.Modul
     weights = net.state_dict()
     checkpoint.check_finite(weights, uri)
     run_id = info.get("source", "").removeprefix("runs:/") or None
-    return {"ema": net}, {"classes": tuple(info["classes"]),
+    return {"ema": net}, {**{k: info.get(k) for k in ("prepare_size", "color_constancy",
+                                                      "minkowski_p")},
+                          "classes": tuple(info["classes"]),
                           "img_size": img_size or int(info["img_size"]),
                           "weights_digest": checkpoint.weights_digest(weights),
-                          "mlflow_run_id": run_id}
+                          "mlflow_run_id": run_id, "fitted": info["fitted"],
+                          "fit_reason": info["fit_reason"]}
 
 
 @torch.inference_mode()
@@ -234,8 +290,10 @@ def flips(images: torch.Tensor) -> list[torch.Tensor]:
 
 
 def report(frame: pd.DataFrame, probs: np.ndarray, out: Path, *, groups=None,
-           cfg: EvaluateConfig | None = None) -> dict:
-    """Metrics with bootstrap intervals; tables, plot data and figures written to `out`."""
+           cfg: EvaluateConfig | None = None, temperature: float | None = None) -> dict:
+    """Metrics with bootstrap intervals; tables, plot data and figures written to `out`.
+    With the fitted `temperature`: NLL, Brier and ECE before and after scaling, both drawn in
+    the reliability diagram."""
     cfg = cfg or EvaluateConfig()
     y_true = frame["label"].to_numpy()
     m = classification_metrics(y_true, probs, CLASSES)
@@ -258,6 +316,13 @@ def report(frame: pd.DataFrame, probs: np.ndarray, out: Path, *, groups=None,
     bins = reliability_bins(y_true, probs)
     table = pd.DataFrame(bins)
     _write_csv(out / outputs.RELIABILITY, table[table["count"] > 0])
+    calibrated = None
+    if temperature is not None:
+        scaled = calibration.rescale_probs(probs, temperature)
+        m["calibration"] = {"temperature": temperature, "fitted_on": "validation",
+                            "before": calibration.scores(y_true, probs),
+                            "after": calibration.scores(y_true, scaled)}
+        calibrated = (reliability_bins(y_true, scaled), m["calibration"]["after"]["ece"])
 
     if plots is None:
         log.warning("matplotlib is not installed: no figures in %s", out)
@@ -266,7 +331,7 @@ def report(frame: pd.DataFrame, probs: np.ndarray, out: Path, *, groups=None,
     plots.plot_confusion(m["confusion_matrix"], CLASSES, out / "confusion_matrix_normalized.png",
                          normalize=True)
     plots.plot_roc(y_true, probs, CLASSES, out / "roc.png")
-    plots.plot_reliability(bins, m["ece"], out / "reliability.png")
+    plots.plot_reliability(bins, m["ece"], out / "reliability.png", calibrated)
     return m
 
 
@@ -316,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                       img_size=args.img_size, device=args.device, num_workers=args.num_workers,
                       use_mlflow=args.use_mlflow)
     except (ConfigError, ModelRefused, checkpoint.CheckpointError,
-            tracking.TrackingUnreachable) as err:
+            tracking.TrackingUnreachable, decisions.CalibrationFileError) as err:
         print(f"evaluate: {tracking.scrub(str(err))}", file=sys.stderr)
         return 1
     except OSError as err:  # a missing input, a read-only or full output folder

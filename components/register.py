@@ -175,6 +175,7 @@ def load_candidate(source: str | os.PathLike, metrics: dict, split_report: dict,
                                     f"training complete?)")
     if path.is_file():
         model, meta = checkpoint.load_model(path, which="ema")
+        meta["calibration"] = path.parent / outputs.CALIBRATION  # fitted beside the weights
         run_id = summary.get("mlflow_run_id")
     elif re.fullmatch(r"[0-9a-f]{32}", str(source)):
         run_id = str(source)
@@ -280,7 +281,9 @@ def _register(client, c: Candidate, run, cfg: RegisterConfig, alias: str,
     if logged is not None:
         model_uri, model_id = f"models:/{logged.model_id}", logged.model_id
     else:
-        model_uri, model_id = pyfunc.log_model(run_id, c.weights, c.meta)
+        model_uri, model_id = pyfunc.log_model(run_id, c.weights,
+                                               {**c.meta, "weights_digest": c.digest},
+                                               c.meta.get("calibration"))
 
     params = dict(run.data.params)
     tags = model_card.version_tags(run_id, dict(run.data.tags), params, c.metrics,

@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from components.common import atomic, cli_args, outputs, tracking
 from components.common.config import ConfigError, TrainConfig, load_params
-from components.common.labels import LabelError
+from components.common.labels import CLASSES, LabelError
+from components.evaluation.decisions import fit_model
 from components.training import checkpoint, run_record
 from components.training.balance import class_balance
 from components.training.dataset import SplitDataset, read_split
@@ -196,6 +197,8 @@ def _finish(trainer: Trainer, state, run_, out_dir: Path, data: TrainingData, co
     test = None
     if completed:
         paths["ema_weights"] = str(trainer.save_ema_weights())
+        if trainer.val_input is not None:  # thresholds and temperature for these weights
+            paths["calibration"] = str(fit_calibration(trainer, out_dir, data, common))
         if data.test_csv:
             test_input = make_input(SplitDataset.from_csv(data.test_csv, data.img_dir),
                                     augment=False, **common)
@@ -314,6 +317,19 @@ def check_params_unchanged(paths: list, started_with: dict) -> None:
                           f"(its checkpoints are kept); run it again to train with the new ones")
 
 
+def fit_calibration(trainer: Trainer, out_dir: Path, data: TrainingData, common: dict) -> Path:
+    """calibration.json of the final EMA weights: thresholds fitted on the validation input,
+    OOD statistics on the training split without augmentation."""
+    model = trainer.ema.module
+    path = out_dir / outputs.CALIBRATION
+    # from disk: a second device-resident copy of the training images could exhaust the GPU
+    train_input = make_input(SplitDataset.from_csv(data.train_csv, data.img_dir),
+                             augment=False, **{**common, "resident": False})
+    fit_model(model, trainer.val_input.epoch(), train_input.epoch(), list(CLASSES),
+              checkpoint.weights_digest(model.state_dict()), path, source="validation split")
+    return path
+
+
 def log_served_model(run_, ema_weights) -> str | None:
     """Log the serving model (registry/pyfunc.py) of the saved EMA weights into the run; the
     register step reuses it. Returns its models:/ URI (None without a run or on failure)."""
@@ -322,8 +338,9 @@ def log_served_model(run_, ema_weights) -> str | None:
     from components.registry import pyfunc  # mlflow: only with a run
 
     model, meta = checkpoint.load_model(ema_weights)  # from the file: a check that it loads
+    meta["weights_digest"] = checkpoint.weights_digest(model.state_dict())
     logged = run_.call("logging the model", pyfunc.log_model, run_.run_id, model.state_dict(),
-                       meta)
+                       meta, Path(ema_weights).parent / outputs.CALIBRATION)
     return logged[0] if logged else None
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from components.common import decisions
 from components.common.labels import CLASSES
 from components.registry import serving
 from components.commands import predict
@@ -37,7 +38,7 @@ def test_pyfunc_takes_paths_bytes_and_base64(pyfunc, images):
     table = pd.DataFrame({"image": [str(images["a.jpg"]), data, base64.b64encode(data).decode(),
                                     "data:image/jpeg;base64," + base64.b64encode(data).decode()]})
     out = pyfunc.predict(table)
-    assert list(out.columns) == [*CLASSES, "predicted", "error"]
+    assert list(out.columns) == [*CLASSES, *(name for name, _ in serving.ANSWER_COLUMNS)]
     probs = out[list(CLASSES)].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(probs[0], probs[1], rtol=1e-6)
@@ -131,7 +132,8 @@ def test_a_run_stopped_midway_keeps_the_requests_done(model_dir, folder_of_300, 
     """A full disk (RLIMIT_FSIZE: room for 1.5 requests of 100 rows) stops the run after the first
     request: OUT.partial holds its 100 rows, a valid CSV, and nothing is at OUT."""
     out = tmp_path / "pred.csv"
-    row = len(str(folder_of_300 / "im000.png")) + 80  # path, 8 probabilities, class, error
+    # path, 8 probabilities, class, flags, reason (no calibration file), version, error
+    row = len(str(folder_of_300 / "im000.png")) + 90 + len(decisions.NO_FILE)
     room = 100 + 150 * row
 
     def full_disk():

@@ -22,7 +22,7 @@ from components.common.config import RegisterConfig
 from components.common.labels import CLASSES
 from components.evaluation import mlflow_log
 from components.registry import client as registry
-from components.registry import model_card, pyfunc
+from components.registry import model_card, pyfunc, serving
 from components.training import checkpoint
 from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from model import HybridConvNeXtV2
@@ -180,7 +180,7 @@ def test_registered_pyfunc_matches_evaluation_preprocessing(store, registered, t
     images = write_images(tmp_path / "img", 2, size=(IMG + 5, IMG + 3))
     got = model.predict(pd.DataFrame(
         {"image": [base64.b64encode(p.read_bytes()).decode() for p in images]}))
-    assert list(got.columns) == [*CLASSES, "predicted", "error"]
+    assert list(got.columns) == [*CLASSES, *(name for name, _ in serving.ANSWER_COLUMNS)]
     net, meta = checkpoint.load_model(out / "ema_weights.pt")
     tf = eval_transform(IMG)
     # pyfunc first resizes the short side to prepare_size, as the preprocess step did to

@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components.common import tracking
+from components.common import decisions, tracking
+from components.common.labels import CLASSES
+from components.registry import serving
 
 from components import train
 from procs import free_port, serve
@@ -79,7 +81,11 @@ def test_one_run_with_params_metrics_tags_datasets_and_model(data, tmp_path, mlf
     images = sorted(data["img_dir"].iterdir())[:3]
     probs = model.predict(pd.DataFrame(
         {"image": [base64.b64encode(p.read_bytes()).decode() for p in images]}))
-    assert probs.shape == (3, 10) and (probs["error"] == "").all()
+    assert probs.shape == (3, len(CLASSES) + len(serving.ANSWER_COLUMNS))
+    assert (probs["error"] == "").all()
+    # the served model carries the calibration the train step fitted for its weights
+    assert (probs["reason"] != decisions.NO_FILE).all()
+    assert probs["model_version"].str.fullmatch("[0-9a-f]{64}").all()
     np.testing.assert_allclose(probs.iloc[:, :8].sum(axis=1), 1.0, atol=1e-5)
 
 

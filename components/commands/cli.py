@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("pipeline.cli", "compile, submit or run the Kubeflow pipeline"),
     # the registered model
     "promote": ("components.commands.promote", "move alias champion to the challenger through a metric gate"),
+    "calibrate": ("components.commands.calibrate",
+                  "fit temperature, decision and OOD thresholds on validation for a training folder"),
     "predict": ("components.commands.predict", "class probabilities for image files with a registered model"),
     "serve": ("components.commands.serve", "the registered model behind an HTTP scoring server"),
     "runs": ("components.commands.runs", "table of recent training runs with metrics and registered versions"),

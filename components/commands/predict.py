@@ -14,8 +14,9 @@ of `--csv`; a CSV entry is a path (absolute, relative to the current folder or t
 folder) or, with `--dir`, an image id looked up there as <id>.jpg/.jpeg/.png (the split CSVs'
 format).
 
-Output (`--out`, else stdout): CSV `image,MEL,...,SCC,predicted,error`, one row per input in
-input order. An unreadable or missing image gets an `error` text (and is reported on stderr);
+Output (`--out`, else stdout): CSV `image,MEL,...,SCC,predicted,melanoma_suspected,
+malignant_suspected,ood_score,in_distribution,reason,model_version,error` (the served model's
+answer: components/registry/serving.py), one row per input in input order. An unreadable or missing image gets an `error` text (and is reported on stderr);
 the other images are still predicted. The images go to the model in requests of at most
 `--batch_size` and at most the model's row limit (SKINLESION_SERVING_MAX_ROWS, 256), and each
 request's rows are written as soon as it is answered: to `OUT.partial`, renamed to `--out` once

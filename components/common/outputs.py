@@ -7,7 +7,8 @@ themselves name these files; the steps take folders, the names come from here.
                 OUT/preprocess_report.json
     split       OUT/{train,val,test}.csv, OUT/split_report.json
     class_weights  one JSON file (its path is the output)
-    train       OUT/checkpoint_{last,best,prev}.pt, OUT/ema_weights.pt, OUT/training_summary.json
+    train       OUT/checkpoint_{last,best,prev}.pt, OUT/ema_weights.pt, OUT/training_summary.json,
+                OUT/calibration.json, OUT/ood_stats.safetensors
     evaluate    OUT/metrics.json, OUT/headline.json, predictions.csv, per_class.csv, roc.csv, reliability.csv,
                 figures; OUT/raw/ the same for the raw (non-EMA) weights
     register    one JSON file: the version and alias, or why it was not registered
@@ -43,6 +44,9 @@ CHECKPOINT_BEST = "checkpoint_best.pt"
 CHECKPOINT_PREV = "checkpoint_prev.pt"
 EMA_WEIGHTS = "ema_weights.pt"
 TRAINING_SUMMARY = "training_summary.json"
+# temperature, decision thresholds and OOD threshold fitted on validation (evaluation/decisions.py)
+CALIBRATION = "calibration.json"
+OOD_STATS = "ood_stats.safetensors"  # its out-of-distribution statistics (training split)
 
 # evaluate
 METRICS = "metrics.json"

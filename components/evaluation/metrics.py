@@ -311,8 +311,10 @@ def operating_point(y_true, probs, positive: int, specificity: float = 0.9) -> d
     threshold on its probability whose specificity is at least `specificity`, and the
     sensitivity there (melanoma-versus-rest is the decision that matters clinically).
 
-    Returns {target_specificity, threshold, sensitivity, specificity, n_positive, n_negative},
-    or None when the test set has no positive or no negative image.
+    Returns {target_specificity, threshold, sensitivity, specificity, n_positive, n_negative,
+    chosen_on: "test"}, or None when the test set has no positive or no negative image. The
+    threshold is chosen on the images it scores: an optimistic figure, kept for comparison
+    with the validation-chosen one (evaluation/decisions.py), which is what ships.
     """
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
     pos = y_true == positive
@@ -324,7 +326,7 @@ def operating_point(y_true, probs, positive: int, specificity: float = 0.9) -> d
     return {"target_specificity": float(specificity),
             "threshold": float(min(thresholds[i], 1.0)),  # roc_curve's first threshold is inf
             "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i]),
-            "n_positive": int(pos.sum()), "n_negative": int((~pos).sum())}
+            "n_positive": int(pos.sum()), "n_negative": int((~pos).sum()), "chosen_on": "test"}
 
 
 def _num(x):

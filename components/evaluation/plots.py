@@ -49,16 +49,25 @@ def plot_roc(y_true, probs, classes: Sequence[str], path: str | os.PathLike) -> 
     _save(fig, path)
 
 
-def plot_reliability(bins: dict, ece: float, path: str | os.PathLike) -> None:
-    """Reliability diagram: accuracy per confidence bin against the diagonal, with counts."""
+def plot_reliability(bins: dict, ece: float, path: str | os.PathLike,
+                     calibrated: tuple[dict, float] | None = None) -> None:
+    """Reliability diagram: accuracy per confidence bin against the diagonal, with counts;
+    `calibrated` (its bins and ECE after temperature scaling) is drawn beside as a line."""
     lower, upper = np.asarray(bins["lower"]), np.asarray(bins["upper"])
     acc = np.nan_to_num(np.asarray(bins["accuracy"], dtype=np.float64))
     fig = Figure(figsize=(6, 7), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     top.bar(lower, acc, width=upper - lower, align="edge", edgecolor="black", label="accuracy")
     top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-            title=f"Reliability diagram (ECE {ece:.3f})")
+    title = f"Reliability diagram (ECE {ece:.3f})"
+    if calibrated is not None:
+        after, after_ece = calibrated
+        filled = np.asarray(after["count"]) > 0
+        top.plot(np.asarray(after["confidence"])[filled], np.asarray(after["accuracy"])[filled],
+                 "o-", color="tab:orange", label="temperature-scaled")
+        bottom.step(lower, after["count"], where="post", color="tab:orange")
+        title = f"Reliability diagram (ECE {ece:.3f}; temperature-scaled {after_ece:.3f})"
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
     top.legend(loc="upper left")
     bottom.bar(lower, bins["count"], width=upper - lower, align="edge", edgecolor="black")
     bottom.set(xlabel="confidence (top-class probability)", ylabel="images")

@@ -4,6 +4,7 @@ Tags (strings; what promote and a person filtering versions need, nothing more):
 
     source_run_id, git_commit, data_hash, split_hash, weights_hash, params_hash
     test_<gate metric> and its 95% interval (test_<gate metric>_ci_low / _ci_high)
+    threshold_<decision> (each served flag's threshold, chosen on validation), temperature
     data_source, data_rev (Kubeflow runs: where the raw data came from)
 
 Everything else (all headline metrics with intervals, the preset, input size, split sizes,
@@ -68,6 +69,11 @@ def version_tags(run_id: str | None, run_tags: dict, run_params: dict, metrics: 
         ci = (metrics.get("ci95") or {}).get(gate_metric) or {}
         tags.update({f"test_{gate_metric}_ci_{end}": f"{float(ci[end]):.6f}"
                      for end in ("low", "high") if ci.get(end) is not None})
+    # repr: the exact float the served model compares with, not a rounded one
+    tags.update({f"threshold_{name}": repr(float(d["threshold"]))
+                 for name, d in (metrics.get("decisions") or {}).items()})
+    if cal := metrics.get("calibration"):
+        tags["temperature"] = repr(float(cal["temperature"]))
     return clean_tags(tags)
 
 
@@ -85,6 +91,8 @@ def card_details(model_name: str, version: str | None, tags: dict, metrics: dict
         "test_metrics": {k: metrics.get(k) for k in ("n_images", *CARD_METRICS)},
         "test_ci95": {k: (metrics.get("ci95") or {}).get(k) for k in CARD_METRICS},
         "melanoma_operating_point": metrics.get("melanoma_operating_point"),
+        "decisions": metrics.get("decisions"), "calibration": metrics.get("calibration"),
+        "ood": metrics.get("ood"), "decisions_reason": metrics.get("decisions_reason"),
         "bootstrap": metrics.get("bootstrap"),
         "cross_site": metrics.get("cross_site"),
     }
@@ -129,6 +137,7 @@ def model_card(model_name: str, run_id: str | None, run_name: str, tags: dict, m
         ci = (metrics.get("ci95") or {}).get(name) or {}
         interval = f"{ci['low']:.4f} - {ci['high']:.4f}" if ci.get("low") is not None and ci.get("high") is not None else "-"
         lines.append(f"| {name} | {float(metrics[name]):.4f} | {interval} |")
+    lines += decision_lines(metrics)
     if cross_site := metrics.get("cross_site"):
         # evaluate wrote these lines (evaluation/sites.py); a flagged site shortcut means the
         # pooled figures above overstate what the model tells apart inside one clinic
@@ -143,8 +152,9 @@ def model_card(model_name: str, run_id: str | None, run_name: str, tags: dict, m
         f"then to {preprocessing.get('resize_size')} and centre-cropped to {preprocessing.get('img_size')}, "
         f"normalised with mean {preprocessing.get('mean')} and std {preprocessing.get('std')}. "
         "pyfunc input: DataFrame column `image` of bytes or base64 (file paths only where "
-        "`skinlesion predict` allows them, locally); output: one probability column per class, "
-        "`predicted`, `error`.",
+        "`skinlesion predict` allows them, locally); output: one (calibrated) probability column "
+        "per class, `predicted`, `melanoma_suspected`, `malignant_suspected`, `ood_score`, "
+        "`in_distribution`, `reason`, `model_version`, `error`.",
         "",
         "## Intended use",
         "Research and teaching: comparing training recipes and MLOps practice on dermoscopy "
@@ -156,7 +166,36 @@ def model_card(model_name: str, run_id: str | None, run_name: str, tags: dict, m
         "- Trained on ISIC-style dermoscopy images (mostly lighter skin types, referral-centre "
         "cases); other devices, clinical photographs and populations are untested.",
         "- Always answers one of the eight classes: an image of anything else (or not a lesion) "
-        "still gets one; probabilities can be miscalibrated"
+        "still gets one, with `in_distribution` false when its OOD score says so (no decision "
+        "flags then); probabilities can be miscalibrated"
         + (f" (ECE {float(metrics['ece']):.3f} on test)." if metrics.get("ece") is not None else "."),
     ]
     return "\n".join(lines) + "\n"
+
+
+def decision_lines(metrics: dict) -> list[str]:
+    """The served flags' thresholds (chosen on validation) and their test rates, the
+    calibration and the OOD check, as card lines."""
+    if not metrics.get("decisions"):
+        return ["", f"## Decisions\n{metrics.get('decisions_reason') or 'none fitted'}."]
+    lines = ["", "## Decisions (threshold chosen on validation, applied unchanged on test)", "",
+             "| flag | target on validation | threshold | test sensitivity | test specificity |",
+             "|---|---|---|---|---|"]
+    for name, d in metrics["decisions"].items():
+        rates = []
+        for rate in ("sensitivity", "specificity"):
+            ci = (d.get("ci95") or {}).get(rate) or {}
+            rates.append("-" if d.get(rate) is None else f"{d[rate]:.3f}" + (
+                f" ({ci['low']:.3f} - {ci['high']:.3f})" if ci.get("low") is not None
+                and ci.get("high") is not None else ""))
+        lines.append(f"| {name} | {d['target']} >= {d['value']} | {d['threshold']!r} | "
+                     f"{rates[0]} | {rates[1]} |")
+    if cal := metrics.get("calibration"):
+        lines.append(f"\nTemperature {cal['temperature']:.3f} (fitted on validation): test ECE "
+                     f"{cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f}, NLL "
+                     f"{cal['before']['nll']:.3f} -> {cal['after']['nll']:.3f}.")
+    if ood := metrics.get("ood"):
+        lines.append(f"OOD (energy score): AUROC {ood['auroc']:.3f} of the test split against "
+                     f"{ood['n_out']} non-dermoscopy images; {100 * ood['in_passed']:.0f}% of "
+                     f"test images and {100 * ood['out_passed']:.0f}% of those pass.")
+    return lines

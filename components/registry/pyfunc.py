@@ -2,8 +2,8 @@
 earlier logged copy, and loading it back as a network for evaluation.
 
 The model is `serving.py` logged as code ("models from code": MLflow stores the file, never a
-pickle) with two artifacts, weights.safetensors and preprocessing.json, and the `model` and
-`components` packages as code paths. Its requirements are pinned here, once.
+pickle) with its artifacts, weights.safetensors, preprocessing.json and (when fitted)
+calibration.json, and the `model` and `components` packages as code paths. Its requirements are pinned here, once.
 """
 from __future__ import annotations
 
@@ -46,15 +46,17 @@ def pyfunc_kwargs(artifacts: dict, classes: list[str]) -> dict:
                 model_config={"allow_paths": False})
 
 
-def log_model(run_id: str, state_dict: dict, meta: dict) -> tuple[str, str]:
+def log_model(run_id: str, state_dict: dict, meta: dict, calibration=None) -> tuple[str, str]:
     """Log the serving model of these weights into run `run_id` as `classifier`; returns its
-    (models:/ URI, model id). `meta` as checkpoint.load_model gives it."""
+    (models:/ URI, model id). `meta` as checkpoint.load_model gives it, plus weights_digest;
+    `calibration`: the calibration.json fitted for these weights, if any."""
     import mlflow
 
     from components.registry import serving
 
     with tempfile.TemporaryDirectory(prefix="pyfunc-") as tmp:
-        artifacts = serving.write_artifacts(state_dict, meta, tmp, source=f"runs:/{run_id}")
+        artifacts = serving.write_artifacts(state_dict, meta, tmp, source=f"runs:/{run_id}",
+                                            calibration=calibration)
         # start_run(run_id) refuses a run outside the process's active experiment, which an
         # earlier call in the same process may have set to another one.
         mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
@@ -82,8 +84,9 @@ def existing_model(client, run, name: str = ARTIFACT_NAME):
 
 
 def load_network(model_uri: str, device: str = "cpu"):
-    """(network in eval mode, preprocessing dict) of a logged serving model: any MLflow model
-    URI (`models:/NAME@ALIAS`, `runs:/ID/classifier`, `models:/m-<id>`) or a local model folder."""
+    """(network in eval mode, preprocessing dict plus `fitted`, its calibration file or None,
+    and `fit_reason`, why None) of a logged serving model: any MLflow model URI
+    (`models:/NAME@ALIAS`, `runs:/ID/classifier`, `models:/m-<id>`) or a local model folder."""
     import mlflow
 
     from components.registry import serving
@@ -94,4 +97,5 @@ def load_network(model_uri: str, device: str = "cpu"):
         with tempfile.TemporaryDirectory(prefix="model-") as tmp:
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
             classifier = serving.load_local(local, device=device)
-    return classifier.net, classifier.info
+    return classifier.net, {**classifier.info, "fitted": classifier.fitted,
+                            "fit_reason": classifier.no_fit_reason}

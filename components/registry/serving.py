@@ -3,13 +3,16 @@
 Why not `mlflow.pytorch`: it pickles whole modules, while our rule is that weights load with
 `torch.load(weights_only=True)` (or safetensors, which has no pickle at all), and serving must
 take image files or bytes, not tensors. This file is logged as *model code* ("models from
-code": MLflow stores the file itself, never a pickle of the object) next to two artifacts:
+code": MLflow stores the file itself, never a pickle of the object) next to its artifacts:
 
     weights          weights.safetensors  the EMA state dict (safetensors: no pickle)
     preprocessing    preprocessing.json   {"format", "model_config", "classes", "img_size",
                                            "resize_size", "prepare_size", "color_constancy",
                                            "minkowski_p", "mean", "std", "interpolation",
-                                           "source"}
+                                           "source", "weights_digest"}
+    calibration      calibration.json     temperature, decision and OOD thresholds fitted on
+                     (when fitted)        validation (components/common/decisions.py)
+    ood_stats        ood_stats.safetensors  its OOD statistics (training split), no pickle
 
 and the `model/` and `components/` packages as code paths, so the model directory loads in a
 process that has only torch, torchvision, timm, Pillow, pandas, safetensors and mlflow.
@@ -19,12 +22,18 @@ each value is raw encoded bytes (JPEG/PNG/...), a base64 string of those bytes (
 `data:image/...;base64,` URI: the way to send images through the scoring server's JSON), or,
 where paths are allowed, a file path. Params: ``batch_size`` (32, at least 1).
 
-Output: a DataFrame, one row per input row, in input order: one float column per class (the
-softmax probabilities, classes in training order), ``predicted`` (the top class name) and
-``error`` ("" when the row was predicted; otherwise why not, with probabilities null and
-``predicted`` ""). A bad image never fails the other rows. When a row failed, the probability
-columns hold None rather than NaN, so that the scoring server's JSON has `null` (bare NaN is
-not JSON).
+Output: a DataFrame, one row per input row, in input order (ANSWER_COLUMNS): one float
+column per class (the probabilities, temperature-scaled when calibration.json is there; classes
+in training order), ``predicted`` (the top class name), ``melanoma_suspected`` and
+``malignant_suspected`` (True/False at the thresholds chosen on validation; null when the
+image is not in distribution, or the model has no calibration file), ``ood_score`` (the energy
+score: Mahalanobis distance of the image's features to the nearest class of the training
+split, higher is less like the training images), ``in_distribution``, ``reason`` (why the
+flags are null, else ""), ``model_version`` (the weights' sha256 digest: the registered
+version's `weights_hash` tag) and ``error`` ("" when the row was predicted; otherwise why not,
+with everything else but model_version null and ``predicted`` ""). A bad image never fails the
+other rows. Missing values are None rather than NaN, so that the scoring server's JSON has
+`null` (bare NaN is not JSON).
 
 Security model of the served model (`skinlesion serve`, or MLflow's scoring server alone):
 - no file paths: a string is base64 or an error, whether or not a file of that name exists
@@ -58,6 +67,7 @@ import binascii
 import ctypes
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +76,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from components.common import decisions
 from components.registry.request import CURRENT_REQUEST, RequestGone, limit, refused
 
 PREPROCESSING_FORMAT = "skinlesion-pyfunc/1"
@@ -80,6 +91,7 @@ PIXELS_PER_PREPARED = 128          # max_pixels = 128 x prepare_size^2 (module d
 MAX_REQUEST_PIXELS = 128_000_000
 WEIGHTS_FILE = "weights.safetensors"
 PREPROCESSING_FILE = "preprocessing.json"
+CALIBRATION_FILE = "calibration.json"
 INPUT_COLUMN = "image"
 DEFAULT_BATCH_SIZE = 32
 
@@ -91,12 +103,15 @@ class ImageInputError(ValueError):
 # ---------------------------------------------------------------- artifacts (write side)
 
 def write_artifacts(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: str | os.PathLike,
-                    *, source: str = "") -> dict[str, str]:
-    """Write weights.safetensors + preprocessing.json into `out_dir`; return the pyfunc
-    `artifacts` mapping {"weights": path, "preprocessing": path}.
+                    *, source: str = "", calibration: str | os.PathLike | None = None
+                    ) -> dict[str, str]:
+    """Write weights.safetensors + preprocessing.json (and a copy of the `calibration` file
+    when it exists) into `out_dir`; return the pyfunc `artifacts` mapping {"weights": path,
+    "preprocessing": path[, "calibration": path]}.
 
     `meta` needs model_config, classes, img_size, mean, std, and has prepare_size when the
-    training images came from the preprocess step (what checkpoint.load_model gives).
+    training images came from the preprocess step (what checkpoint.load_model gives), and
+    weights_digest (the model_version it answers with).
     """
     from safetensors.torch import save_file
 
@@ -106,7 +121,13 @@ def write_artifacts(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: st
     weights = out_dir / WEIGHTS_FILE
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(weights))
     (out_dir / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=2) + "\n")
-    return {"weights": str(weights), "preprocessing": str(out_dir / PREPROCESSING_FILE)}
+    artifacts = {"weights": str(weights), "preprocessing": str(out_dir / PREPROCESSING_FILE)}
+    if calibration is not None and Path(calibration).is_file():
+        decisions.read(calibration)  # refuses files this code did not write
+        for key, name in (("calibration", CALIBRATION_FILE), ("ood_stats", decisions.STATS_FILE)):
+            shutil.copyfile(Path(calibration).parent / name, out_dir / name)
+            artifacts[key] = str(out_dir / name)
+    return artifacts
 
 
 def preprocessing_info(meta: dict, source: str = "") -> dict:
@@ -132,6 +153,7 @@ def preprocessing_info(meta: dict, source: str = "") -> dict:
         "std": [float(v) for v in meta["std"]],
         "interpolation": "bilinear",
         "source": source,
+        "weights_digest": meta.get("weights_digest") or "",
     }
 
 
@@ -143,6 +165,12 @@ def _jsonable(value):
     return value
 
 
+# The answer's columns after the class probabilities, and their types.
+ANSWER_COLUMNS = (("predicted", "string"), *((name, "boolean") for name in decisions.DECISIONS),
+                  ("ood_score", "double"), ("in_distribution", "boolean"), ("reason", "string"),
+                  ("model_version", "string"), ("error", "string"))
+
+
 def signature(classes: list[str]):
     """The pyfunc signature: `image` (any: path, bytes or base64) in; probabilities out."""
     from mlflow.models import ModelSignature
@@ -150,7 +178,7 @@ def signature(classes: list[str]):
 
     inputs = Schema([ColSpec(AnyType(), INPUT_COLUMN)])
     outputs = Schema([ColSpec("double", c) for c in classes]
-                     + [ColSpec("string", "predicted"), ColSpec("string", "error")])
+                     + [ColSpec(kind, name, required=False) for name, kind in ANSWER_COLUMNS])
     params = ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
@@ -163,11 +191,14 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         config = getattr(context, "model_config", None) or {}
         self.load(context.artifacts["weights"], context.artifacts["preprocessing"],
-                  allow_paths=bool(config.get("allow_paths")))
+                  allow_paths=bool(config.get("allow_paths")),
+                  calibration=context.artifacts.get("calibration"))
 
     def load(self, weights: str | os.PathLike, preprocessing: str | os.PathLike,
-             device: str | None = None, allow_paths: bool = False) -> "SkinLesionClassifier":
-        """Build the network from preprocessing.json and load the safetensors weights.
+             device: str | None = None, allow_paths: bool = False,
+             calibration: str | os.PathLike | None = None) -> "SkinLesionClassifier":
+        """Build the network from preprocessing.json and load the safetensors weights, and
+        the calibration file when there is one (without it: plain softmax, null flags).
 
         allow_paths: accept file paths as input (local use); the environment variable
         SKINLESION_SERVING_ALLOW_PATHS=1 turns them on as well."""
@@ -187,12 +218,17 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
                                 PIXELS_PER_PREPARED * int(self.info["prepare_size"]) ** 2)
         self.max_request_pixels = limit("MAX_REQUEST_PIXELS", MAX_REQUEST_PIXELS)
         self.classes = list(self.info["classes"])
+        self.model_version = self.info.get("weights_digest") or self.info.get("source", "")
+        self.fitted, self.no_fit_reason = (
+            decisions.read(calibration, self.info.get("weights_digest")) if calibration
+            else (None, decisions.NO_FILE))
         device = device or os.environ.get("SKINLESION_DEVICE") or (
             "cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
         net = HybridConvNeXtV2(**{**self.info["model_config"], "pretrained": False})
         net.load_state_dict(load_file(str(weights), device="cpu"))  # strict: every key
         self.net = net.to(self.device).eval()
+        self.n_features = sum(net.config["dims"])  # decisions.stage_features' width
         # Same ops as components.training.transforms.eval_transform, with the stored mean/std.
         self.transform = v2.Compose([
             v2.Resize(int(self.info["resize_size"]), antialias=True),
@@ -300,7 +336,8 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
 
     def _predict_rows(self, values: list, batch_size: int) -> pd.DataFrame:
         request = CURRENT_REQUEST.get()  # None outside `skinlesion serve`
-        probs = np.full((len(values), len(self.classes)), np.nan, dtype=np.float64)
+        logits = np.full((len(values), len(self.classes)), np.nan, dtype=np.float64)
+        features = np.zeros((len(values), self.n_features), dtype=np.float64)
         errors = [""] * len(values)
         opened = self._open_within_budget(values, errors)
         rows = list(opened)
@@ -315,16 +352,32 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
                 except ImageInputError as err:
                     errors[i] = str(err)
             if tensors:
-                probs[done] = self.predict_tensor(torch.stack(tensors))
-        for i in np.flatnonzero(~np.isfinite(probs).all(axis=1)):
+                logits[done], features[done] = self.outputs_tensor(torch.stack(tensors))
+        for i in np.flatnonzero(~np.isfinite(logits).all(axis=1)):
             if not errors[i]:  # a broken model answers nothing rather than class 0
                 errors[i] = "500 the model's output is not a number"
-                probs[i] = np.nan
-        out = pd.DataFrame(probs, columns=self.classes)
-        if any(errors):  # None, not NaN: the scoring server's JSON then holds null
-            out = out.astype(object).where(pd.notna(out), None)
-        out["predicted"] = [self.classes[int(np.argmax(p))] if not e else ""
-                            for p, e in zip(probs, errors)]
+        return self._answer(logits, features, errors)
+
+    def _answer(self, logits: np.ndarray, features: np.ndarray, errors: list[str]
+                ) -> pd.DataFrame:
+        """The answer's rows (module docstring) from each row's logits and features; a failed
+        row is null."""
+        ok = np.array([not e for e in errors], dtype=bool)
+        got = decisions.answer(np.where(ok[:, None], logits, 0.0),
+                               np.where(ok[:, None], features, 0.0), self.classes, self.fitted,
+                               self.no_fit_reason)
+        out = pd.DataFrame(got["probs"], columns=self.classes)
+        if not ok.all():  # None, not NaN: the scoring server's JSON then holds null
+            out = out.astype(object)
+            out.loc[~ok, self.classes] = None
+        columns = {"predicted": [self.classes[int(np.argmax(p))] for p in got["probs"]],
+                   **got["flags"], "ood_score": got["ood_score"],
+                   "in_distribution": got["in_distribution"], "reason": got["reason"]}
+        for name, values in columns.items():
+            blank = "" if name in ("predicted", "reason") else None
+            out[name] = pd.Series([v if good else blank for v, good in zip(values, ok)],
+                                  dtype=object)
+        out["model_version"] = self.model_version
         out["error"] = errors
         return out
 
@@ -347,11 +400,11 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
             opened[i] = (im, info)
         return opened
 
-    @torch.inference_mode()
-    def predict_tensor(self, batch: torch.Tensor) -> np.ndarray:
-        """Softmax probabilities of a preprocessed batch (N, 3, H, W) as float64 (N, classes)."""
-        logits = self.net(batch.to(self.device))
-        return torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64)
+    def outputs_tensor(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (N, classes), features (N, n_features)) of a preprocessed batch
+        (N, 3, H, W), as float64."""
+        logits, features = decisions.stage_features(self.net, batch.to(self.device))
+        return tuple(t.float().cpu().numpy().astype(np.float64) for t in (logits, features))
 
 
 def _malloc_trim():
@@ -398,8 +451,10 @@ def load_local(model_dir: str | os.PathLike, device: str | None = None,
     model_dir = Path(model_dir)
     for folder in (model_dir, model_dir / "artifacts"):
         if (folder / WEIGHTS_FILE).is_file():
+            calibration = folder / CALIBRATION_FILE
             return SkinLesionClassifier().load(folder / WEIGHTS_FILE, folder / PREPROCESSING_FILE,
-                                               device, allow_paths)
+                                               device, allow_paths,
+                                               calibration if calibration.is_file() else None)
     raise FileNotFoundError(f"no {WEIGHTS_FILE} in {model_dir} or {model_dir / 'artifacts'}")
 
 

@@ -27,7 +27,8 @@ EXECUTION_SETTINGS = ("num_workers", "compile", "gpu_resident", "gpu_resident_ma
                       "nodes", "gpus_per_node")
 # What a run leaves in its out dir, moved aside together when another recipe supersedes it.
 RUN_FILES = (outputs.CHECKPOINT_LAST, outputs.CHECKPOINT_PREV, outputs.CHECKPOINT_BEST,
-             f"{outputs.CHECKPOINT_LAST}.corrupt", outputs.EMA_WEIGHTS, outputs.TRAINING_SUMMARY)
+             f"{outputs.CHECKPOINT_LAST}.corrupt", outputs.EMA_WEIGHTS, outputs.TRAINING_SUMMARY,
+             outputs.CALIBRATION, outputs.OOD_STATS)
 SUPERSEDED = "superseded-"
 
 
