@@ -100,6 +100,17 @@ def kfp_metrics(metrics: dict, y_true=None, probs=None, max_points: int = 200) -
         scalars += [("melanoma_sensitivity", point["sensitivity"]),
                     ("melanoma_specificity", point["specificity"]),
                     ("melanoma_threshold", point["threshold"])]
+    for name, decision in (metrics.get("decisions") or {}).items():  # thresholds from validation
+        scalars += [(f"{name}_{k}", float(decision[k]))
+                    for k in ("threshold", "sensitivity", "specificity")
+                    if decision.get(k) is not None]
+    if calibration := metrics.get("calibration"):
+        scalars.append(("temperature", float(calibration["temperature"])))
+        scalars += [(f"{k}_{when}", float(v)) for when in ("before", "after")
+                    for k, v in calibration.get(when, {}).items() if v is not None]
+    if ood := metrics.get("ood"):
+        scalars += [(f"ood_{k}", float(ood[k])) for k in ("auroc", "threshold")
+                    if ood.get(k) is not None]
     for source, sm in (metrics.get("per_source") or {}).items():
         scalars += [(f"{source}_{k}", float(v)) for k, v in sm.items()
                     if isinstance(v, float)]

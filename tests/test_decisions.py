@@ -133,7 +133,7 @@ def test_one_threshold_from_validation_to_evaluate_card_and_served_flag(trained,
     threshold = fitted["decisions"]["melanoma_suspected"]["threshold"]
 
     evaluate.run(out, data["test"], data["img_dir"], tmp_path / "eval",
-                 EvaluateConfig(bootstrap=50), use_mlflow=False, device="cpu")
+                 config=EvaluateConfig(bootstrap=50), use_mlflow=False, device="cpu")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     at_test = metrics["decisions"]["melanoma_suspected"]
     assert at_test["threshold"] == threshold and at_test["chosen_on"] == "validation"

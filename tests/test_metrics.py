@@ -148,3 +148,22 @@ def test_kfp_metrics_shapes():
     assert roc["fpr"][0] == 0.0 and roc["tpr"][-1] == 1.0
     assert all(0.0 <= t <= 1.0 for t in roc["threshold"])
     assert kfp_metrics(m)["roc"] is None
+
+
+def test_kfp_metrics_carry_the_validated_thresholds_calibration_and_ood():
+    """What a reviewer of the KFP run needs to act on the model: each decision's threshold
+    (chosen on validation) and its test sensitivity/specificity, the temperature and NLL/ECE
+    before and after it, the OOD AUROC."""
+    y = np.repeat(np.arange(8), 10)
+    m = classification_metrics(y, _noisy_probs(y), CLASSES)
+    m["decisions"] = {"melanoma_suspected": {"threshold": 0.46, "chosen_on": "validation",
+                                             "sensitivity": 0.33, "specificity": 0.91}}
+    m["calibration"] = {"temperature": 0.93, "before": {"nll": 1.11, "ece": 0.05},
+                        "after": {"nll": 1.10, "ece": 0.06}}
+    m["ood"] = {"auroc": 0.97, "threshold": 357.9}
+    names = dict(kfp_metrics(m)["scalars"])
+    assert names["melanoma_suspected_threshold"] == 0.46
+    assert names["melanoma_suspected_sensitivity"] == 0.33
+    assert names["melanoma_suspected_specificity"] == 0.91
+    assert names["temperature"] == 0.93 and names["nll_before"] == 1.11 and names["ece_after"] == 0.06
+    assert names["ood_auroc"] == 0.97 and names["ood_threshold"] == 357.9
