@@ -14,6 +14,10 @@ themselves name these files; the steps take folders, the names come from here.
 """
 from __future__ import annotations
 
+# the project's folders (dvc.yaml's stages), relative to its root
+PREPARED_DIR = "data/prepared"
+SPLITS_DIR = "data/splits"
+
 # preprocess
 PREPARED_IMAGES = "images"
 KEPT_LABELS = "labels.csv"
