@@ -10,7 +10,9 @@ test split is chosen after training, from their predictions on a pool of new les
   but on the 4 shared images S is better: promoted;
 - model "down": champion S, challenger W tested on images both get right, 4 W gets wrong and
   8 of S's training lesions: W's own score is the higher, on the shared images it is worse:
-  kept.
+  kept;
+- model "same": champion W, challenger S2 (strong, trained and tested on W's split): the
+  same rule on their logged predictions, nothing left out.
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ def versions(mlflow_server, tmp_path_factory):
     weak = _train(data, img_dir, "W", w_train, w_val, epochs=1, peak_lr=1e-7,
                   warmup_lr=1e-8, min_lr=1e-8)
     strong = _train(data, img_dir, "S", s_train, s_val, epochs=8)
+    strong_on_w = _train(data, img_dir, "S2", w_train, w_val, epochs=8)  # W's split too
     w_right, s_right = _right(data, img_dir, weak, pool), _right(data, img_dir, strong, pool)
     both = pool[(w_right & s_right).to_numpy()]
     only_s = pool[(~w_right & s_right).to_numpy()]
@@ -102,13 +105,18 @@ def versions(mlflow_server, tmp_path_factory):
             ("S", strong, s_train, s_val, pd.concat([only_s[:4], adverse])),
             ("W", weak, w_train, w_val, pd.concat([both[:6], only_s[4:8], s_lesions]))):
         report = _split_folder(data / f"{tag}-split", train_, val, test)
-        evaluate.run(model, report.parent / "test.csv", img_dir, data / f"{tag}-eval",
-                     EvaluateConfig(bootstrap=20))
-        out[tag] = {"train": model, "metrics": data / f"{tag}-eval" / "metrics.json",
-                    "report": report, "n_test": len(test)}
+        out[tag] = _evaluated(data, img_dir, tag, model, report)
+        out[tag]["n_test"] = len(test)
+    out["S2"] = _evaluated(data, img_dir, "S2", strong_on_w, out["W"]["report"])
     out["img_dir"], out["uri"] = img_dir, mlflow_server
     yield out
     mp.undo()
+
+
+def _evaluated(data: Path, img_dir: Path, tag: str, model: Path, report: Path) -> dict:
+    evaluate.run(model, report.parent / "test.csv", img_dir, data / f"{tag}-eval",
+                 EvaluateConfig(bootstrap=20))
+    return {"train": model, "metrics": data / f"{tag}-eval" / "metrics.json", "report": report}
 
 
 def _register(versions: dict, tag: str, name: str) -> str:
@@ -163,6 +171,25 @@ def test_a_challenger_worse_on_the_shared_images_is_kept_out_despite_its_own_sco
     assert paired["n_images"] == versions["W"]["n_test"] - N_CLASSES
     assert paired["champion"] == 1.0 and paired["difference"] < 0 and paired["high"] < 0
     assert str(client.get_model_version_by_alias(name, "champion").version) == s
+
+
+def test_on_a_shared_split_both_logged_predictions_are_paired(versions):
+    """The same rule when both versions were tested on one split: no image left out, each
+    side's scores from its own evaluation's predictions.csv, nothing scored again."""
+    client = mlflow.MlflowClient(versions["uri"], registry_uri=versions["uri"])
+    name = "paired-same"
+    _register(versions, "W", name)
+    assert _promote(versions, "W", name)["decision"] == "first"
+    s2 = _register(versions, "S2", name)
+    result = _promote(versions, "W", name)
+    paired = result["paired"]
+    assert result["decision"] == "promoted", result["reason"]
+    assert paired["n_left_out"] == 0 and paired["n_images"] == versions["W"]["n_test"]
+    assert (paired["scores_challenger"], paired["scores_champion"]) == ("logged", "logged")
+    assert paired["challenger"] == pytest.approx(result["challenger_value"], abs=1e-6)
+    assert paired["champion"] == pytest.approx(result["champion_value"], abs=1e-6)
+    assert paired["low"] > 0
+    assert str(client.get_model_version_by_alias(name, "champion").version) == s2
 
 
 def test_a_champion_without_a_record_of_its_training_lesions_is_refused(versions, tmp_path):
