@@ -23,7 +23,10 @@ What it does, in order:
    (an untracked training gets a run of its own);
 5. creates the version with a handful of lineage tags and the model card as its description
    (registry/model_card.py), logs model_card.json into the run, and points alias `challenger`
-   at the version.
+   at the version;
+6. logs the train and val images and lesions of the split folder beside the split report
+   into the run (registry/seen_lesions.py): promote leaves them out when it scores this
+   model on another version's test split.
 
 Connection errors are retried with exponential backoff (register.retries, register.backoff_s);
 after that the step fails naming the tracking URI (password masked).
@@ -44,7 +47,7 @@ from components.common import atomic, cli_args, outputs, tracking
 from components.common.config import ConfigError, RegisterConfig, lower_is_better
 from components.evaluation.mlflow_log import DIGEST_TAG
 from components.registry import client as registry
-from components.registry import model_card, pyfunc
+from components.registry import model_card, pyfunc, seen_lesions
 from components.training import checkpoint
 
 log = logging.getLogger(__name__)
@@ -227,6 +230,8 @@ def run(source: str | os.PathLike, metrics: str | os.PathLike | dict,
     registry.check_name(cfg.model_name)
     registry.check_alias(alias)
     metrics = _load_json(metrics, "metrics")
+    # the split CSVs lie beside the report (split's output folder)
+    split_dir = None if isinstance(split_report, dict) else Path(split_report).parent
     split_report = _load_json(split_report, "split report")
     # not registering needs no check: an edited metrics.json can only cost a registration
     if use_gate and (reason := gate(metrics, cfg)):
@@ -240,7 +245,11 @@ def run(source: str | os.PathLike, metrics: str | os.PathLike | dict,
         candidate = load_candidate(source, metrics, split_report, client)
         run = training_run(client, uri, candidate)
         check_metrics(client, candidate, run, cfg.gate_metric)
-        return _register(client, candidate, run, cfg, alias, extra_tags, experiment)
+        result = _register(client, candidate, run, cfg, alias, extra_tags, experiment)
+        if split_dir is not None:  # what promote leaves out when it scores this model
+            version = client.get_model_version(result["name"], result["version"])
+            seen_lesions.log_seen(client, version.run_id, split_dir, split_report.get("split_hash"))
+        return result
 
     return registry.with_retries(attempt, uri, cfg.retries, cfg.backoff_s)
 

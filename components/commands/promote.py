@@ -15,10 +15,16 @@ Decision, from the versions behind the two aliases of the registered model:
 - each side's metric is what its version recorded at registration (tag `test_<metric>`, else
   its run's `test_<metric>` metric); a tag that none of the values its run logged for that
   metric agrees with (edited) gives way to the run's; a side without it: refused;
-- different test splits (tag `split_hash`, else the run's tag) or an unknown split: refused,
-  naming both hashes: scores on different test sets do not compare;
-- otherwise promoted when the challenger is better by more than `--min_delta` (higher is better,
-  except for ece: config.GATE_METRICS, which the register gate reads too), else kept.
+- otherwise the paired rule (commands/paired.py): both versions scored on the same images,
+  the challenger's test split (`--split_dir`, default data/splits, checked against its
+  split_hash; images from `--img_dir`), less every image whose lesion was in the champion's
+  train or val data when the champion was tested on another split (register recorded them;
+  without that record: refused); promoted when the lesion-level paired bootstrap interval
+  of challenger minus champion lies above `--min_delta` (below -min_delta for ece:
+  config.GATE_METRICS, which the register gate reads too), else kept. The comparison is
+  printed and recorded on both versions (tag paired_vs_v<other>);
+- a shared split whose test CSVs are not at hand (`--split_dir` missing or another split):
+  the recorded metrics, promoted when better by more than `--min_delta`.
 
 `--force --reason TEXT` promotes regardless (a human override) and records tags on the version:
 forced=true, force_reason, forced_at (UTC), forced_by ($USER). Every promotion records
@@ -46,8 +52,10 @@ import math
 import sys
 import uuid
 
-from components.common import cli_args, tracking
+from components.common import cli_args, outputs, tracking
+from components.commands.paired import Refused, TestImages, compare
 from components.common.config import GATE_METRICS, RegisterConfig, lower_is_better
+from components.evaluation.metrics import paired_gate
 from components.registry import lock
 from components.registry.client import (CHALLENGER, CHAMPION, PREVIOUS, by_alias, check_name,
                                         client_for, versions, with_retries)
@@ -97,7 +105,7 @@ def split_hash(client, version) -> str:
 def run(metric: str | None = None, model_name: str | None = None,
         min_delta: float | None = None, force: bool = False, reason: str | None = None,
         to: str | None = None, tracking_uri: str | None = None,
-        config: RegisterConfig | None = None) -> dict:
+        config: RegisterConfig | None = None, split_dir=None, img_dir=None) -> dict:
     """Compare `challenger` with `champion` of `model_name` on `metric`; move `champion` when
     the challenger is better by more than `min_delta` (or when `force`, which needs `reason`).
     Unset arguments come from `config` (params.yaml's `register` section).
@@ -118,13 +126,14 @@ def run(metric: str | None = None, model_name: str | None = None,
         raise ValueError(f"--min_delta {min_delta}: must be a finite number >= 0")
     if force and not (reason and reason.strip()):
         raise ValueError("--force needs --reason TEXT (it is recorded with the promotion)")
+    images = TestImages.of_project(split_dir, img_dir)
     client, uri = client_for(tracking_uri)
     token = uuid.uuid4().hex  # this promote's: its retries take back the lock it left
 
     def attempt():
         tracking.check_reachable(uri)
         with lock.held(client, name, token):
-            return _promote(client, metric, name, min_delta, force, reason, to)
+            return _promote(client, metric, name, min_delta, force, reason, to, images)
 
     return with_retries(attempt, uri, cfg.retries, cfg.backoff_s)
 
@@ -141,14 +150,14 @@ def break_lock(reason: str, model_name: str | None = None, tracking_uri: str | N
                         cfg.retries, cfg.backoff_s)
 
 
-def _promote(client, metric, name, min_delta, force, reason, to) -> dict:
+def _promote(client, metric, name, min_delta, force, reason, to, images) -> dict:
     challenger = by_alias(client, name, CHALLENGER)
     champion = by_alias(client, name, CHAMPION)
     result = {"model_name": name, "metric": metric, "min_delta": min_delta,
               "challenger": str(challenger.version) if challenger else None,
               "champion": str(champion.version) if champion else None,
               "previous_champion": None, "challenger_value": None, "champion_value": None,
-              "delta": None, "copied": None}
+              "delta": None, "paired": None, "copied": None}
 
     def done(decision: str, why: str) -> dict:
         result.update(decision=decision, reason=why)
@@ -196,11 +205,43 @@ def _promote(client, metric, name, min_delta, force, reason, to) -> dict:
         return done("refused", f"split hash unknown (challenger v{challenger.version}: "
                                f"{ch_split or 'none'}, champion v{champion.version}: "
                                f"{cp_split or 'none'}): cannot tell they share a test split")
-    if ch_split != cp_split:
-        return done("refused", f"evaluated on different test splits: challenger "
-                               f"v{challenger.version} split_hash {ch_split[:16]}, champion "
-                               f"v{champion.version} split_hash {cp_split[:16]}; re-evaluate "
-                               f"both on one split (or --force --reason)")
+    same = ch_split == cp_split
+    try:
+        paired = compare(client, name, challenger, champion, metric, images, ch_split, same)
+    except Refused as err:
+        if not same:
+            return done("refused", f"evaluated on different test splits: challenger "
+                                   f"v{challenger.version} split_hash {ch_split[:16]}, champion "
+                                   f"v{champion.version} split_hash {cp_split[:16]}, and {err} "
+                                   f"(or --force --reason)")
+        log.warning("plain comparison of the recorded metrics: %s", err)
+        return _plain(client, name, challenger, champion, metric, min_delta, result, done)
+    result.update(paired=paired, delta=paired["difference"])
+    text = comparison_text(paired, challenger, champion)
+    for version, other in ((challenger, champion), (champion, challenger)):
+        client.set_model_version_tag(name, str(version.version), f"paired_vs_v{other.version}",
+                                     json.dumps(paired, separators=(",", ":"))[:5000])
+    if paired_gate(paired, min_delta):
+        _move_champion(client, name, challenger, champion, metric, result)
+        return done("promoted", f"{text}: clears {min_delta}")
+    return done("kept", f"{text}: does not clear {min_delta}")
+
+
+def comparison_text(p: dict, challenger, champion) -> str:
+    """One line: the images, both scores, the difference and its interval, the leftover."""
+    return (f"{p['metric']} on the same {p['n_images']} test images ({p['n_lesions']} lesions; "
+            f"{p['n_left_out']} of the challenger's {p['n_test']} left out, in the champion's "
+            f"train/val data): challenger v{challenger.version} {p['challenger']:.4f} vs "
+            f"champion v{champion.version} {p['champion']:.4f}, difference "
+            f"{p['difference']:+.4f}, 95% paired interval [{_fmt(p['low'])}, {_fmt(p['high'])}]")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:+.4f}"
+
+
+def _plain(client, name, challenger, champion, metric, min_delta, result, done) -> dict:
+    """The recorded metrics compared, for a shared split whose test images are not at hand."""
     a, b = result["challenger_value"], result["champion_value"]
     if a is None or b is None:
         missing = [f"{role} v{v.version}" for role, v, x in
@@ -287,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", help="also copy the champion into this registered model "
                                      "(an environment, e.g. skin-lesion-hybrid-prod)")
     parser.add_argument("--model_name", help="default: register.model_name")
+    parser.add_argument("--split_dir", help="the challenger's split folder (its test.csv; "
+                                            f"default: {outputs.SPLITS_DIR})")
+    parser.add_argument("--img_dir", help="the prepared images (default: "
+                                          f"{outputs.PREPARED_DIR}/{outputs.PREPARED_IMAGES})")
     cli_args.add_params_flags(parser)
     parser.add_argument("--tracking_uri")
     args = parser.parse_args(argv)
@@ -301,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                   else "no promotion lock was held")
             return 0
         result = run(args.metric, args.model_name, args.min_delta, args.force, args.reason,
-                     args.to, args.tracking_uri, cfg)
+                     args.to, args.tracking_uri, cfg, args.split_dir, args.img_dir)
     except lock.Busy as err:
         print(f"skinlesion promote: lost: {err}", file=sys.stderr)
         return 1

@@ -15,9 +15,12 @@ themselves name these files; the steps take folders, the names come from here.
 """
 from __future__ import annotations
 
-# the project's raw dataset, versioned by DVC: `dvc add data/raw` writes data/raw.dvc
+# the project's folders (dvc.yaml's stages), relative to its root; the raw dataset is
+# versioned by DVC: `dvc add data/raw` writes data/raw.dvc
 RAW_DATA = "data/raw"
 RAW_DATA_DVC = f"{RAW_DATA}.dvc"
+PREPARED_DIR = "data/prepared"
+SPLITS_DIR = "data/splits"
 
 # preprocess
 PREPARED_IMAGES = "images"
