@@ -58,10 +58,10 @@ def _train(data: Path, img_dir: Path, tag: str, train_: pd.DataFrame, val: pd.Da
     folder.mkdir()
     train_.to_csv(folder / "train.csv", index=False)
     val.to_csv(folder / "val.csv", index=False)
-    cfg = train.TrainConfig(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), img_size=32,
-                            batch_size=8, warmup_epochs=1, num_workers=0, seed=0,
-                            gpu_resident="off", **recipe)
-    train.run(folder / "train.csv", img_dir, data / tag, val_csv=folder / "val.csv", config=cfg)
+    cfg = train.TrainConfig(preset="tiny", img_size=32, batch_size=8, warmup_epochs=1,
+                            num_workers=0, seed=0, gpu_resident="off", **recipe)
+    train.run(train.TrainingData.read(folder / "train.csv", img_dir, val_csv=folder / "val.csv"),
+              data / tag, config=cfg)
     return data / tag
 
 
@@ -69,7 +69,7 @@ def _right(data: Path, img_dir: Path, model: Path, pool: pd.DataFrame) -> pd.Ser
     """Which pool images the model gets right (scored without MLflow)."""
     pool.to_csv(data / "pool.csv", index=False)
     out = data / f"{model.name}-pool"
-    evaluate.run(model, data / "pool.csv", img_dir, out, EvaluateConfig(bootstrap=10),
+    evaluate.run(model, data / "pool.csv", img_dir, out, config=EvaluateConfig(bootstrap=10),
                  use_mlflow=False)
     p = pd.read_csv(out / "predictions.csv")
     return pd.Series((p["true"] == p["predicted"]).to_numpy(), index=p["image"])
@@ -115,14 +115,14 @@ def versions(mlflow_server, tmp_path_factory):
 
 def _evaluated(data: Path, img_dir: Path, tag: str, model: Path, report: Path) -> dict:
     evaluate.run(model, report.parent / "test.csv", img_dir, data / f"{tag}-eval",
-                 EvaluateConfig(bootstrap=20))
+                 config=EvaluateConfig(bootstrap=20))
     return {"train": model, "metrics": data / f"{tag}-eval" / "metrics.json", "report": report}
 
 
 def _register(versions: dict, tag: str, name: str) -> str:
     v = versions[tag]
     cfg = RegisterConfig(model_name=name, gate_metric="accuracy", retries=0)
-    return register.run(v["train"], v["metrics"], v["report"], cfg)["version"]
+    return register.run(v["train"], v["metrics"], v["report"], config=cfg)["version"]
 
 
 def _promote(versions: dict, tag: str, name: str) -> dict:
@@ -203,7 +203,7 @@ def test_a_champion_without_a_record_of_its_training_lesions_is_refused(versions
     # new run the register step makes for an untracked training
     cfg = RegisterConfig(model_name=name, gate_metric="accuracy", retries=0)
     weights = v["train"] / "ema_weights.pt"
-    register.run(weights, v["metrics"], report, cfg)
+    register.run(weights, v["metrics"], report, config=cfg)
     assert _promote(versions, "W", name)["decision"] == "first"
     _register(versions, "S", name)
     result = _promote(versions, "S", name)
