@@ -18,6 +18,7 @@ prepared images, which a temporary experiment folder deletes.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -40,15 +41,16 @@ VERSION_SEED = "demo-version-1"
 LABELS, METADATA = "labels.csv", "metadata.csv"
 
 
-def version_1(full: Path, out: Path) -> int:
+def version_1(full: Path, out: Path) -> tuple[int, int]:
     """About VERSION_1_SHARE of `full`'s lesions (labels, metadata, hard-linked images) in
-    `out`; returns its image count. The rows are copied as they are (ISIC's columns)."""
+    `out`; returns its image count and `full`'s. The rows are copied as they are (ISIC's
+    columns)."""
     labels = pd.read_csv(full / LABELS, dtype=str, keep_default_na=False)
     meta = pd.read_csv(full / METADATA, dtype=str, keep_default_na=False) \
         if (full / METADATA).is_file() else pd.DataFrame({"image": labels["image"]})
     lesions = labels[["image"]].merge(meta, on="image", how="left")
     if "lesion_id" in lesions:
-        lesions["lesion_id"] = lesions["lesion_id"].replace("", None)
+        lesions["lesion_id"] = lesions["lesion_id"].mask(lesions["lesion_id"] == "")
     groups = split.group_keys(lesions).to_numpy()
     kept = set(labels["image"][split.hashed_split(groups, 0.0, 1 - VERSION_1_SHARE,
                                                   VERSION_SEED) == 0])
@@ -59,7 +61,7 @@ def version_1(full: Path, out: Path) -> int:
     for image in (full / "images").iterdir():
         if image.stem in kept:
             os.link(image, out / "images" / image.name)
-    return len(kept)
+    return len(kept), len(labels)
 
 
 def _git(dest: Path, env: dict, *args: str) -> None:
@@ -93,7 +95,7 @@ def _version(dest: Path, env: dict, source: Path, tag: str, cfg: RegisterConfig)
 
 
 def _results(dest: Path) -> dict:
-    read = lambda rel: yaml.safe_load((dest / rel).read_text())  # noqa: E731 (JSON is YAML)
+    read = lambda rel: json.loads((dest / rel).read_text())  # noqa: E731
     return {"metrics": read(f"outputs/eval/{outputs.METRICS}"),
             "registration": read(experiments.REGISTRATION_FILE)}
 
@@ -120,7 +122,7 @@ def run(root: str | os.PathLike = ".", n: int = 400, seed: int = 0,
     full = root / demo.SCRATCH / f"{name}.all"  # beside the copy: not in its git repository
     print(f"data: {demo.full_data(root, full, n, seed)}", flush=True)
     v1 = dest.parent / f"{name}.v1"
-    images = {"data-v1": version_1(full, v1), "data-v2": len(os.listdir(full / "images"))}
+    images = dict(zip(("data-v1", "data-v2"), version_1(full, v1)))
     print(f"version 1: {images['data-v1']} of the {images['data-v2']} images (about "
           f"{VERSION_1_SHARE:.0%} of the lesions); version 2: all", flush=True)
     results = {tag: _version(dest, env, source, tag, cfg)
