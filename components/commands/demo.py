@@ -48,17 +48,22 @@ def make_copy(root: Path, dest: Path, env: dict) -> None:
     _sh(dest, env, "git", "commit", "-qm", "the project, as in the workspace")
 
 
-def add_data(root: Path, dest: Path, env: dict, n: int, seed: int) -> str:
-    """data/raw in the copy, tracked by DVC and committed; returns where it came from."""
+def full_data(root: Path, out: Path, n: int, seed: int) -> str:
+    """The project's own data/raw hard-linked into `out` (no copy), else a synthetic dataset of
+    `n` images there; returns where it came from."""
     from components.commands import synth
 
-    raw, own = dest / "data" / "raw", root / "data" / "raw"
+    own = root / "data" / "raw"
     if (own / "labels.csv").is_file():
-        shutil.copytree(own, raw, copy_function=os.link)
-        source = f"the project's {own}"
-    else:
-        synth.run(raw, n=n, seed=seed)
-        source = f"a synthetic dataset of {n} images"
+        shutil.copytree(own, out, copy_function=os.link)
+        return f"the project's {own}"
+    synth.run(out, n=n, seed=seed)
+    return f"a synthetic dataset of {n} images"
+
+
+def add_data(root: Path, dest: Path, env: dict, n: int, seed: int) -> str:
+    """data/raw in the copy, tracked by DVC and committed; returns where it came from."""
+    source = full_data(root, dest / "data" / "raw", n, seed)
     _sh(dest, env, venv.tool("dvc"), "add", "--quiet", "data/raw")
     _sh(dest, env, "git", "add", "data/raw.dvc", "data/.gitignore")
     staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=dest, env=env)
@@ -67,19 +72,25 @@ def add_data(root: Path, dest: Path, env: dict, n: int, seed: int) -> str:
     return source
 
 
-def run(root: str | os.PathLike = ".", n: int = 400, seed: int = 0,
-        override: str = "params.demo.yaml", name: str | None = None) -> dict:
-    """Run the demo from the project at `root`; returns metrics, registration and where."""
-    root = Path(root).resolve()
+def scratch(root: Path, name: str) -> Path:
+    """The demo's new, empty folder `.demo/<name>` of the git + DVC checkout `root`."""
     if not (root / ".git").exists() or not (root / ".dvc").is_dir():
         raise SystemExit(f"{root} is not a git + DVC checkout of this project; clone it first")
-    name = name or time.strftime("demo-%Y%m%d-%H%M%S")
     dest = root / SCRATCH / name
     if dest.exists():
         raise SystemExit(f"{dest} exists: choose another --name")
     dest.mkdir(parents=True)
-    env = experiments.environment(root)  # MLflow: the project's mlflow.db, not the copy's
     print(f"scratch copy of the project: {dest}", flush=True)
+    return dest
+
+
+def run(root: str | os.PathLike = ".", n: int = 400, seed: int = 0,
+        override: str = "params.demo.yaml", name: str | None = None) -> dict:
+    """Run the demo from the project at `root`; returns metrics, registration and where."""
+    root = Path(root).resolve()
+    name = name or time.strftime("demo-%Y%m%d-%H%M%S")
+    dest = scratch(root, name)
+    env = experiments.environment(root)  # MLflow: the project's mlflow.db, not the copy's
     make_copy(root, dest, env)
     print(f"data/raw: {add_data(root, dest, env, n, seed)}", flush=True)
     # the stage commands and the experiment run inside the copy, with this interpreter; it
@@ -116,7 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", default="params.demo.yaml", help="partial params file to apply")
     parser.add_argument("--name", default=None, help="experiment name (default demo-<time>)")
+    parser.add_argument("--versions", type=int, choices=(1, 2), default=1,
+                        help="2: a first data version (60%% of the lesions), then all of them: "
+                             "train, register and promote each, the paired comparison and the "
+                             "data diff (components/commands/demo_versions.py)")
     args = parser.parse_args(argv)
+    if args.versions == 2:
+        from components.commands import demo_versions
+        return demo_versions.main(".", args.n, args.seed, args.override, args.name)
     print(_next_steps(run(".", n=args.n, seed=args.seed, override=args.override, name=args.name)))
     return 0
 
