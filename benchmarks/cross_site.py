@@ -12,9 +12,10 @@ class_weights, train, evaluate. An image's source is its metadata's `source` col
 column --source_column names: HAM10000's acquisition sites are its `dataset` column), else its
 lesion id's prefix (ISIC 2019: BCN, HAM, MSK4), else "unknown". A lesion imaged at two sites
 (9 on HAM10000) is left out of every split (split.py says why). Prints and writes
-(results.json, results.md) per held-out source: test images, balanced accuracy, accuracy,
-macro F1, ROC-AUC with 95% lesion-level intervals, and melanoma sensitivity at the evaluate
-step's specificity. Resumable: a finished source is skipped. A model that scores well on its
+(results.json, results.md) per held-out source: test images, balanced accuracy (over the
+classes present there), macro ROC-AUC, melanoma-vs-rest and melanoma-vs-nevus ROC-AUC with
+95% lesion-level intervals, and melanoma sensitivity at the threshold training chose on its
+validation split (site_figures). Resumable: a finished source is skipped. A model that scores well on its
 own split and poorly here does not carry across sites; colour constancy is the usual remedy.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
@@ -33,7 +35,9 @@ from components.common.atomic import write_json, write_text  # noqa: E402
 from components.common.config import (ClassWeightsConfig, ConfigError,  # noqa: E402
                                       EvaluateConfig, PreprocessConfig, SplitConfig,
                                       TrainConfig, check_params, load_params)
-from components.common.labels import read_labels, sources  # noqa: E402
+from components.common.labels import (CLASS_INDEX, CLASSES, read_labels,  # noqa: E402
+                                      sources)
+from components.evaluation import sites  # noqa: E402
 from components.evaluation.metrics import HEADLINE_SHOWN as SHOWN  # noqa: E402
 
 
@@ -55,12 +59,32 @@ def held_out(prepared: Path, source: str, out: Path, params: dict, use_mlflow: b
               use_mlflow=use_mlflow, experiment="cross-site")
     evaluate.run(out / "train", splits / "test.csv", prepared / outputs.PREPARED_IMAGES,
                  out / "eval", config=EvaluateConfig.resolve(params), use_mlflow=use_mlflow)
-    metrics = json.loads((out / "eval" / outputs.METRICS).read_text())
-    result = {"source": source, "n_images": metrics["n_images"],
-              **{k: metrics[k] for k in SHOWN}, "ci95": {k: metrics["ci95"][k] for k in SHOWN},
-              "melanoma_operating_point": metrics.get("melanoma_operating_point")}
+    result = {"source": source, **site_figures(out / "eval", splits / "test.csv")}
     write_json(result_file, result)
     return result
+
+
+def site_figures(eval_dir: Path, test_csv: Path) -> dict:
+    """What the study reports of one evaluation: balanced accuracy (over the classes present)
+    and macro ROC-AUC with their intervals, melanoma-vs-rest and melanoma-vs-nevus ROC-AUC with
+    lesion-level intervals, and melanoma sensitivity/specificity at the threshold chosen on
+    validation (calibration.json), else at the test-chosen operating point, labelled."""
+    metrics = json.loads((eval_dir / outputs.METRICS).read_text())
+    predictions = pd.read_csv(eval_dir / "predictions.csv")
+    lesions = read_labels(test_csv).set_index("image").reindex(predictions["image"])
+    y = predictions["true"].map(CLASS_INDEX).to_numpy()
+    probs = predictions[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    groups = lesions["lesion_id"].to_numpy() if "lesion_id" in lesions.columns else None
+    pooled = sites.report(y, probs, np.zeros(len(y), dtype=str), groups)["tasks"]
+    decision = (metrics.get("decisions") or {}).get("melanoma_suspected")
+    point = decision or metrics["melanoma_operating_point"]
+    return {"n_images": metrics["n_images"],
+            **{k: metrics[k] for k in SHOWN}, "ci95": {k: metrics["ci95"][k] for k in SHOWN},
+            **{task: {k: pooled[task]["pooled"].get(k) for k in ("auc", "ci95")}
+               for task in ("mel_vs_rest", "mel_vs_nv")},
+            "melanoma": {"chosen_on": "validation" if decision else "test",
+                         **{k: point.get(k) for k in ("threshold", "sensitivity", "specificity",
+                                                      "ci95")}}}
 
 
 def with_source(metadata: str, column: str, out: Path) -> None:
@@ -73,14 +97,23 @@ def with_source(metadata: str, column: str, out: Path) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| held-out source | test images | " + " | ".join(SHOWN) + " | MEL sensitivity |",
-             "|---|---|" + "---|" * (len(SHOWN) + 1)]
+    def cell(value, ci) -> str:
+        return "-" if value is None else (f"{value:.3f} ({ci['low']:.2f}-{ci['high']:.2f})"
+                                          if ci and ci.get("low") is not None else f"{value:.3f}")
+
+    lines = ["| held-out source | test images | balanced accuracy | macro ROC-AUC | MEL vs rest "
+             "ROC-AUC | MEL vs NV ROC-AUC | MEL sensitivity at spec (threshold chosen on) |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
-        cells = [f"{r[k]:.3f} ({r['ci95'][k]['low']:.2f}-{r['ci95'][k]['high']:.2f})"
-                 if r[k] is not None else "-" for k in SHOWN]
-        point = r["melanoma_operating_point"]
-        mel = f"{point['sensitivity']:.3f} @ spec {point['specificity']:.2f}" if point else "-"
-        lines.append(f"| {r['source']} | {r['n_images']} | " + " | ".join(cells) + f" | {mel} |")
+        mel = r["melanoma"]
+        sens = cell(mel["sensitivity"], (mel.get("ci95") or {}).get("sensitivity"))
+        lines.append(" | ".join([
+            f"| {r['source']}", str(r["n_images"]),
+            cell(r["balanced_accuracy"], r["ci95"]["balanced_accuracy"]),
+            cell(r["roc_auc_macro"], r["ci95"]["roc_auc_macro"]),
+            cell(r["mel_vs_rest"]["auc"], r["mel_vs_rest"]["ci95"]),
+            cell(r["mel_vs_nv"]["auc"], r["mel_vs_nv"]["ci95"]),
+            f"{sens} at {mel['specificity']:.2f} ({mel['chosen_on']}) |"]))
     return "\n".join(lines)
 
 
