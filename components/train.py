@@ -20,18 +20,20 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch.distributed as dist
 
 from components.common import atomic, cli_args, outputs, tracking
 from components.common.config import ConfigError, TrainConfig, load_params
-from components.common.labels import CLASSES, LabelError
+from components.common.labels import CLASSES, LabelError, sources
 from components.evaluation.decisions import fit_model
 from components.training import checkpoint, run_record
 from components.training.balance import class_balance
 from components.training.dataset import SplitDataset, read_split
 from components.training.batches import choose_resident, make_input
+from components.training.transforms import Augmentation
 from components.training.losses import SoftTargetCrossEntropy
 from components.training.out_dir import (TrainingRefused, auto_resume, exclusive,
                                          refuse_clobbering, settings_fingerprint)
@@ -147,13 +149,19 @@ def _batches(cfg: TrainConfig, rt: Runtime, train_frame, val_frame, img_dir, wei
     n_resident = len(train_set) + (len(val_set) if val_set else 0)
     resident = choose_resident(cfg.gpu_resident, n_resident, cfg.img_size, rt.device,
                                cfg.gpu_resident_max_share)
+    sites = sources(train_frame) if cfg.sampler_balance == "class_site" else None
+    if sites is not None and sites.nunique() < 2:
+        warnings.warn(f"sampler_balance class_site: the training split names one site only "
+                      f"({sites.iloc[0]}; a `source` column or lesion-id prefixes name them): "
+                      "the sampler balances the classes alone")
     sampler = make_sampler(train_set.targets, weights if cfg.weighted_sampler else None,
                            seed=cfg.seed, num_replicas=rt.world_size, rank=rt.rank,
-                           defer_epochs=cfg.defer_sampler_epochs)
+                           defer_epochs=cfg.defer_sampler_epochs, sites=sites)
     common = dict(resident=resident, img_size=cfg.img_size, batch_size=cfg.batch_size,
                   device=rt.device, num_workers=cfg.loader_workers())
     train_input = make_input(train_set, augment=cfg.augment, sampler=sampler, drop_last=True,
-                             seed=cfg.seed + rt.rank, **common)
+                             seed=cfg.seed + rt.rank, augmentation=Augmentation.from_config(cfg),
+                             **common)
     val_input = (make_input(val_set, augment=False, **common)
                  if val_set is not None and rt.is_main else None)
     return train_input, val_input, common

@@ -42,6 +42,8 @@ SplitMode = Literal["grouped", "folds", "paper", "source"]            # split.py
 ClassWeightMethod = Literal["balanced", "sqrt", "effective_number"]  # training/balance.py
 GpuResident = Literal["auto", "on", "off"]                   # training/batches.py
 LrScaling = Literal["linear", "none"]
+Photometric = Literal["paper", "strong"]                      # training/photometric.py
+SamplerBalance = Literal["class", "class_site"]               # training/samplers.py
 COLOR_CONSTANCY = typing.get_args(ColorConstancy)
 CLASS_WEIGHT_METHODS = typing.get_args(ClassWeightMethod)
 GPU_RESIDENT = typing.get_args(GpuResident)
@@ -194,6 +196,15 @@ class TrainConfig(StepConfig):
     logit_adjust_tau: float = setting(0.0, "logit-adjusted loss's tau (Menon et al. 2021; 0 "
                                            "disables)")
     augment: bool = setting(True, "the paper's crops, flips, colour jitter and rotation")
+    crop_scale: tuple[float, ...] = setting((0.8, 1.0), "the random resized crop's share of "
+                                                        "the image's area, low,high")
+    photometric: Photometric = setting("paper", "colour augmentation: the paper's jitter, or "
+                                                "strong: + hue, gamma and blur")
+    field_of_view: float = setting(0.0, "share of training images cut to a random dermoscope "
+                                        "circle (black outside)")
+    sampler_balance: SamplerBalance = setting("class", "the weighted sampler balances classes, "
+                                                       "or class_site: classes, and the sites "
+                                                       "within each class")
     grad_clip: float = setting(0.0, "gradient norm clipping (0 disables)")
     drop_path_rate: float = setting(0.1, "stochastic depth, rising over the blocks")
     num_workers: int | str = setting("auto", "DataLoader workers, or auto: the CPUs this "
@@ -257,6 +268,9 @@ class TrainConfig(StepConfig):
             value = getattr(self, key)
             require(math.isfinite(value) and value >= 0, self, key,
                      "must be a finite number >= 0")
+        low_high = len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
+        require(low_high, self, "crop_scale", "must be two numbers, 0 < low <= high <= 1")
+        require(0 <= self.field_of_view <= 1, self, "field_of_view", "must be in [0, 1]")
         require(0 < self.gpu_resident_max_share <= 1, self, "gpu_resident_max_share",
                  "must be in (0, 1]")
         for key in ("nodes", "gpus_per_node"):

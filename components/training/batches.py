@@ -21,7 +21,7 @@ from components.common.config import GPU_RESIDENT
 from components.training.dataset import SplitDataset
 from components.training.gpu_augment import GpuAugment, ResidentImages, fits_on_device
 from components.training.samplers import epoch_seed
-from components.training.transforms import eval_transform, train_transform
+from components.training.transforms import Augmentation, eval_transform, train_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -109,14 +109,16 @@ class ResidentInput:
 
 def make_input(dataset: SplitDataset, *, resident: bool, augment: bool, img_size: int,
                batch_size: int, device: torch.device, sampler: Sampler | None = None,
-               drop_last: bool = False, num_workers: int = 0,
-               seed: int = 0) -> LoaderInput | ResidentInput:
-    """The input for one split: the paper's augmentations or the eval crop, on either path."""
+               drop_last: bool = False, num_workers: int = 0, seed: int = 0,
+               augmentation: Augmentation = Augmentation()) -> LoaderInput | ResidentInput:
+    """The input for one split: the training augmentations or the eval crop, on either path."""
     if resident:
         images = ResidentImages.load(dataset, img_size, device, num_workers)
-        gpu_augment = GpuAugment(img_size, train=augment, device=device, seed=seed)
+        gpu_augment = GpuAugment(img_size, train=augment, device=device, seed=seed,
+                                 augmentation=augmentation)
         return ResidentInput(images, batch_size, gpu_augment, sampler=sampler,
                              drop_last=drop_last, seed=seed)
-    dataset.transform = train_transform(img_size) if augment else eval_transform(img_size)
+    dataset.transform = (train_transform(img_size, augmentation) if augment else
+                         eval_transform(img_size))
     return LoaderInput(dataset, batch_size, device, sampler=sampler, drop_last=drop_last,
                        num_workers=num_workers, seed=seed)

@@ -20,8 +20,9 @@ from torchvision.transforms import v2
 
 from components.common.images import resize_size
 from components.training.dataset import SplitDataset, load_rgb
+from components.training.photometric import field_of_view, strong_colour
 from components.training.transforms import (IMAGENET_MEAN, IMAGENET_STD, JITTER, ROTATION_DEGREES,
-                                            RRC_SCALE)
+                                            Augmentation)
 
 RRC_RATIO = (3 / 4, 4 / 3)
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -107,8 +108,9 @@ class GpuAugment:
     """
 
     def __init__(self, img_size: int, train: bool, device: torch.device | str = "cpu",
-                 seed: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.img_size, self.train = img_size, train
+                 seed: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 augmentation: Augmentation = Augmentation()):
+        self.img_size, self.train, self.augmentation = img_size, train, augmentation
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
@@ -118,6 +120,10 @@ class GpuAugment:
         if self.train:
             x, inside = self._geometric(images)
             x = self._colour(x, inside)
+            if self.augmentation.photometric == "strong":
+                x = strong_colour(x, self.generator) * inside
+            if self.augmentation.field_of_view > 0:
+                x = field_of_view(x, self.augmentation.field_of_view, self.generator)
         else:
             x = v2.functional.center_crop(images, [self.img_size, self.img_size]).float().div_(255)
         return (x - self.mean) / self.std
@@ -129,7 +135,7 @@ class GpuAugment:
         """Random resized crop + flips + rotation as one affine resampling per sample; also
         returns the share of each output pixel that came from inside the image."""
         n = len(images)
-        area = self._uniform(n, *RRC_SCALE)
+        area = self._uniform(n, *self.augmentation.crop_scale)
         log_ratio = self._uniform(n, math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
         # Crop width/height as a share of the side. torchvision rejects and redraws crops that
         # do not fit; clamping instead keeps the batch branch-free (it only bites at the

@@ -10,6 +10,7 @@ import random
 from typing import Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DistributedSampler, Sampler, WeightedRandomSampler
 
@@ -97,10 +98,42 @@ def sample_weights(targets: torch.Tensor, class_weights: torch.Tensor) -> torch.
     return class_weights.double()[targets]
 
 
+# A (class, site) cell with fewer images keeps its natural share: spreading a class's draws
+# evenly would repeat, say, HAM10000's two vidir_molemax melanomas hundreds of times an epoch.
+MIN_SITE_CELL = 20
+
+
+def class_site_weights(targets: torch.Tensor, sites, class_weights: torch.Tensor) -> torch.Tensor:
+    """Per-image weights that keep each class's total (its class weight) and spread it evenly
+    over the sites that hold at least MIN_SITE_CELL images of the class.
+
+    With inverse-frequency weights alone a class is drawn from wherever it happens to be
+    collected (HAM10000: nevi mostly from vidir_molemax, melanomas never), so the site predicts
+    the class. Balancing the groups (class x site) is the resampling of Sagawa et al. (ICLR
+    2020) and Idrissi et al. ("Simple data balancing achieves competitive worst-group-accuracy",
+    CLeaR 2022); torch and timm have no group sampler, hence this function.
+    """
+    base = sample_weights(targets, class_weights)
+    frame = pd.DataFrame({"label": targets.numpy(), "site": np.asarray(sites, dtype=str)})
+    cell = frame.groupby(["label", "site"])["label"].transform("size").to_numpy()
+    weights = base.clone()
+    for label, rows in frame.groupby("label").groups.items():
+        rows = np.asarray(rows)
+        big = rows[cell[rows] >= MIN_SITE_CELL]
+        if len(big) == 0:
+            continue
+        mass = base[big].sum()                    # the big cells' share of the class, kept
+        per_site = mass / frame.loc[big, "site"].nunique()
+        weights[big] = per_site / torch.as_tensor(cell[big], dtype=torch.double)
+    return weights
+
+
 def make_sampler(targets: torch.Tensor, class_weights: torch.Tensor | None, *, seed: int,
-                 num_replicas: int = 1, rank: int = 0, defer_epochs: int = 0) -> Sampler[int]:
+                 num_replicas: int = 1, rank: int = 0, defer_epochs: int = 0,
+                 sites=None) -> Sampler[int]:
     """Weighted sampler when `class_weights` is given, else a seeded shuffle; sharded for DDP.
     defer_epochs > 0 (with class_weights): plain shuffles for that many epochs first (DRS).
+    `sites` (one per image): balance the sites within each class too (class_site_weights).
 
     An epoch draws as many images as the split holds (per rank: its share).
     """
@@ -110,7 +143,8 @@ def make_sampler(targets: torch.Tensor, class_weights: torch.Tensor | None, *, s
                                seed=seed)
     if class_weights is None:
         return plain
-    weights = sample_weights(targets, class_weights)
+    weights = (sample_weights(targets, class_weights) if sites is None else
+               class_site_weights(targets, sites, class_weights))
     weighted = (EpochWeightedRandomSampler(weights, n, seed=seed) if num_replicas == 1 else
                 DistributedWeightedSampler(weights, n, num_replicas, rank, seed=seed))
     return DeferredSampler(plain, weighted, defer_epochs) if defer_epochs > 0 else weighted
