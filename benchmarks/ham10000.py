@@ -144,13 +144,13 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(results_md: Path, body: str) -> None:
-    """Replace the study's marked section of results_md (append it the first time)."""
+def write_section(results_md: Path, body: str, section: tuple[str, str] = SECTION) -> None:
+    """Replace a study's marked section of results_md (append it the first time)."""
     text = results_md.read_text() if results_md.is_file() else ""
-    block = f"{SECTION[0]}\n{body}\n{SECTION[1]}"
-    if SECTION[0] in text:
-        head, rest = text.split(SECTION[0], 1)
-        text = head + block + rest.split(SECTION[1], 1)[1]
+    block = f"{section[0]}\n{body}\n{section[1]}"
+    if section[0] in text:
+        head, rest = text.split(section[0], 1)
+        text = head + block + rest.split(section[1], 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     write_text(results_md, text)
