@@ -64,6 +64,9 @@ CANDIDATES = {
     "class_site": {"train": {"sampler_balance": "class_site"}},
     # a wider model of the same layout (1.5x every stage)
     "wider": {"train": {"dims": [48, 96, 144, 192]}},
+    # SimCLR on each training split's own images first, standing in for ImageNet weights
+    # (Chen et al. 2020; Azizi et al. 2021 on dermatology images)
+    "self_supervised": {"train": {"self_supervised_epochs": 40}},
     # flip test-time augmentation of the baseline's models (evaluation only)
     "tta": {"evaluate": {"tta": True}},
 }

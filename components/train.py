@@ -29,7 +29,7 @@ from components.common import atomic, cli_args, outputs, tracking
 from components.common.config import ConfigError, TrainConfig, load_params
 from components.common.labels import CLASSES, LabelError, sources
 from components.evaluation.decisions import fit_model
-from components.training import checkpoint, run_record
+from components.training import checkpoint, run_record, self_supervised
 from components.training.balance import class_balance
 from components.training.dataset import SplitDataset, read_split
 from components.training.batches import choose_resident, make_input
@@ -83,6 +83,9 @@ def run(data: TrainingData, out, *, config: TrainConfig | None = None, resume=No
         weights, priors = class_balance(data.class_weights, train_frame)
         run_config = {"train": cfg.as_dict(), **data.params(), "overfit_n": overfit_n,
                       "world_size": rt.world_size, "fingerprint": fingerprint}
+        if cfg.self_supervised_epochs and ckpt is None:  # a resumed run has its weights
+            run_config["warm_start"] = str(self_supervised.pretrain(
+                train_frame, data.img_dir, out_dir, cfg, fingerprint, rt.device, rt.amp_dtype))
 
         train_input, val_input, common = _batches(cfg, rt, train_frame, val_frame,
                                                   data.img_dir, weights)
@@ -90,7 +93,7 @@ def run(data: TrainingData, out, *, config: TrainConfig | None = None, resume=No
             weights if cfg.class_weighted_loss else None,
             priors.log() if cfg.logit_adjust_tau else None, cfg.logit_adjust_tau)
         trainer = Trainer(cfg, rt, train_input, val_input, criterion, run_, out_dir, run_config,
-                          lineage=data.lineage)
+                          lineage=data.lineage, pretrained=run_config.get("warm_start"))
         if ckpt is not None:
             trainer.restore(ckpt)  # rank 0's generators too; other ranks reseed every epoch
             if rt.is_main:

@@ -1,7 +1,7 @@
 """nn.Modules only: the hybrid ConvNeXtV2 + separable self-attention classifier and its parts."""
 from .attention import SeparableSelfAttention
 from .hybrid import PRESETS, HybridConvNeXtV2
-from .pretrained import PretrainedWeightsError, load_convnextv2_weights
+from .pretrained import PretrainedWeightsError, load_pretrained_weights
 
 __all__ = ["HybridConvNeXtV2", "PRESETS", "SeparableSelfAttention", "PretrainedWeightsError",
-           "load_convnextv2_weights"]
+           "load_pretrained_weights"]

@@ -17,7 +17,7 @@ from timm.models.metaformer import Downsampling, MetaFormerStage, MlpHead
 from torch import nn
 
 from .attention import SeparableSelfAttention
-from .pretrained import load_convnextv2_weights
+from .pretrained import load_pretrained_weights
 
 _PAPER = dict(dims=(128, 256, 320, 512), depths=(3, 3, 9, 3), attn_ratio=0.5, mlp_ratio=4.0,
               head="mlp", downsample_kernel=3)
@@ -58,8 +58,9 @@ class HybridConvNeXtV2(nn.Module):
         preset: a key of PRESETS; keyword overrides (dims, depths, attn_ratio, mlp_ratio, head,
             downsample_kernel) replace its values.
         pretrained: False, True (ConvNeXtV2-base ImageNet weights through timm's hub), or a path
-            to a local .safetensors/.pth state dict with timm's key names. Only the stem and the
-            stage 1-2 blocks load; everything else starts fresh.
+            to a local .safetensors/.pth state dict: timm convnextv2 keys load the stem and the
+            stage 1-2 blocks, a backbone of this model (the self-supervised warm start) all but
+            the head (model/pretrained.py).
         drop_path_rate: stochastic depth, rising linearly over all blocks.
         dims, depths: widths and block counts of the four stages.
         attn_ratio: separable attention width as a share of the stage width (paper: 1/2).
@@ -128,7 +129,7 @@ class HybridConvNeXtV2(nn.Module):
 
         self.pretrained_report: dict | None = None
         if pretrained:
-            self.pretrained_report = load_convnextv2_weights(self, pretrained, tag=pretrained_tag)
+            self.pretrained_report = load_pretrained_weights(self, pretrained, tag=pretrained_tag)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))

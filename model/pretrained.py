@@ -1,8 +1,13 @@
-"""Load ConvNeXtV2-base ImageNet weights into the hybrid's stem and stage 1-2 blocks.
+"""Load pretrained weights into the hybrid: ConvNeXtV2-base ImageNet weights, or a backbone of
+the hybrid itself.
 
-The paper initialises its ConvNeXtV2 part from ImageNet; the rest (3x3 downsamplings,
-attention stages, head) has no counterpart in ConvNeXtV2-base and starts fresh. Keys keep
-timm's names (`stem.*`, `stages.{0,1}.blocks.*`), so the checkpoint filter is a prefix match.
+- A timm convnextv2_base state dict: the paper initialises its ConvNeXtV2 part from ImageNet;
+  only the stem and stage 1-2 blocks load, the rest (3x3 downsamplings, attention stages, head)
+  has no counterpart in ConvNeXtV2-base and starts fresh. Keys keep timm's names (`stem.*`,
+  `stages.{0,1}.blocks.*`), so the checkpoint filter is a prefix match.
+- A hybrid backbone (every stem and stage tensor, as components/training/self_supervised.py
+  writes it; recognised by its attention stages' `token_mixer` keys): all of it loads, the
+  head starts fresh.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 TRANSFERRED = re.compile(r"^(stem\.|stages\.[01]\.blocks\.)")
+BACKBONE = re.compile(r"^(stem|stages)\.")  # the hybrid's all but its head
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -47,18 +53,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def filter_convnextv2_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict:
-    """The entries of a timm convnextv2 state dict that the hybrid takes, checked for shape.
+def filter_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict:
+    """The entries of `state` the hybrid takes, checked for shape: its whole backbone from a
+    hybrid backbone, else stem and stage 1-2 blocks from a timm convnextv2 state dict.
 
-    Every model tensor under stem / stages.0-1.blocks must be present with the same shape: a
-    partial or differently sized checkpoint is an error, never a silent skip.
+    Every model tensor of the part taken must be present with the same shape: a partial or
+    differently sized checkpoint is an error, never a silent skip.
     """
-    own = {k: v for k, v in model.state_dict().items() if TRANSFERRED.match(k)}
+    hybrid = any(".token_mixer." in k for k in state)
+    wanted = BACKBONE if hybrid else TRANSFERRED
+    own = {k: v for k, v in model.state_dict().items() if wanted.match(k)}
     missing = sorted(set(own) - set(state))
     if missing:
+        kind = ("backbone tensors of this model" if hybrid else "ConvNeXtV2 tensors the model "
+                "needs")
+        hint = ("(was it written for other dims or depths?)" if hybrid else
+                "(is it a timm convnextv2_base state dict?)")
         raise PretrainedWeightsError(
-            f"checkpoint lacks {len(missing)} ConvNeXtV2 tensors the model needs, e.g. {missing[:3]}"
-            " (is it a timm convnextv2_base state dict?)")
+            f"checkpoint lacks {len(missing)} {kind}, e.g. {missing[:3]} {hint}")
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
              for k, v in own.items() if state[k].shape != v.shape]
     if wrong:
@@ -79,17 +91,18 @@ def _hub_state_dict(tag: str) -> dict[str, torch.Tensor]:
         ) from err
 
 
-def load_convnextv2_weights(model: nn.Module, source: bool | str | Path,
+def load_pretrained_weights(model: nn.Module, source: bool | str | Path,
                             tag: str = "fcmae_ft_in22k_in1k") -> dict:
-    """Copy ConvNeXtV2-base weights into `model`; returns what loaded and what stayed fresh."""
+    """Copy pretrained weights into `model` (see the module docstring for which); returns what
+    loaded and what stayed fresh."""
     state = _hub_state_dict(tag) if source is True else read_state_dict(source)
-    transferred = filter_convnextv2_state_dict(state, model)
+    transferred = filter_state_dict(state, model)
     result = model.load_state_dict(transferred, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys  # filter keeps only own keys
     fresh = sorted({k.split(".")[0] if k.startswith(("stem", "head")) else ".".join(k.split(".")[:3])
                     for k in result.missing_keys})
     report = {"source": f"timm:convnextv2_base.{tag}" if source is True else str(source),
               "loaded": sorted(transferred), "fresh_parts": fresh}
-    log.info("loaded %d ConvNeXtV2 tensors from %s; fresh: %s",
+    log.info("loaded %d pretrained tensors from %s; fresh: %s",
              len(transferred), report["source"], ", ".join(fresh))
     return report

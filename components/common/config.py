@@ -170,7 +170,10 @@ class TrainConfig(StepConfig):
     SECTION = "train"
     preset: str = setting("paper", "the model: one of model/hybrid.py's PRESETS")
     pretrained: bool | str = setting(False, "ImageNet ConvNeXtV2-base weights for the stem and "
-                                            "stages 1-2: true (the hub) or a file path")
+                                            "stages 1-2: true (the hub) or a file path; or a "
+                                            "backbone file of this model")
+    self_supervised_epochs: int = setting(0, "SimCLR epochs on the training images before "
+                                             "training, the backbone's warm start (0: none)")
     dims: tuple[int, ...] | None = setting(None, "stage widths instead of the preset's, "
                                                  "e.g. 32,64,96,128")
     depths: tuple[int, ...] | None = setting(None, "blocks per stage instead of the preset's, "
@@ -255,7 +258,7 @@ class TrainConfig(StepConfig):
             require(math.isfinite(value) and value >= 0, self, key,
                      "must be a finite number >= 0")
         require(self.peak_lr > 0, self, "peak_lr", "must be above 0")
-        for key in ("warmup_epochs", "defer_sampler_epochs"):
+        for key in ("warmup_epochs", "defer_sampler_epochs", "self_supervised_epochs"):
             require(getattr(self, key) >= 0, self, key, "must be >= 0")
         require(self.num_workers == "auto" or isinstance(self.num_workers, int)
                  and self.num_workers >= 0, self, "num_workers", "must be auto or >= 0")
@@ -275,11 +278,22 @@ class TrainConfig(StepConfig):
                  "must be in (0, 1]")
         for key in ("nodes", "gpus_per_node"):
             require(getattr(self, key) >= 1, self, key, "must be at least 1")
+        if self.self_supervised_epochs:
+            require(self.pretrained is False, self, "self_supervised_epochs",
+                     "and pretrained both set: the warm start replaces pretrained weights; "
+                     "set one")
+            require(self.world_size == 1, self, "self_supervised_epochs",
+                     "runs in a single-process training: run it there, then point pretrained "
+                     "at its backbone.safetensors for the DDP run")
+        require(self.sampler_balance == "class" or self.weighted_sampler, self,
+                 "sampler_balance", "class_site needs weighted_sampler: true (it shapes the "
+                 "weighted sampler's draws)")
 
     def for_overfit(self) -> "TrainConfig":
         """Memorise a few images: no augmentation, mixup, drop path, sampler or weight decay."""
         return dataclasses.replace(self, augment=False, mixup_alpha=0.0, drop_path_rate=0.0,
-                                   weighted_sampler=False, weight_decay=0.0)
+                                   weighted_sampler=False, sampler_balance="class",
+                                   weight_decay=0.0)
 
 
 @dataclass

@@ -92,10 +92,12 @@ class Trainer:
             validation).
         criterion: the loss of (logits, hard or mixup targets); losses.SoftTargetCrossEntropy.
         run: the tracking.Run to log to.
+        pretrained: weights to start from instead of cfg.pretrained (the warm start's backbone).
     """
 
     def __init__(self, cfg, rt: Runtime, train_input, val_input, criterion: nn.Module, run,
-                 out_dir: Path, run_config: dict, lineage: dict | None = None):
+                 out_dir: Path, run_config: dict, lineage: dict | None = None,
+                 pretrained: str | None = None):
         self.cfg, self.rt, self.run, self.out_dir = cfg, rt, run, Path(out_dir)
         self.train_input, self.val_input = train_input, val_input
         self.run_config = run_config
@@ -103,7 +105,7 @@ class Trainer:
         self.state = State()
 
         self.model = HybridConvNeXtV2(
-            num_classes=len(CLASSES), preset=cfg.preset, pretrained=cfg.pretrained,
+            num_classes=len(CLASSES), preset=cfg.preset, pretrained=pretrained or cfg.pretrained,
             drop_path_rate=cfg.drop_path_rate, dims=cfg.dims, depths=cfg.depths,
         ).to(rt.device)
         if rt.device.type == "cuda":
