@@ -93,7 +93,7 @@ def test_the_robustness_study_trains_each_switch_and_reports_in_and_out_of_site(
     data, names = two_sites
     out, results_md = tmp_path / "study", tmp_path / "RESULTS.md"
     results_md.write_text("# Results\n\nkept\n")
-    switches = "class_site+field_of_view+strong_photometric+wide_crop"
+    switches = "class_site+field_of_view+strong_photometric+wide_crop+self_supervised"
     with pytest.raises(SystemExit, match="run the baseline"):
         robustness.main(["--data", str(data), "--out", str(out), "--smoke", "--no_mlflow",
                          "--candidates", "tta", "--sites", ",".join(names)])
@@ -106,6 +106,10 @@ def test_the_robustness_study_trains_each_switch_and_reports_in_and_out_of_site(
     recipe = trained["train_config"]["train"]
     assert (recipe["sampler_balance"], recipe["field_of_view"], recipe["photometric"],
             tuple(recipe["crop_scale"])) == ("class_site", 0.5, "strong", (0.35, 1.0))
+    for part in ("in_site", f"held_out_{names[0]}"):  # each warm start its own training's
+        run = checkpoint.load(out / "runs" / f"{switches}-s0" / part / "train" / "checkpoint_last.pt")
+        warm = Path(run["train_config"]["warm_start"])
+        assert warm.is_file() and warm.is_relative_to(out / "runs" / f"{switches}-s0" / part)
     assert not (out / "runs" / "tta-s0" / "in_site" / "train").exists()  # the baseline's, rescored
     tta = json.loads((out / "runs" / "tta-s0" / "in_site" / "eval_test" / "metrics.json").read_text())
     assert tta["tta"] is True

@@ -6,7 +6,8 @@ eats (docs/DESIGN.md), so the CPU DataLoader would starve a compiled model. Here
 is decoded once, resized so its short side is img_size*256/224 and cut to a square around
 the centre (the framing `eval_transform` uses), and stored. Per batch, one affine grid per sample
 does the random resized crop, both flips and the rotation in a single `grid_sample`; colour
-jitter follows as batched brightness / contrast / saturation blends (torchvision's formulas).
+jitter follows as batched brightness / contrast / saturation blends (torchvision's formulas),
+then the robustness switches of photometric.py (`photometric: strong`, `field_of_view`).
 Everything also runs on the CPU, which is how it is tested.
 """
 from __future__ import annotations
