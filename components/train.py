@@ -83,9 +83,12 @@ def run(data: TrainingData, out, *, config: TrainConfig | None = None, resume=No
         weights, priors = class_balance(data.class_weights, train_frame)
         run_config = {"train": cfg.as_dict(), **data.params(), "overfit_n": overfit_n,
                       "world_size": rt.world_size, "fingerprint": fingerprint}
-        if cfg.self_supervised_epochs and ckpt is None:  # a resumed run has its weights
+        if cfg.warm_start and ckpt is None:  # a resumed run has its weights
             run_config["warm_start"] = str(self_supervised.pretrain(
                 train_frame, data.img_dir, out_dir, cfg, fingerprint, rt.device, rt.amp_dtype))
+        elif cfg.self_supervised_epochs and ckpt is None and rt.is_main:
+            print(f"train: pretrained weights given ({cfg.pretrained}): no self-supervised warm "
+                  "start", flush=True)
 
         train_input, val_input, common = _batches(cfg, rt, train_frame, val_frame,
                                                   data.img_dir, weights)

@@ -20,7 +20,7 @@ HAM = ROOT.parent / "shared" / "data" / "ham10000-200x150"
 TINY = {"preprocess": {"size": 40},
         "train": {"preset": "tiny", "img_size": 32, "epochs": 2,
                   "batch_size": 16, "warmup_epochs": 0, "num_workers": 0, "ema_decay": 0.9,
-                  "gpu_resident": "on"},
+                  "gpu_resident": "on", "self_supervised_epochs": 0},
         "evaluate": {"bootstrap": 20}}
 
 

@@ -30,7 +30,7 @@ TINY = """\
 preprocess: {size: 40}
 split: {seed: 11}
 train: {preset: tiny, img_size: 32, epochs: 1, batch_size: 32, warmup_epochs: 0,
-        num_workers: 0, ema_decay: 0.9, mixup_alpha: 0.0}
+        num_workers: 0, ema_decay: 0.9, mixup_alpha: 0.0, self_supervised_epochs: 0}
 evaluate: {bootstrap: 20}
 """
 

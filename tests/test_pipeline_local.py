@@ -23,7 +23,7 @@ TINY = {
     "preprocess": {"size": 40, "skip_corrupt": True},
     "train": {"img_size": 32, "dims": [8, 16, 24, 32], "depths": [1, 1, 1, 1], "epochs": 1,
               "batch_size": 16, "warmup_epochs": 0, "num_workers": 0, "ema_decay": 0.9,
-              "gpu_resident": "off"},
+              "gpu_resident": "off", "self_supervised_epochs": 0},
     "evaluate": {"bootstrap": 20},
 }
 

@@ -59,7 +59,8 @@ def _train(data: Path, img_dir: Path, tag: str, train_: pd.DataFrame, val: pd.Da
     train_.to_csv(folder / "train.csv", index=False)
     val.to_csv(folder / "val.csv", index=False)
     cfg = train.TrainConfig(preset="tiny", img_size=32, batch_size=8, warmup_epochs=1,
-                            num_workers=0, seed=0, gpu_resident="off", **recipe)
+                            num_workers=0, seed=0, gpu_resident="off", self_supervised_epochs=0,
+                            **recipe)
     train.run(train.TrainingData.read(folder / "train.csv", img_dir, val_csv=folder / "val.csv"),
               data / tag, config=cfg)
     return data / tag

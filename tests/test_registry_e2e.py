@@ -57,7 +57,7 @@ def _split_report(data: dict) -> dict:
 def _train_and_evaluate(data: dict, out: Path, seed: int, epochs: int) -> Path:
     cfg = train.TrainConfig(preset="tiny", img_size=32,
                             batch_size=8, warmup_epochs=1, num_workers=0, epochs=epochs,
-                            seed=seed, gpu_resident="off")
+                            seed=seed, gpu_resident="off", self_supervised_epochs=0)
     train.run(train.TrainingData.read(data["train"], data["img_dir"], val_csv=data["val"]),
               out / "train", config=cfg)
     evaluate.run(out / "train", data["test"], data["img_dir"], out / "eval",

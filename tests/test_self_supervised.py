@@ -96,10 +96,23 @@ def test_a_training_with_the_warm_start_starts_from_its_backbone(tiny_split, tmp
     assert "self-supervised" not in capsys.readouterr().out
 
 
+def test_given_pretrained_weights_take_the_warm_starts_place(tiny_split, tmp_path, capsys):
+    img_dir, _, root = tiny_split
+    weights = tmp_path / "backbone.safetensors"
+    self_supervised.write_backbone(HybridConvNeXtV2(preset="tiny"), weights)
+    cfg = _tiny(self_supervised_epochs=3, pretrained=str(weights))
+    assert not cfg.warm_start and TrainConfig().warm_start  # the default starts warm
+    data = train.TrainingData.read(root / "train.csv", img_dir, val_csv=None, class_weights=None)
+    train.run(data, tmp_path / "out", config=cfg, use_mlflow=False)
+    assert "no self-supervised warm start" in capsys.readouterr().out
+    assert not (tmp_path / "out" / self_supervised.FOLDER).exists()
+    # with several processes the warm start cannot run; given weights it need not
+    TrainConfig.from_dict({"gpus_per_node": 2, "pretrained": str(weights)}, "params.yaml")
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"self_supervised_epochs": -1}, "must be >= 0"),
-    ({"self_supervised_epochs": 2, "pretrained": "w.safetensors"}, "set one"),
-    ({"self_supervised_epochs": 2, "gpus_per_node": 2}, "single-process"),
+    ({"gpus_per_node": 2}, "single-process"),
     ({"sampler_balance": "class_site", "weighted_sampler": False}, "needs weighted_sampler"),
 ])
 def test_conflicting_warm_start_and_sampler_settings_are_refused(changes, message):

@@ -121,7 +121,8 @@ def test_training_with_class_site_and_one_site_says_it_balances_classes_only(tmp
                                    class_weights=None)
     cfg = TrainConfig(preset="tiny", img_size=SIZE, epochs=1, batch_size=8, warmup_epochs=0,
                       num_workers=0, gpu_resident="on", sampler_balance="class_site",
-                      photometric="strong", field_of_view=0.5, crop_scale=(0.35, 1.0))
+                      photometric="strong", field_of_view=0.5, crop_scale=(0.35, 1.0),
+                      self_supervised_epochs=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = train.run(data, tmp_path / "out", config=cfg, use_mlflow=False)

@@ -142,8 +142,8 @@ def test_resume_auto_ignores_how_a_run_is_executed_and_sets_another_recipe_aside
 
 
 def _tiny_config(**overrides) -> train.TrainConfig:
-    return train.TrainConfig(preset="tiny", img_size=32,
-                             batch_size=8, warmup_epochs=1, num_workers=0, **overrides)
+    return train.TrainConfig(preset="tiny", img_size=32, batch_size=8, warmup_epochs=1,
+                             num_workers=0, **{"self_supervised_epochs": 0, **overrides})
 
 
 def test_settings_come_from_params_yaml_then_flags_in_either_spelling():

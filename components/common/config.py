@@ -172,8 +172,9 @@ class TrainConfig(StepConfig):
     pretrained: bool | str = setting(False, "ImageNet ConvNeXtV2-base weights for the stem and "
                                             "stages 1-2: true (the hub) or a file path; or a "
                                             "backbone file of this model")
-    self_supervised_epochs: int = setting(0, "SimCLR epochs on the training images before "
-                                             "training, the backbone's warm start (0: none)")
+    self_supervised_epochs: int = setting(40, "SimCLR epochs on the training images before "
+                                              "training, the backbone's warm start when no "
+                                              "pretrained weights are given (0: none)")
     dims: tuple[int, ...] | None = setting(None, "stage widths instead of the preset's, "
                                                  "e.g. 32,64,96,128")
     depths: tuple[int, ...] | None = setting(None, "blocks per stage instead of the preset's, "
@@ -228,6 +229,12 @@ class TrainConfig(StepConfig):
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    @property
+    def warm_start(self) -> bool:
+        """Whether training starts with the self-supervised pretext: it stands in for
+        pretrained weights, so given weights (`pretrained`) take its place."""
+        return self.self_supervised_epochs > 0 and self.pretrained is False
+
     def loader_workers(self) -> int:
         """num_workers, with `auto` resolved on this machine: the CPUs this process may use
         less one for the training loop itself, at most 4 (the paper's setting). Resolved
@@ -278,13 +285,9 @@ class TrainConfig(StepConfig):
                  "must be in (0, 1]")
         for key in ("nodes", "gpus_per_node"):
             require(getattr(self, key) >= 1, self, key, "must be at least 1")
-        if self.self_supervised_epochs:
-            require(self.pretrained is False, self, "self_supervised_epochs",
-                     "and pretrained both set: the warm start replaces pretrained weights; "
-                     "set one")
-            require(self.world_size == 1, self, "self_supervised_epochs",
-                     "runs in a single-process training: run it there, then point pretrained "
-                     "at its backbone.safetensors for the DDP run")
+        require(not self.warm_start or self.world_size == 1, self, "self_supervised_epochs",
+                 "the warm start runs in a single-process training: make it there and point "
+                 "pretrained at its backbone.safetensors for the DDP run, or set 0")
         require(self.sampler_balance == "class" or self.weighted_sampler, self,
                  "sampler_balance", "class_site needs weighted_sampler: true (it shapes the "
                  "weighted sampler's draws)")
