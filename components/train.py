@@ -85,7 +85,7 @@ def run(data: TrainingData, out, *, config: TrainConfig | None = None, resume=No
                       "world_size": rt.world_size, "fingerprint": fingerprint}
         if cfg.warm_start and ckpt is None:  # a resumed run has its weights
             run_config["warm_start"] = str(self_supervised.pretrain(
-                train_frame, data.img_dir, out_dir, cfg, fingerprint, rt.device, rt.amp_dtype))
+                train_frame, data.img_dir, out_dir, cfg, fingerprint, rt))
         elif cfg.self_supervised_epochs and ckpt is None and rt.is_main:
             print(f"train: pretrained weights given ({cfg.pretrained}): no self-supervised warm "
                   "start", flush=True)

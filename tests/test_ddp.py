@@ -22,7 +22,8 @@ def test_two_process_gloo_ddp_trains_one_epoch(tmp_path, mlflow_server):
            "-m", "components.train",
            "--train_csv", str(data["train"]), "--val_csv", str(data["val"]),
            "--img_dir", str(data["img_dir"]), "--out_dir", str(out), *TINY,
-           "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0"]
+           "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0",
+           "--self_supervised_epochs", "2"]  # the default warm start, sharded over the ranks
     done = run_group(cmd, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -40,4 +41,7 @@ def test_two_process_gloo_ddp_trains_one_epoch(tmp_path, mlflow_server):
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
     assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 1
     assert done.stdout.count("epoch 1/1") == 1, "only rank 0 reports"
+    assert done.stdout.count("self-supervised epoch 2/2") == 1
+    backbone, = out.glob("self_supervised/*/backbone.safetensors")
+    assert checkpoint.load(out / "checkpoint_last.pt")["train_config"]["warm_start"] == str(backbone)
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from components import train
 from components.common.config import ConfigError, TrainConfig
 from components.training import self_supervised
+from components.training.trainer import Runtime
 from model import HybridConvNeXtV2, PretrainedWeightsError
 
 SIZE = 32
@@ -44,7 +45,7 @@ def test_nt_xent_is_lowest_when_each_view_matches_its_pair():
 def test_a_stopped_pretext_resumes_to_the_uninterrupted_backbone(tiny_split, tmp_path):
     img_dir, frame, _ = tiny_split
     cfg = _tiny(self_supervised_epochs=2)
-    cpu = torch.device("cpu")
+    cpu = Runtime(torch.device("cpu"))
     whole = self_supervised.pretrain(frame, img_dir, tmp_path / "whole", cfg, "f" * 64, cpu)
     folder = self_supervised.pretrain(frame, img_dir, tmp_path / "cut", cfg, "f" * 64, cpu,
                                       stop_after_epoch=1)
@@ -106,13 +107,10 @@ def test_given_pretrained_weights_take_the_warm_starts_place(tiny_split, tmp_pat
     train.run(data, tmp_path / "out", config=cfg, use_mlflow=False)
     assert "no self-supervised warm start" in capsys.readouterr().out
     assert not (tmp_path / "out" / self_supervised.FOLDER).exists()
-    # with several processes the warm start cannot run; given weights it need not
-    TrainConfig.from_dict({"gpus_per_node": 2, "pretrained": str(weights)}, "params.yaml")
 
 
 @pytest.mark.parametrize("changes, message", [
     ({"self_supervised_epochs": -1}, "must be >= 0"),
-    ({"gpus_per_node": 2}, "single-process"),
     ({"sampler_balance": "class_site", "weighted_sampler": False}, "needs weighted_sampler"),
 ])
 def test_conflicting_warm_start_and_sampler_settings_are_refused(changes, message):

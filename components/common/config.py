@@ -285,9 +285,6 @@ class TrainConfig(StepConfig):
                  "must be in (0, 1]")
         for key in ("nodes", "gpus_per_node"):
             require(getattr(self, key) >= 1, self, key, "must be at least 1")
-        require(not self.warm_start or self.world_size == 1, self, "self_supervised_epochs",
-                 "the warm start runs in a single-process training: make it there and point "
-                 "pretrained at its backbone.safetensors for the DDP run, or set 0")
         require(self.sampler_balance == "class" or self.weighted_sampler, self,
                  "sampler_balance", "class_site needs weighted_sampler: true (it shapes the "
                  "weighted sampler's draws)")

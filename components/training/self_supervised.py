@@ -12,6 +12,9 @@ epoch; the backbone (every tensor but the head) is then the `pretrained` file th
 Everything lives in OUT/self_supervised/<the training's fingerprint, 12 hex>/: state.pt after
 each epoch (a killed pretext resumes, drawing exactly what an uninterrupted one would) and
 backbone.safetensors at the end. Another recipe gets another folder: nothing is overwritten.
+With DDP each rank takes its share of every batch (its negatives are its share's other views)
+and gradients are averaged; rank 0 writes, and every rank then reads the files (the out dir is
+shared, as for resuming a DDP training).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from timm.layers import Mlp
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from components.common import atomic
 from components.common.labels import CLASSES
@@ -65,6 +69,7 @@ class Pretext(nn.Module):
 
     def __init__(self, backbone: HybridConvNeXtV2):
         super().__init__()
+        backbone.head = nn.Identity()  # unused here (DDP wants every parameter to get a grad)
         self.backbone = backbone
         self.projection = Mlp(backbone.num_features, PROJECTION_DIMS[0], PROJECTION_DIMS[1])
 
@@ -72,22 +77,29 @@ class Pretext(nn.Module):
         return self.projection(self.backbone.forward_features(x).mean((2, 3)))
 
 
-def pretrain(frame: pd.DataFrame, img_dir, out_dir: Path, cfg, fingerprint: str,
-             device: torch.device, amp_dtype: torch.dtype | None = None,
+def pretrain(frame: pd.DataFrame, img_dir, out_dir: Path, cfg, fingerprint: str, rt,
              stop_after_epoch: int | None = None) -> Path:
     """SimCLR for cfg.self_supervised_epochs on `frame`'s images (cfg: a TrainConfig, whose
-    model settings, img_size and seed it takes); returns the backbone file, or, when
-    `stop_after_epoch` ends it early (as a preemption would), the folder holding its state."""
+    model settings, img_size and seed it takes; rt: the trainer's Runtime); returns the
+    backbone file, or, when `stop_after_epoch` ends it early (as a preemption would), the
+    folder holding its state."""
     folder = Path(out_dir) / FOLDER / fingerprint[:12]
     backbone_file = folder / BACKBONE_FILE
     if backbone_file.is_file():
-        print(f"self-supervised: using {backbone_file}", flush=True)
+        if rt.is_main:
+            print(f"self-supervised: using {backbone_file}", flush=True)
         return backbone_file
+    device = rt.device
     torch.manual_seed(cfg.seed)
     model = Pretext(HybridConvNeXtV2(num_classes=len(CLASSES), preset=cfg.preset,
                                      dims=cfg.dims, depths=cfg.depths)).to(device)
+    step_model = model if rt.world_size == 1 else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     images = ResidentImages.load(SplitDataset(frame, img_dir), cfg.img_size, device)
     batch = min(BATCH_SIZE, len(images))
+    if batch < 2 * rt.world_size:
+        raise ValueError(f"self-supervised warm start: {len(images)} training images are too "
+                         f"few for {rt.world_size} processes")
     steps = len(images) // batch
     epochs = cfg.self_supervised_epochs
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, WEIGHT_DECAY), lr=LR)
@@ -101,20 +113,22 @@ def pretrain(frame: pd.DataFrame, img_dir, out_dir: Path, cfg, fingerprint: str,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"]
-    print(f"self-supervised warm start (SimCLR) on {len(images)} training images, {epochs} "
-          f"epochs of {steps} steps, from epoch {start}", flush=True)
+    if rt.is_main:
+        print(f"self-supervised warm start (SimCLR) on {len(images)} training images, {epochs} "
+              f"epochs of {steps} steps, from epoch {start}", flush=True)
     for epoch in range(start, min(epochs, stop_after_epoch or epochs)):
         began, total = time.time(), 0.0
         # Order and views drawn from (seed, epoch) alone: a resumed pretext replays exactly.
         seed = epoch_seed(cfg.seed, epoch)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-        views = GpuAugment(cfg.img_size, train=True, device=device, seed=seed,
+        views = GpuAugment(cfg.img_size, train=True, device=device, seed=seed + rt.rank,
                            augmentation=VIEWS)
         model.train()
         for step, chunk in enumerate(order[:steps * batch].split(batch)):
-            uint8 = images.images[chunk.to(device)]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                z1, z2 = model(views(uint8)), model(views(uint8))
+            uint8 = images.images[chunk[rt.rank::rt.world_size].to(device)]
+            with torch.autocast(device.type, dtype=rt.amp_dtype,
+                                enabled=rt.amp_dtype is not None):
+                z1, z2 = step_model(torch.cat([views(uint8), views(uint8)])).chunk(2)
             loss = nt_xent(z1, z2)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"self-supervised loss is {loss.item()} at epoch {epoch}")
@@ -123,14 +137,17 @@ def pretrain(frame: pd.DataFrame, img_dir, out_dir: Path, cfg, fingerprint: str,
             optimizer.step()
             scheduler.step_update(epoch * steps + step + 1)
             total += loss.item()
-        print(f"self-supervised epoch {epoch + 1}/{epochs}: loss {total / steps:.3f} "
-              f"({time.time() - began:.0f} s)", flush=True)
-        with atomic.atomic_path(folder / STATE) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "epoch": epoch + 1}, tmp)
+        if rt.is_main:
+            print(f"self-supervised epoch {epoch + 1}/{epochs}: loss {total / steps:.3f} "
+                  f"({time.time() - began:.0f} s)", flush=True)
+            with atomic.atomic_path(folder / STATE) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "epoch": epoch + 1}, tmp)
     if stop_after_epoch is not None and stop_after_epoch < epochs:
         return folder
-    write_backbone(model.backbone, backbone_file)
+    if rt.is_main:
+        write_backbone(model.backbone, backbone_file)
+    rt.barrier()  # the file is there before any rank loads it
     return backbone_file
 
 
