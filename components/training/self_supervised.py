@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from components.common import atomic
+from components.training import checkpoint
 from components.common.labels import CLASSES
 from components.training.dataset import SplitDataset
 from components.training.gpu_augment import GpuAugment, ResidentImages
@@ -140,9 +141,9 @@ def pretrain(frame: pd.DataFrame, img_dir, out_dir: Path, cfg, fingerprint: str,
         if rt.is_main:
             print(f"self-supervised epoch {epoch + 1}/{epochs}: loss {total / steps:.3f} "
                   f"({time.time() - began:.0f} s)", flush=True)
-            with atomic.atomic_path(folder / STATE) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "epoch": epoch + 1}, tmp)
+            checkpoint.save(folder / STATE, {"model": model.state_dict(),
+                                             "optimizer": optimizer.state_dict(),
+                                             "epoch": epoch + 1})
     if stop_after_epoch is not None and stop_after_epoch < epochs:
         return folder
     if rt.is_main:
